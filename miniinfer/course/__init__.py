@@ -1,0 +1,35 @@
+"""Course helpers: the checks a chapter's check cells call, the chapter pipeline and the grader.
+
+In a notebook::
+
+    from miniinfer.course import check
+    check.vector_add_kernel(vector_add_kernel)
+
+Importing this package inside IPython/Jupyter installs a small exception handler so that a failed
+check shows its message, not a wall of traceback (the cell still counts as failed).
+"""
+
+from miniinfer.course.checking import CheckFailed, NotImplementedYet
+
+__all__ = ["CheckFailed", "NotImplementedYet"]
+
+
+def _install_ipython_handler() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show_check_failure(self, etype, value, tb, tb_offset=None):
+        marker = "⏳" if issubclass(etype, NotImplementedYet) else "❌"
+        # A structured traceback is a list of lines; we give only the verdict.
+        return [f"{marker} {value}"]
+
+    shell.set_custom_exc((CheckFailed,), show_check_failure)
+
+
+_install_ipython_handler()
+
