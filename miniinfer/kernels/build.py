@@ -68,7 +68,7 @@ def _build_key(name: str, sources: list[Path], flags: list[str]) -> str:
     return f"{name}-{digest.hexdigest()[:16]}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cuda_extension(name: str, sources: tuple[str, ...], extra_cuda_cflags: tuple[str, ...] = (),
                         verbose: bool = False):
     """Compile (or reuse) the extension ``name`` from files in ``csrc/`` and import it."""

@@ -1,0 +1,153 @@
+"""Chapter 04 — Qwen2 / Qwen2.5, the model the whole course runs, in one small file.
+
+A decoder-only transformer: token embedding, N identical layers (RMSNorm → attention with RoPE →
+residual add; RMSNorm → SwiGLU MLP → residual add), a final RMSNorm and the LM head (tied to the
+embedding or not). Module names follow HF transformers (``model.layers.3.self_attn.o_proj.weight``),
+except two fused projections that the loader builds from HF's separate ones:
+
+* ``self_attn.qkv_proj`` = rows of ``q_proj``, ``k_proj``, ``v_proj`` ([(H + 2·H_kv)·D, E], with bias);
+* ``mlp.gate_up_proj``   = rows of ``gate_proj``, ``up_proj``          ([2·I, E]).
+
+One matmul instead of three (or two) reads the layer input once and launches fewer kernels, which
+matters most when decoding one token at a time, where every layer is a handful of small matmuls.
+
+Forward contract (the KV cache and the engine rely on it)::
+
+    model(input_ids [B, L]) -> logits [B, L, V]                      # plain causal forward
+    model(input_ids [*], positions [*], attention=ctx)               # * = [B, L] or packed [T]
+    model(..., logits_indices [N]) -> logits [N, V]                  # LM head on chosen rows only
+
+With ``attention=ctx`` every layer hands its q, k, v to ``ctx.attend(layer_index, q, k, v, scale)``
+(see :class:`miniinfer.attention.AttentionContext`) instead of attending over the L new tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miniinfer.attention import AttentionContext
+from miniinfer.components import Components
+from miniinfer.layers import RMSNorm, SwiGLUMLP, embedding, lm_head
+from miniinfer.models.config import Qwen2Config
+from miniinfer.rope import RotaryEmbedding
+
+__all__ = ["Qwen2ForCausalLM", "Qwen2Config"]
+
+
+class Qwen2Attention(nn.Module):
+    """x: [*, E] -> [*, E]: fused qkv projection, RoPE on q and k, attention, output projection."""
+
+    def __init__(self, config: Qwen2Config, layer_index: int, components: Components):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.apply_rope = components.apply_rope
+        self.attention = components.attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: AttentionContext | None) -> torch.Tensor:
+        H, H_kv = self.num_heads, self.num_kv_heads
+        shape = x.shape[:-1]
+        qkv = self.qkv_proj(x).view(*shape, H + 2 * H_kv, self.head_dim)  # [*, H + 2·H_kv, D]
+        # q and k heads are adjacent, and RoPE treats every head alike: rotate them in one call.
+        qk = self.apply_rope(qkv[..., : H + H_kv, :], cos, sin)
+        q, k, v = qk[..., :H, :], qk[..., H:, :], qkv[..., H + H_kv :, :]
+        if context is None:
+            out = self.attention(q, k, v, causal=True, scale=self.scale)  # [B, L, H, D]
+        else:
+            out = context.attend(self.layer_index, q, k, v, self.scale)  # [*, H, D]
+        return self.o_proj(out.reshape(*shape, H * self.head_dim))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    """One pre-norm transformer block. x: [*, E] -> [*, E]."""
+
+    def __init__(self, config: Qwen2Config, layer_index: int, components: Components):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, components.rms_norm)
+        self.self_attn = Qwen2Attention(config, layer_index, components)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, components.rms_norm)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, components.swiglu)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                context: AttentionContext | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """The decoder stack's weights (named ``model`` as in HF, so checkpoint names map one to one)."""
+
+    def __init__(self, config: Qwen2Config, components: Components):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i, components) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, components.rms_norm)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                          components.apply_rope)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 with its LM head. See the module docstring for the forward contract."""
+
+    def __init__(self, config: Qwen2Config, components: Components | None = None):
+        super().__init__()
+        self.config = config
+        self.components = components if components is not None else Components()
+        self.model = Qwen2Model(config, self.components)
+        # Tied: the LM head *is* the embedding table (no separate parameter, none in the checkpoint).
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2-style random init (normal(0, std) matrices, zero biases, unit norms), as HF does for Qwen2."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, E]: the untied head's weight, or the embedding table when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attention: AttentionContext | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, L] (or packed [T] with ``attention``); positions: same shape, default ``arange(L)``
+        per row (required with ``attention``); logits_indices: [N] rows of the flattened token dim.
+        -> logits [B, L, V] (or [T, V]), or [N, V] with ``logits_indices``."""
+        rotary = self.model.rotary_emb
+        if attention is None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L] without an attention context, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if positions is None:
+            if attention is not None:
+                raise ValueError("positions are required with an attention context (each token's position in "
+                                 "its own sequence)")
+            L = input_ids.shape[-1]
+            if L > rotary.max_positions:
+                raise ValueError(f"sequence length {L} exceeds max_position_embeddings {rotary.max_positions}")
+            cos, sin = rotary.cos[:L], rotary.sin[:L]  # [L, D//2], broadcast over the batch
+        else:
+            cos, sin = rotary.cos_sin(positions)  # [*, D//2], gathered once for all layers
+        x = embedding(input_ids, self.model.embed_tokens.weight)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attention)
+        if logits_indices is not None:
+            # Norm and head only on the rows we need: at decode, the head ([V, E]) is often the largest matmul.
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
+        return lm_head(self.model.norm(x), self.lm_head_weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
