@@ -47,4 +47,4 @@ cuda-compile: $(STAMP)
 	$(PY) scripts/compile_cuda.py
 
 clean:
-	rm -rf site build docs/chapters .pytest_cache .ruff_cache
+	rm -rf site build docs/chapters docs/performance.md .pytest_cache .ruff_cache

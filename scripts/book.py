@@ -169,8 +169,45 @@ def render_chapter_index(notebooks: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Where a backslash-dollar must stay as written: code (fenced blocks, inline spans) and math.
+_MARKDOWN_KEEP = re.compile(r"```[\s\S]*?```|~~~[\s\S]*?~~~|(`+)[\s\S]*?(?<!`)\1(?!`)"
+                            r"|(?<!\\)\$\$[\s\S]+?\$\$|(?<!\\)\$(?:\\.|[^$\\\n])+\$")
+LITERAL_DOLLAR = '<span class="tex2jax_ignore">&#36;</span>'  # an entity: nbconvert's own math parser must not see it
+
+
+def protect_dollars(markdown: str) -> str:
+    r"""Keep an escaped ``\$`` a literal dollar on the page, as JupyterLab shows it.
+
+    nbconvert's markdown renderer turns ``\$5`` into a bare ``$5``, which MathJax would then pair with
+    the next dollar as math. A span of class ``tex2jax_ignore`` (which MathJax skips, see
+    ``mathjax-config.js``) holds the dollar instead. Code and math are left alone.
+    """
+    out, last = [], 0
+    for match in _MARKDOWN_KEEP.finditer(markdown):
+        out += [markdown[last:match.start()].replace("\\$", LITERAL_DOLLAR), match.group(0)]
+        last = match.end()
+    out.append(markdown[last:].replace("\\$", LITERAL_DOLLAR))
+    return "".join(out)
+
+
+def render_notebook_copy(notebook: Path) -> bytes:
+    """The bytes of the notebook as the book renders it: the same, with escaped dollars protected."""
+    data = notebook.read_bytes()
+    if b"\\\\$" not in data:  # JSON escapes the backslash: \\$ in the file is \$ in the text
+        return data
+    nb = json.loads(data)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            source = cell.get("source", "")
+            source = "".join(source) if isinstance(source, list) else source
+            cell["source"] = protect_dollars(source)
+    return (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode()
+
+
 def prepare_chapters(solutions: Path, docs: Path = DOCS) -> list[Path]:
     """Copy the executed solution notebooks into ``docs/chapters/`` and write its index page."""
+    if not solutions.is_dir():
+        raise BookError(f"{solutions} is not a folder of solution notebooks")
     sources = chapter_notebooks(solutions)
     problems = [p for nb in sources for p in notebook_problems(nb)]
     if problems:
@@ -183,8 +220,9 @@ def prepare_chapters(solutions: Path, docs: Path = DOCS) -> list[Path]:
             stale.unlink()
     for notebook in sources:
         destination = target / notebook.name
-        if not destination.exists() or destination.read_bytes() != notebook.read_bytes():
-            shutil.copyfile(notebook, destination)
+        content = render_notebook_copy(notebook)
+        if not destination.exists() or destination.read_bytes() != content:
+            destination.write_bytes(content)
     write_if_changed(target / "index.md", render_chapter_index(sources))
     return [target / nb.name for nb in sources]
 
@@ -208,7 +246,15 @@ def build_nav(docs: Path) -> list:
 
 def on_config(config, **kwargs):
     """mkdocs hook: the navigation follows the chapter notebooks present in docs/chapters/."""
-    config["nav"] = build_nav(Path(config["docs_dir"]))
+    docs = Path(config["docs_dir"])
+    missing = [p for p in ("chapters/index.md", "performance.md", "assets/vendor/mathjax/tex-mml-chtml.js")
+               if not (docs / p).exists()]
+    if missing:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(f"docs/ is not prepared ({', '.join(missing)} missing): build the book with "
+                          "`python scripts/book.py build` (or run `python scripts/book.py prepare` first)")
+    config["nav"] = build_nav(docs)
     return config
 
 
@@ -455,14 +501,16 @@ def build(site: Path = SITE) -> int:
 PAGE_PROBE = r"""
 async () => {
   const MATH = /\$\$|\\\(|\\\[|\\begin\{|\$[^\s$](?:[^$]*?[^\s$\\])?\$/;
-  const SELECTOR = ".arithmatex, .jp-RenderedMarkdown";
+  const SELECTOR = ".arithmatex, .jp-RenderedMarkdown, .jp-RenderedLatex";
   const mathText = (root) => {
     let text = "";
     for (const container of root.querySelectorAll(SELECTOR)) {
       if (container.parentElement && container.parentElement.closest(SELECTOR)) continue;
       const walker = root.createTreeWalker(container, NodeFilter.SHOW_TEXT);
       for (let node = walker.nextNode(); node; node = walker.nextNode()) {
-        if (!node.parentElement.closest("pre, code, script, style, mjx-container")) text += node.data + "\n";
+        if (!node.parentElement.closest("pre, code, script, style, mjx-container, .tex2jax_ignore")) {
+          text += node.data + "\n";
+        }
       }
     }
     return text;
@@ -485,7 +533,7 @@ async () => {
     texErrors: document.querySelectorAll("mjx-merror").length,
     leftover: leftover ? leftover[0] : null,
     notebook: !!wrapper,
-    figures: wrapper ? wrapper.querySelectorAll(".jp-OutputArea-output img").length : 0,
+    figures: wrapper ? wrapper.querySelectorAll(".jp-OutputArea-output img, .jp-RenderedSVG svg").length : 0,
     brokenImages: images.filter(img => !(img.complete && img.naturalWidth > 0))
                         .map(img => (img.currentSrc || img.src).slice(0, 80)),
     codeCells: wrapper ? wrapper.querySelectorAll(".jp-CodeCell .jp-InputArea pre").length : 0,
@@ -654,13 +702,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "build":
             sub.add_argument("--site", type=Path, default=SITE, help="output folder (default: site/)")
         if name == "serve":
-            sub.add_argument("mkdocs_args", nargs=argparse.REMAINDER, help="passed to mkdocs serve (e.g. -a 0.0.0.0:8000)")
+            sub.epilog = "Other options go to mkdocs serve, e.g. `serve -a 0.0.0.0:8000`."
     sub = commands.add_parser("check", help="open every page of the built site in headless Chromium")
     sub.add_argument("--site", type=Path, default=SITE)
     sub.add_argument("--screenshots", type=Path, default=SCREENSHOTS)
     sub.add_argument("--chromium", default=os.environ.get("CHROMIUM", CHROMIUM), help="browser executable")
     sub.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per page")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         if args.command == "check":
@@ -669,7 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             return build(args.site.resolve())
         if args.command == "serve":
-            return _mkdocs("serve", *args.mkdocs_args)
+            # Replace this process, so that Ctrl-C or a kill reaches mkdocs itself.
+            os.chdir(ROOT)
+            command = [sys.executable, "-m", "mkdocs", "serve", "-f", str(ROOT / "mkdocs.yml"), *extra]
+            os.execve(sys.executable, command, {**os.environ, "NO_MKDOCS_2_WARNING": "1"})
         return 0
     except BookError as error:
         print(f"book: error: {error}", file=sys.stderr)

@@ -10,7 +10,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 00 — Setup and your first GPU kernel
+# # Chapter 00 — Setup and your first CUDA kernel
 #
 # **What you will build.** A vector addition, `out = x + y`, three ways: the torch one-liner (the
 # reference, runs anywhere), a **Triton** kernel that you write yourself, and the **CUDA C++** kernel

@@ -1,0 +1,123 @@
+"""The paged KV pool: fixed-size blocks, a free list, reference counts, block tables, copy-on-write.
+
+The KV cache of every layer is one big tensor ``[num_blocks, P, H_kv, D]`` (P = ``block_size``
+tokens per block). A sequence owns a **block table**: the ids of its blocks in position order, so
+the token at position ``pos`` lives in block ``block_table[pos // P]`` at offset ``pos % P``, and
+its flat **slot** is ``block_table[pos // P] * P + pos % P``. Memory is reserved block by block as
+a sequence grows, so at most ``P − 1`` slots per sequence are wasted, instead of everything between
+its length and the maximum context (chapter 07 measures the difference).
+
+Blocks are **reference counted**: a block may be shared by several sequences (``n > 1`` parallel
+sampling forks after the prompt) and by the radix prefix cache. A sequence that is about to write
+into a shared, partly filled block gets a private copy first (**copy-on-write**); the copy itself
+is done by the model runner, which owns the KV tensors, from :attr:`BlockManager.pending_copies`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from miniinfer.engine.sequence import Sequence
+
+
+class NoFreeBlocksError(RuntimeError):
+    """The pool has fewer free blocks than requested (the scheduler evicts or preempts instead)."""
+
+
+class BlockManager:
+    """Owns the block ids of the KV pool; the tensors themselves live in the model runner."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be ≥ 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        # (source block, destination block) copies the model runner must do before the next forward.
+        self.pending_copies: list[tuple[int, int]] = []
+
+    # -- single blocks ---------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def allocate_block(self) -> int:
+        if not self.free_blocks:
+            raise NoFreeBlocksError("the KV pool is full")
+        block = self.free_blocks.popleft()
+        assert self.ref_counts[block] == 0, f"block {block} on the free list has references"
+        self.ref_counts[block] = 1
+        return block
+
+    def retain(self, block: int) -> None:
+        assert self.ref_counts[block] > 0, f"retain of free block {block}"
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        assert self.ref_counts[block] > 0, f"release of free block {block}"
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_blocks.append(block)
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks to allocate so that ``num_new_tokens`` more tokens of ``seq`` have slots.
+
+        Counts a copy-on-write block too: writing into a shared, partly filled last block needs one.
+        """
+        total = seq.num_computed_tokens + num_new_tokens
+        needed = max(0, -(-total // self.block_size) - len(seq.block_table))
+        if num_new_tokens > 0 and self._needs_copy_on_write(seq):
+            needed += 1
+        return needed
+
+    def _needs_copy_on_write(self, seq: Sequence) -> bool:
+        first_write = seq.num_computed_tokens
+        index = first_write // self.block_size
+        return (first_write % self.block_size != 0 and index < len(seq.block_table)
+                and self.ref_counts[seq.block_table[index]] > 1)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Give ``seq`` slots for its next ``num_new_tokens`` tokens (after a copy-on-write if needed)."""
+        if self.num_blocks_needed(seq, num_new_tokens) > self.num_free_blocks:
+            raise NoFreeBlocksError(f"{seq} needs {self.num_blocks_needed(seq, num_new_tokens)} blocks, "
+                                    f"{self.num_free_blocks} free")
+        if num_new_tokens > 0 and self._needs_copy_on_write(seq):
+            index = seq.num_computed_tokens // self.block_size
+            shared = seq.block_table[index]
+            private = self.allocate_block()
+            self.pending_copies.append((shared, private))
+            seq.block_table[index] = private
+            self.release(shared)
+        total = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) * self.block_size < total:
+            seq.block_table.append(self.allocate_block())
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks nobody else holds go back to the free list."""
+        for block in reversed(seq.block_table):  # tail first: the free list then reuses the prefix last
+            self.release(block)
+        seq.block_table = []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let ``child`` share every block of ``parent`` (parallel sampling after the prompt)."""
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.retain(block)
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Flat slot ids of positions ``start … end-1`` of ``seq``."""
+        size, table = self.block_size, seq.block_table
+        return [table[pos // size] * size + pos % size for pos in range(start, end)]
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies

@@ -1,0 +1,43 @@
+"""Engine options, validated up front (a bad value raises ValueError naming the option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 256                 # sequences in one step, at most
+    max_num_batched_tokens: int | None = None  # tokens in one step (default: 2048 on CPU, 8192 on GPU, ≥ max_model_len without chunking)
+    max_model_len: int | None = None        # context limit (default: the model's max_position_embeddings)
+    block_size: int = 16                    # tokens per KV block (P)
+    num_kv_blocks: int | None = None        # size of the KV pool (default: from memory)
+    enable_prefix_caching: bool = True      # radix cache of earlier prompts' KV blocks
+    enable_chunked_prefill: bool = True     # split long prompts over several steps
+    attention_backend: str = "auto"         # paged-attention kernels: auto | torch | triton | cuda
+    gpu_memory_utilization: float = 0.9     # fraction of the GPU's memory the engine may fill
+    cpu_kv_cache_gib: float = 0.5           # KV pool budget on the CPU when num_kv_blocks is not given
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        positive_int("max_num_seqs", self.max_num_seqs)
+        positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        positive_int("max_model_len", self.max_model_len, allow_none=True)
+        positive_int("block_size", self.block_size)
+        positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not (self.cpu_kv_cache_gib > 0):
+            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib!r}")
