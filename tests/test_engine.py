@@ -1,0 +1,189 @@
+"""The engine against the plain forward: batching, chunking, paging, preemption, prefix caching,
+parallel sampling and streaming must never change what a request generates."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from miniinfer.engine import EngineConfig, LLMEngine
+from miniinfer.loader import load_model
+from miniinfer.sampling import SamplingParams, make_generator, sample
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(checkpoint_with_tokenizer):
+    folder, _ = checkpoint_with_tokenizer
+    return load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def small_model(small_checkpoint):
+    folder, _ = small_checkpoint
+    return load_model(folder)[0]
+
+
+@torch.inference_mode()
+def reference_generate(model, prompt: list[int], params: SamplingParams, generator=None) -> list[int]:
+    """The oracle: re-run the plain forward over the whole sequence for every token (no cache)."""
+    tokens = list(prompt)
+    for _ in range(params.max_tokens):
+        logits = model(torch.tensor([tokens]))[0, -1:].float()
+        tokens.append(int(sample(logits, [params], [generator])[0]))
+    return tokens[len(prompt):]
+
+
+def run_engine(engine: LLMEngine, prompts, params, arrivals=None) -> dict[int, list[int]]:
+    """Feed prompts (optionally some only after a number of steps), step to the end, collect outputs."""
+    arrivals = arrivals or [0] * len(prompts)
+    pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    ids, results, step = {}, {}, 0
+    while pending or engine.has_unfinished_requests():
+        while pending and arrivals[pending[0]] <= step:
+            index = pending.pop(0)
+            ids[engine.add_request(prompts[index], params[index] if isinstance(params, list) else params)] = index
+        for output in engine.step():
+            if output.finished:
+                results[ids[output.request_id]] = output.token_ids
+        step += 1
+    return results
+
+
+def random_prompts(rng, count, vocab, lengths=(1, 60)):
+    return [[rng.randrange(vocab) for _ in range(rng.randint(*lengths))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_batched_greedy_equals_each_prompts_own_greedy(small_model, chunked):
+    rng = random.Random(1)
+    prompts = random_prompts(rng, 7, small_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=200, max_num_seqs=4,
+                                                       max_num_batched_tokens=64 if not chunked else 16,
+                                                       enable_chunked_prefill=chunked))
+    # Requests arrive while others run: three at once, the rest a few steps later.
+    outputs = run_engine(engine, prompts, params, arrivals=[0, 0, 0, 2, 3, 5, 9])
+    for index, prompt in enumerate(prompts):
+        assert outputs[index] == reference_generate(small_model, prompt, params), f"prompt {index}"
+    stats = engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"], "every block is free again"
+    assert engine.block_manager.num_free_blocks + engine.radix_cache.num_evictable_blocks() == 200
+
+
+def test_tiny_pool_preempts_and_changes_no_output(small_model):
+    rng = random.Random(2)
+    prompts = random_prompts(rng, 6, small_model.config.vocab_size, lengths=(20, 40))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    roomy = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=400))
+    tiny = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=24, enable_prefix_caching=False))
+    expected = run_engine(roomy, prompts, params)
+    got = run_engine(tiny, prompts, params)
+    assert got == expected
+    assert tiny.stats()["num_preemptions"] > 0, "the pool was meant to be too small for all at once"
+    assert tiny.block_manager.num_free_blocks == 24
+    assert all(count == 0 for count in tiny.block_manager.ref_counts)
+
+
+def test_prefix_cache_changes_nothing_and_hits_the_shared_prefix(small_model):
+    rng = random.Random(3)
+    vocab = small_model.config.vocab_size
+    system = [rng.randrange(vocab) for _ in range(48)]           # 12 full blocks of 4
+    prompts = [system + [rng.randrange(vocab) for _ in range(rng.randint(1, 10))] for _ in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    plain = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=300, enable_prefix_caching=False))
+    cached = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=300, max_num_seqs=1))
+    assert run_engine(cached, prompts, params) == run_engine(plain, prompts, params)
+    stats = cached.stats()
+    # One at a time (max_num_seqs=1): the first request computes the system prompt, the four others reuse it.
+    assert stats["prefix_cache_hit_tokens"] == 4 * 48
+    assert stats["prefill_tokens_computed"] == sum(len(p) for p in prompts) - 4 * 48
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_seeded_sampling_does_not_depend_on_batch_composition(small_model):
+    rng = random.Random(4)
+    prompts = random_prompts(rng, 5, small_model.config.vocab_size)
+    params = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_tokens=10, seed=100 + i, ignore_eos=True)
+              for i in range(5)]
+    together = run_engine(LLMEngine(small_model, None, EngineConfig(block_size=8, num_kv_blocks=100)), prompts, params)
+    for index in (0, 3):
+        alone = run_engine(LLMEngine(small_model, None, EngineConfig(block_size=8, num_kv_blocks=100)),
+                           [prompts[index]], [params[index]])
+        assert alone[0] == together[index]
+        assert together[index] == reference_generate(small_model, prompts[index], params[index],
+                                                     make_generator(params[index].seed))
+
+
+def test_parallel_sampling_shares_the_prompt_and_copy_on_write_isolates_siblings(small_model):
+    rng = random.Random(5)
+    prompt = [rng.randrange(small_model.config.vocab_size) for _ in range(10)]  # ends mid-block: siblings share it
+    engine = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=64))
+    params = SamplingParams(temperature=1.0, max_tokens=9, seed=7, n=3, ignore_eos=True)
+    engine.add_request(prompt, params)
+    shared_seen = False
+    final = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            final = output
+        seqs = engine.scheduler.running
+        if len(seqs) == 3 and not shared_seen:
+            shared_seen = seqs[0].block_table[:2] == seqs[1].block_table[:2] == seqs[2].block_table[:2]
+    assert shared_seen, "the siblings should share the prompt's full blocks"
+    assert engine.stats()["prefill_tokens_computed"] == len(prompt), "the prompt is computed once"
+    assert len(final.outputs) == 3 and final.finished
+    # Each sibling equals an independent run with its own seed: a write leaking between siblings through a
+    # shared block would change the continuations.
+    from miniinfer.engine.engine import _child_seed
+
+    for completion in final.outputs:
+        generator = make_generator(_child_seed(7, completion.index))
+        assert completion.token_ids == reference_generate(small_model, prompt, params, generator)
+    assert len({tuple(c.token_ids) for c in final.outputs}) > 1
+    assert engine.block_manager.num_free_blocks + engine.radix_cache.num_evictable_blocks() == 64
+
+
+def test_streaming_text_matches_final_text_and_stop_strings(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = LLMEngine(model, tokenizer, EngineConfig(block_size=4, num_kv_blocks=200))
+    first = engine.add_request("to be or not", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    pieces, finals, added = {}, {}, False
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            pieces.setdefault(output.request_id, []).append(output.outputs[0].new_text)
+            if output.finished:
+                finals[output.request_id] = output
+        if not added:  # a request joins while another is running
+            second = engine.add_request([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+            added = True
+    for request_id, output in finals.items():
+        assert "".join(pieces[request_id]) == output.text
+    text = finals[first].text
+    assert finals[second].token_ids and len(finals[second].token_ids) == 5
+    # A stop string taken from the greedy continuation ends generation just before it.
+    if len(text) > 6:
+        stop = text[3:6]
+        engine.add_request("to be or not", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=stop))
+        stopped = [o for o in engine.stream() if o.finished][0]
+        assert stopped.text == text[:text.find(stop)] and stopped.finish_reason == "stop"
+
+
+def test_bad_requests_are_rejected_before_any_work(small_model):
+    engine = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=20, max_model_len=64))
+    with pytest.raises(ValueError, match="64"):
+        engine.add_request(list(range(64)))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request([1, small_model.config.vocab_size])
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("text needs a tokenizer")
+    with pytest.raises(ValueError, match="pool holds 80"):
+        LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=20)).add_request(
+            [1] * 50, SamplingParams(max_tokens=60))
+    for bad in (dict(block_size=0), dict(max_num_seqs=-1), dict(attention_backend="magic"),
+                dict(gpu_memory_utilization=1.5), dict(enable_prefix_caching="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    assert not engine.has_unfinished_requests()
