@@ -11,7 +11,6 @@ Also here: :class:`AttentionContext`, the hook through which a KV cache (chapter
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -118,7 +117,3 @@ class AttentionContext(Protocol):
     def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float) -> torch.Tensor: ...
 
-
-def default_scale(head_dim: int) -> float:
-    """``1/sqrt(D)``: dot products of D-dim vectors with unit-variance entries have variance D."""
-    return 1.0 / math.sqrt(head_dim)

@@ -27,7 +27,8 @@ class Components:
     rms_norm: Callable = layers.rms_norm
     #: (gate [..., I], up [..., I]) -> silu(gate) * up
     swiglu: Callable = layers.swiglu
-    #: (x [*, H, D], cos [*, D//2], sin [*, D//2]) -> [*, H, D]   (Qwen2 half-split)
+    #: (x [*, H, D], cos [*, D//2], sin [*, D//2]) -> [*, H, D]   (Qwen2 half-split). The model rotates
+    #: the q and k heads of a token in one call, so "H" here is H + H_kv: treat every head alike.
     apply_rope: Callable = rope.apply_rope
     #: (q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, D], *, causal: bool = True,
     #:  scale: float | None = None) -> [B, L, H, D]

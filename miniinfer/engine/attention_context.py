@@ -29,26 +29,52 @@ class PagedAttentionMetadata:
     seq_lens: torch.Tensor       # [B] int32: keys per sequence after this step (cached + new)
     cu_seqlens_q: torch.Tensor   # [B + 1] int32: new tokens of sequence b are rows cu[b]:cu[b+1]
     decode_only: bool            # every sequence has exactly one new token
-    max_seq_len: int             # max of seq_lens (kernels size their loops with it)
+    max_seq_len: int             # max of seq_lens (kernels size their grids with it, no device sync)
+    max_q_len: int               # most new tokens of one sequence in this step
 
 
 class PagedKVContext:
-    """Implements ``attend`` against per-layer pools ``k_caches[l], v_caches[l]: [num_blocks, P, H_kv, D]``."""
+    """Implements ``attend`` against per-layer pools ``k_caches[l], v_caches[l]: [num_blocks, P, H_kv, D]``.
+
+    ``backend="components"`` runs the model's own attention function (``Components.attention``,
+    e.g. the one you wrote in chapter 03) once per sequence on keys gathered through its block
+    table: slow, but it puts that function inside the real engine.
+    """
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 metadata: PagedAttentionMetadata, backend: str = "auto"):
+                 metadata: PagedAttentionMetadata, backend: str = "auto", attention_fn=None):
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.metadata = metadata
         self.backend = backend
+        self.attention_fn = attention_fn
 
     def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] (RoPE applied) → [T, H, D]."""
         meta = self.metadata
         k_cache, v_cache = self.k_caches[layer_index], self.v_caches[layer_index]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.backend == "components":
+            return self._attend_per_sequence(q, k_cache, v_cache, scale)
         if meta.decode_only:
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                          backend=self.backend)
+                                          backend=self.backend, max_seq_len=meta.max_seq_len)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                       scale, backend=self.backend)
+                                       scale, backend=self.backend, max_q_len=meta.max_q_len,
+                                       max_seq_len=meta.max_seq_len)
+
+    def _attend_per_sequence(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+        meta = self.metadata
+        block_size = k_cache.shape[1]
+        out = torch.empty_like(q)
+        starts, lengths = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()
+        for b, seq_len in enumerate(lengths):
+            num_blocks = -(-seq_len // block_size)
+            blocks = meta.block_tables[b, :num_blocks].long()
+            keys = k_cache[blocks].flatten(0, 1)[:seq_len]           # [S, H_kv, D]
+            values = v_cache[blocks].flatten(0, 1)[:seq_len]
+            rows = slice(starts[b], starts[b + 1])
+            # q [1, L, H, D] against k/v [1, S, H_kv, D]: causal, aligned so the last query sees every key.
+            out[rows] = self.attention_fn(q[rows][None], keys[None], values[None], causal=True, scale=scale)[0]
+        return out

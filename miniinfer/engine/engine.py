@@ -40,8 +40,15 @@ class _Request:
 
 
 def _child_seed(seed: int, index: int) -> int:
-    """A distinct, reproducible seed for completion ``index`` of a request seeded with ``seed``."""
-    return seed if index == 0 else (seed * 6364136223846793005 + 1442695040888963407 * index) % (2**63)
+    """Completion ``index`` of a request seeded with ``seed`` draws from its own generator, seeded ``seed + index``."""
+    return seed + index
+
+
+def _has_custom_attention(model: torch.nn.Module) -> bool:
+    from miniinfer.components import Components
+
+    components = getattr(model, "components", None)
+    return components is not None and components.attention is not Components().attention
 
 
 class LLMEngine:
@@ -71,15 +78,23 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_batched, config.enable_chunked_prefill),
             self.block_manager, self.radix_cache)
-        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, config.attention_backend)
+        backend = config.attention_backend
+        if backend == "auto" and _has_custom_attention(model):
+            backend = "components"  # the user's own attention function must be the one that runs
+        self.attention_backend = backend
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
-        self.eos_token_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", None) or ())
-        if not self.eos_token_ids and getattr(model_config, "eos_token_id", None) is not None:
-            eos = model_config.eos_token_id
-            self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.counters = dict(prompt_tokens=0, generation_tokens=0, prefill_tokens_computed=0,
                              prefix_cache_hit_tokens=0, num_steps=0, num_requests_finished=0)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Token ids that end a sequence: the tokenizer's (which merges the checkpoint's configs), else config.json's."""
+        if self.tokenizer is not None:
+            return set(self.tokenizer.eos_token_ids)
+        eos = getattr(self.model.config, "eos_token_id", None)
+        return set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
 
     # -- sizing ----------------------------------------------------------------------------------
 
@@ -249,7 +264,7 @@ class LLMEngine:
         self.counters["generation_tokens"] += 1
         params = seq.params
         previous_len = len(seq.text)
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        is_eos = not params.ignore_eos and token in self.eos_token_ids
         if seq.detokenizer is not None and not is_eos:
             seq.text += seq.detokenizer.add(token)
         reason = None

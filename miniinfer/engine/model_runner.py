@@ -88,6 +88,7 @@ class ModelRunner:
             cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
             decode_only=len(input_ids) == len(batch.seqs),
             max_seq_len=max(seq_lens),
+            max_q_len=max(batch.num_new_tokens),
         )
         return PreparedBatch(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
                              tensor(logits_indices, torch.int64), sampling_seqs)
@@ -97,7 +98,8 @@ class ModelRunner:
         """Run one step; return float32 logits ``[N, V]`` and the N sequences they belong to."""
         self.copy_blocks(block_manager.take_pending_copies())
         prepared = self.prepare(batch, block_manager)
-        context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend)
+        context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend,
+                                 attention_fn=self.model.components.attention)
         if not prepared.sampling_seqs:
             # A step of prefill chunks only: run the layers for their KV, skip the LM head entirely.
             self.model(prepared.input_ids, prepared.positions, attention=context,

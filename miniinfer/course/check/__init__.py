@@ -5,3 +5,11 @@
 """
 
 from miniinfer.course.check.ch00_setup import *  # noqa: F401,F403
+from miniinfer.course.check.ch01_building_blocks import *  # noqa: F401,F403
+from miniinfer.course.check.ch02_rope import *  # noqa: F401,F403
+from miniinfer.course.check.ch03_attention import *  # noqa: F401,F403
+from miniinfer.course.check.ch04_qwen2 import *  # noqa: F401,F403
+from miniinfer.course.check.ch05_kv_cache import *  # noqa: F401,F403
+from miniinfer.course.check.ch06_continuous_batching import *  # noqa: F401,F403
+from miniinfer.course.check.ch07_paged_attention import *  # noqa: F401,F403
+from miniinfer.course.check.ch08_radix_cache import *  # noqa: F401,F403

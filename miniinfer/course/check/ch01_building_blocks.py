@@ -1,0 +1,3 @@
+"""Checks for chapter 01."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Checks for chapter 02."""
+
+__all__: list[str] = []

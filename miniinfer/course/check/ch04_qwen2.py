@@ -1,0 +1,3 @@
+"""Checks for chapter 04."""
+
+__all__: list[str] = []

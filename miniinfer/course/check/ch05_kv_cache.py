@@ -1,0 +1,3 @@
+"""Checks for chapter 05."""
+
+__all__: list[str] = []

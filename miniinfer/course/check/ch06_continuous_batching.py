@@ -1,0 +1,3 @@
+"""Checks for chapter 06."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Checks for chapter 07."""
+
+__all__: list[str] = []

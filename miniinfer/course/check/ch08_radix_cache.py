@@ -1,0 +1,3 @@
+"""Checks for chapter 08."""
+
+__all__: list[str] = []
