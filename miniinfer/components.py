@@ -3,7 +3,7 @@
     from miniinfer.components import Components
     model, tokenizer = miniinfer.load_model(path, components=Components(rms_norm=my_rms_norm))
 
-The model calls these four functions, and nothing else, for the parts the course asks you to write.
+The model (and, for `probabilities`, the engine's sampler) calls these functions, and nothing else, for the parts the course asks you to write.
 Each default is the package's reference, with the same signature as the chapter's stub. A
 replacement is passed explicitly to the constructor (``Qwen2ForCausalLM``, ``load_model``, ``LLM``):
 no monkey-patching, and two models with different components can live side by side.
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from miniinfer import attention, layers, rope
+from miniinfer import attention, layers, rope, sampling
 
 __all__ = ["Components"]
 
@@ -33,3 +33,6 @@ class Components:
     #: (q [B, L, H, D], k [B, S, H_kv, D], v [B, S, H_kv, D], *, causal: bool = True,
     #:  scale: float | None = None) -> [B, L, H, D]
     attention: Callable = attention.grouped_query_attention
+    #: (logits [V], params: SamplingParams) -> probs [V]: the distribution each new token is drawn from
+    #: (temperature, then top-k, then top-p). Used by the engine's sampler, not by the model's forward.
+    probabilities: Callable = sampling.probabilities

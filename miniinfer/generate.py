@@ -17,6 +17,11 @@ from miniinfer.kv_cache import KVCache
 from miniinfer.sampling import SamplingParams, make_generator, sample
 
 
+def _probabilities_fn(model):
+    """The model's sampling distribution component (your chapter 04 function, if you plugged it in)."""
+    return getattr(getattr(model, "components", None), "probabilities", None)
+
+
 def _last_logits(model, input_ids, positions, cache) -> torch.Tensor:
     """Logits of each row's last token only: [B, V] (the LM head on every token would be wasted)."""
     batch, length = input_ids.shape
@@ -48,7 +53,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPara
     else:
         logits = model(ids)[:, -1].float()
     while True:
-        token = int(sample(logits, [params], [generator])[0])
+        token = int(sample(logits, [params], [generator], _probabilities_fn(model))[0])
         output.append(token)
         tokens.append(token)
         if token in eos_token_ids or len(tokens) >= limit:
@@ -95,7 +100,7 @@ def generate_static_batch(model: torch.nn.Module, prompts: list[list[int]], para
     result = StaticBatchResult(outputs, padding_tokens=sum(longest - n for n in lengths))
     next_position = torch.tensor(lengths, device=device)
     while True:
-        tokens = sample(logits, params, generators).tolist()
+        tokens = sample(logits, params, generators, _probabilities_fn(model)).tolist()
         for row, token in enumerate(tokens):
             if done[row]:
                 continue

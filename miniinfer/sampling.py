@@ -142,17 +142,19 @@ def make_generator(seed: int | None, device=None) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+           generators: list[torch.Generator | None], probabilities_fn=None) -> torch.Tensor:
     """One token per row.  logits: [B, V]; params, generators: one per row -> LongTensor [B].
 
-    Greedy rows take the argmax; every other row draws from :func:`probabilities` with its own generator.
+    Greedy rows take the argmax; every other row draws from ``probabilities_fn`` (default
+    :func:`probabilities`) with its own generator, so a row's draw never depends on the other rows.
     """
+    probabilities_fn = probabilities_fn or probabilities
     if len(params) != logits.shape[0] or len(generators) != logits.shape[0]:
         raise ValueError(f"sample: {logits.shape[0]} rows of logits but {len(params)} params and "
                          f"{len(generators)} generators")
     tokens = logits.argmax(dim=-1)
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.temperature != 0:
-            probs = probabilities(logits[row], p)
+            probs = probabilities_fn(logits[row], p)
             tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens

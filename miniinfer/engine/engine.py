@@ -240,7 +240,9 @@ class LLMEngine:
                     rows.append(row)
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens = sample(logits, [s.params for s in sampling_seqs], [s.generator for s in sampling_seqs]).tolist()
+        components = getattr(self.model, "components", None)
+        tokens = sample(logits, [s.params for s in sampling_seqs], [s.generator for s in sampling_seqs],
+                        probabilities_fn=getattr(components, "probabilities", None)).tolist()
 
         touched: dict[str, _Request] = {}
         new_tokens: dict[int, tuple[list[int], str]] = {}
