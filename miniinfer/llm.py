@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from miniinfer.components import Components
-from miniinfer.engine import EngineConfig, LLMEngine
+from miniinfer.engine import EngineConfig, EngineHooks, LLMEngine
 from miniinfer.outputs import CompletionOutput, RequestOutput
 from miniinfer.sampling import SamplingParams
 
@@ -40,7 +40,8 @@ class LLM:
     """Load a model once, then ``generate``.
 
     ``model``: a checkpoint folder, a hub id, or None for the bundled ``shakespeare`` model.
-    ``components`` swaps in your own building blocks (:class:`~miniinfer.components.Components`).
+    ``components`` swaps in your own building blocks (:class:`~miniinfer.components.Components`),
+    ``hooks`` your own engine internals (:class:`~miniinfer.engine.EngineHooks`).
     Other keyword arguments are engine options (:class:`~miniinfer.engine.EngineConfig`):
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``,
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
@@ -48,7 +49,7 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, *, components: Components | None = None,
-                 device=None, dtype=None, **engine_options):
+                 hooks: EngineHooks | None = None, device=None, dtype=None, **engine_options):
         from miniinfer.loader import load_model
         from miniinfer.models.bundled import bundled_model_path
 
@@ -60,7 +61,7 @@ class LLM:
         path = bundled_model_path("shakespeare") if model is None else model
         self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components)
         self.config = self.model.config
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, hooks=hooks)
 
     # -- inputs ----------------------------------------------------------------------------------
 

@@ -2,5 +2,6 @@
 
 from miniinfer.engine.config import EngineConfig
 from miniinfer.engine.engine import LLMEngine
+from miniinfer.engine.hooks import EngineHooks
 
-__all__ = ["EngineConfig", "LLMEngine"]
+__all__ = ["EngineConfig", "EngineHooks", "LLMEngine"]

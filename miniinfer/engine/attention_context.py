@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miniinfer.engine.hooks import EngineHooks
 from miniinfer.kernels.paged_attention import paged_decode_attention, paged_prefill_attention, write_kv
 
 
@@ -42,12 +43,14 @@ class PagedKVContext:
     """
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 metadata: PagedAttentionMetadata, backend: str = "auto", attention_fn=None):
+                 metadata: PagedAttentionMetadata, backend: str = "auto", attention_fn=None,
+                 hooks: EngineHooks | None = None):
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.metadata = metadata
         self.backend = backend
         self.attention_fn = attention_fn
+        self.hooks = hooks or EngineHooks()
 
     def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, H_kv, D] (RoPE applied) → [T, H, D]."""

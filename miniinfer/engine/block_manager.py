@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.sequence import Sequence
 
 
@@ -27,13 +28,14 @@ class NoFreeBlocksError(RuntimeError):
 class BlockManager:
     """Owns the block ids of the KV pool; the tensors themselves live in the model runner."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, hooks: EngineHooks | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks must be ≥ 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be ≥ 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.hooks = hooks or EngineHooks()
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         # (source block, destination block) copies the model runner must do before the next forward.

@@ -21,6 +21,7 @@ import torch
 
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.config import EngineConfig
+from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.model_runner import ModelRunner, kv_bytes_per_block
 from miniinfer.engine.radix_cache import RadixCache
 from miniinfer.engine.scheduler import Scheduler, SchedulerConfig
@@ -52,8 +53,10 @@ def _has_custom_attention(model: torch.nn.Module) -> bool:
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None,
+                 hooks: EngineHooks | None = None):
         self.model = model
+        self.hooks = hooks = hooks or EngineHooks()
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         model_config = model.config
@@ -73,8 +76,8 @@ class LLMEngine:
         if self.num_kv_blocks * config.block_size < config.block_size + 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small to hold any request")
 
-        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size)
-        self.radix_cache = RadixCache(self.block_manager) if config.enable_prefix_caching else None
+        self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, hooks=hooks)
+        self.radix_cache = RadixCache(self.block_manager, hooks=hooks) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_batched, config.enable_chunked_prefill),
             self.block_manager, self.radix_cache)
@@ -82,7 +85,7 @@ class LLMEngine:
         if backend == "auto" and _has_custom_attention(model):
             backend = "components"  # the user's own attention function must be the one that runs
         self.attention_backend = backend
-        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend)
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend, hooks=hooks)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, prefill_tokens_computed=0,

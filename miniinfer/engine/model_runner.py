@@ -15,6 +15,7 @@ import torch
 
 from miniinfer.engine.attention_context import PagedAttentionMetadata, PagedKVContext
 from miniinfer.engine.block_manager import BlockManager
+from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.scheduler import ScheduledBatch
 from miniinfer.engine.sequence import Sequence
 
@@ -35,8 +36,10 @@ def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention_backend: str = "auto"):
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention_backend: str = "auto",
+                 hooks: EngineHooks | None = None):
         self.model = model
+        self.hooks = hooks or EngineHooks()
         config = model.config
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -99,7 +102,7 @@ class ModelRunner:
         self.copy_blocks(block_manager.take_pending_copies())
         prepared = self.prepare(batch, block_manager)
         context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend,
-                                 attention_fn=self.model.components.attention)
+                                 attention_fn=self.model.components.attention, hooks=self.hooks)
         if not prepared.sampling_seqs:
             # A step of prefill chunks only: run the layers for their KV, skip the LM head entirely.
             self.model(prepared.input_ids, prepared.positions, attention=context,

@@ -20,6 +20,7 @@ import heapq
 import itertools
 
 from miniinfer.engine.block_manager import BlockManager
+from miniinfer.engine.hooks import EngineHooks
 
 
 class RadixNode:
@@ -36,8 +37,9 @@ class RadixNode:
 class RadixCache:
     """Longest-prefix matching, insertion and LRU eviction over blocks of a :class:`BlockManager`."""
 
-    def __init__(self, block_manager: BlockManager):
+    def __init__(self, block_manager: BlockManager, hooks: EngineHooks | None = None):
         self.block_manager = block_manager
+        self.hooks = hooks or EngineHooks()
         self.block_size = block_manager.block_size
         self.root = RadixNode((), -1, None)
         self.num_nodes = 0
