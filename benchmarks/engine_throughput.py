@@ -111,11 +111,21 @@ def run(device: str, args) -> tuple[list[dict], dict, str]:
             ("batch 16", [[rng.randrange(vocab) for _ in range(rng.randint(16, 128))] for _ in range(16)],
              [args.new_tokens] * 16),
         ]
-    llm = LLM(str(folder), device=device, dtype=dtype)
-
-    # Greedy outputs must agree before anything is timed (on the CPU in fp32: exactly).
+    # Greedy outputs must agree before anything is timed (on the CPU in fp32: exactly). If a kernel
+    # backend fails on this machine, fall back to the next one and record which one ran.
     check_prompt, check_tokens = workloads[0][1], [min(32, workloads[0][2][0])]
-    _, ours = miniinfer_generate(llm, check_prompt, check_tokens, device)
+    backends = [args.backend] if args.backend != "auto" or device == "cpu" else ["auto", "triton", "torch"]
+    for backend in backends:
+        try:
+            llm = LLM(str(folder), device=device, dtype=dtype, attention_backend=backend)
+            _, ours = miniinfer_generate(llm, check_prompt, check_tokens, device)
+            miniinfer_generate(llm, workloads[-1][1][:4], [4] * 4, device)  # exercise prefill of several sequences
+            break
+        except Exception as error:  # noqa: BLE001 - report, try the next backend
+            print(f"attention backend {backend!r} failed: {type(error).__name__}: {error}", flush=True)
+    else:
+        raise RuntimeError("no attention backend worked")
+    print(f"attention backend: {backend} ({llm.engine.attention_backend})")
     with torch.inference_mode():
         reference = hf_model.generate(torch.tensor(check_prompt, device=device), max_new_tokens=check_tokens[0],
                                       min_new_tokens=check_tokens[0], do_sample=False, eos_token_id=None)
@@ -135,7 +145,7 @@ def run(device: str, args) -> tuple[list[dict], dict, str]:
                "ratio": round(hf_s / ours_s, 2)}
         print(row, flush=True)
         rows.append(row)
-    summary = {"model": model_name, "greedy_agrees_with_hf": agree,
+    summary = {"model": model_name, "greedy_agrees_with_hf": agree, "attention_backend": backend,
                **{f"ratio {r['workload']}": r["ratio"] for r in rows}}
     return rows, summary, model_name
 
@@ -148,6 +158,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
+    parser.add_argument("--backend", default="auto", help="paged-attention backend (auto: fall back if one fails)")
     parser.add_argument("--out", help="results JSON path")
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"

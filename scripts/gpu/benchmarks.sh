@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: every GPU benchmark and GPU test, results into benchmarks/results and $OUT.
+#
+#   bash scripts/gpu/benchmarks.sh [vector_add] [paged] [gpu_tests] [engine]     (default: all)
+#
+# Each part runs even if an earlier one failed; the exit status says whether all passed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MINIINFER_CACHE="${MINIINFER_CACHE:-/tmp/miniinfer-cache}"
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(vector_add paged gpu_tests engine)
+status=0
+run() { echo "=== $* ($(date -u +%T))"; "$@" || { echo "!!! failed: $*"; status=1; }; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for part in "${parts[@]}"; do
+  case "$part" in
+    vector_add) run python3 benchmarks/vector_add.py ;;
+    paged) run python3 benchmarks/paged_attention.py ;;
+    gpu_tests) run python3 tests/gpu/test_paged_attention_gpu.py ;;
+    engine) run python3 benchmarks/engine_throughput.py --gpu ;;
+    *) echo "unknown part $part"; status=1 ;;
+  esac
+done
+echo "=== done ($(date -u +%T)), status $status"
+exit $status
