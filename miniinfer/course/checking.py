@@ -77,7 +77,13 @@ def exercise(exercise_id: str, title: str):
         @functools.wraps(check_fn)
         def run_check(*student_objects, **kwargs):
             try:
-                num_cases = check_fn(*student_objects, **kwargs)
+                # Fresh random inputs on every call, whatever the notebook seeded, and the notebook's own
+                # random stream left exactly as it was (so later cells stay reproducible).
+                with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+                    torch.seed()
+                    if torch.cuda.is_available():
+                        torch.cuda.seed_all()
+                    num_cases = check_fn(*student_objects, **kwargs)
             except NotImplementedYet:
                 raise
             except CheckFailed as failure:
