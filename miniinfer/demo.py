@@ -33,7 +33,7 @@ def kernel_demo() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="ROMEO:\n")
+    parser.add_argument("--prompt", default="ROMEO.\n")
     parser.add_argument("--max-tokens", type=int, default=120)
     args = parser.parse_args(argv)
 

@@ -2,7 +2,8 @@
 
 * :func:`generate` — one prompt: prefill it into a :class:`~miniinfer.kv_cache.KVCache`, then decode
   one token per step (``use_cache=False`` re-runs the whole sequence every step instead: the
-  baseline chapter 05 measures against).
+  baseline chapter 05 measures against). The loop itself is :func:`prefill_and_decode` (chapter
+  05's exercise): it knows nothing about sampling, which it delegates to ``next_token``.
 * :func:`generate_static_batch` — several prompts padded into one batch that advances in lockstep
   until the *last* of them finishes: the baseline chapter 06 improves on with continuous batching.
 """
@@ -30,6 +31,33 @@ def _last_logits(model, input_ids, positions, cache) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def prefill_and_decode(model: torch.nn.Module, cache: KVCache, prompt_ids: list[int], max_new_tokens: int,
+                       next_token, eos_token_ids=frozenset()) -> list[int]:
+    """The cached generation loop for one sequence; returns the new token ids.
+
+    cache: an empty :class:`KVCache` of batch 1 with room for ``len(prompt_ids) + max_new_tokens − 1``
+    tokens; next_token: ``logits [V] (float32) -> int`` (greedy, sampling, …). Stops after
+    ``max_new_tokens`` tokens, or right after a token in ``eos_token_ids`` (which is kept).
+
+    **Prefill** runs the whole prompt ``[1, P]`` at positions ``0 … P−1`` once; each **decode** step
+    runs only the newest token ``[1, 1]``, at position ``cache.length`` (the tokens already cached).
+    The last token is never run through the model: nothing would use its keys and values.
+    """
+    device = cache.keys.device
+    ids = torch.tensor([list(prompt_ids)], device=device)                    # [1, P]
+    positions = torch.arange(len(prompt_ids), device=device)[None]          # [1, P]
+    output: list[int] = []
+    while True:
+        logits = _last_logits(model, ids, positions, cache)                  # [1, V]
+        token = int(next_token(logits[0]))
+        output.append(token)
+        if token in eos_token_ids or len(output) >= max_new_tokens:
+            return output
+        ids = torch.tensor([[token]], device=device)                         # [1, 1]: only the new token
+        positions = torch.tensor([[cache.length]], device=device)            # it sits after the cached ones
+
+
+@torch.inference_mode()
 def generate(model: torch.nn.Module, prompt_ids: list[int], params: SamplingParams | None = None,
              eos_token_ids: set[int] | None = None, use_cache: bool = True) -> list[int]:
     """Generate up to ``params.max_tokens`` tokens after ``prompt_ids``; returns the new token ids.
@@ -43,27 +71,24 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], params: SamplingPara
     generator = make_generator(params.seed, device)
     tokens = list(prompt_ids)
     limit = min(len(tokens) + params.max_tokens, model.config.max_position_embeddings)
-    output: list[int] = []
 
-    ids = torch.tensor([tokens], device=device)
-    positions = torch.arange(len(tokens), device=device)[None]
+    probabilities_fn = _probabilities_fn(model)
+
+    def next_token(logits: torch.Tensor) -> int:                             # logits: [V]
+        return int(sample(logits[None], [params], [generator], probabilities_fn)[0])
+
+    # At least one token, even when the prompt fills the context (as the engine does).
+    max_new_tokens = max(1, limit - len(tokens))
     if use_cache:
         cache = KVCache.for_model(model, batch_size=1, max_len=limit)
-        logits = _last_logits(model, ids, positions, cache)                  # prefill: the whole prompt
-    else:
-        logits = model(ids)[:, -1].float()
-    while True:
-        token = int(sample(logits, [params], [generator], _probabilities_fn(model))[0])
+        return prefill_and_decode(model, cache, tokens, max_new_tokens, next_token, eos_token_ids)
+    output: list[int] = []
+    while True:                                                              # recompute everything, every step
+        token = next_token(model(torch.tensor([tokens], device=device))[0, -1].float())
         output.append(token)
         tokens.append(token)
-        if token in eos_token_ids or len(tokens) >= limit:
+        if token in eos_token_ids or len(output) >= max_new_tokens:
             return output
-        if use_cache:                                                        # decode: only the new token
-            ids = torch.tensor([[token]], device=device)
-            positions = torch.tensor([[len(tokens) - 1]], device=device)
-            logits = _last_logits(model, ids, positions, cache)
-        else:                                                                # recompute everything
-            logits = model(torch.tensor([tokens], device=device))[:, -1].float()
 
 
 @dataclass

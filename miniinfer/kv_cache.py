@@ -13,7 +13,13 @@ token. That waste — padded slots, and rows that finished early but still occup
 what continuous batching (chapter 06) and paged memory (chapter 07) remove.
 
 The cache implements the model's attention hook (:class:`miniinfer.attention.AttentionContext`):
-``model(ids, positions, attention=cache)`` stores and attends through it.
+``model(ids, positions, attention=cache)`` stores and attends through it. The step itself — write
+the new keys and values into their slots, attend to every filled slot — is the pure function
+:func:`attend_with_cache` (chapter 05's exercise), which ``KVCache(..., attend_with_cache=fn)``
+replaces with your own.
+
+Memory: every token of context costs :func:`kv_bytes_per_token` = 2 · layers · H_kv · D · bytes per
+number (keys *and* values, in every layer) — the budget that decides how many sequences fit.
 """
 
 from __future__ import annotations
@@ -21,12 +27,50 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["KVCache", "attend_with_cache", "kv_bytes_per_token"]
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token occupies in the KV cache: its key and its value, ``H_kv · D`` numbers each, in
+    every layer. ``config`` has ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
+def attend_with_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, scale: float, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's cache step: store the L new keys/values, then attend to every filled slot.
+
+    k_cache, v_cache: [B, S_max, H_kv, D], this layer's cache, slots ``0 … start−1`` already filled;
+    q: [B, L, H, D]; k, v: [B, L, H_kv, D] (RoPE applied); key_padding_mask: [B, S_max] bool, True
+    where a slot holds a real token (None: no padding) -> [B, L, H, D].
+
+    The new tokens go to slots ``start … start+L−1`` (written in place). Query i sits at slot
+    ``start+i`` and sees slots ``0 … start+i`` (causal, offset by the cached prefix), minus padding.
+    """
+    end = start + q.shape[1]
+    k_cache[:, start:end] = k
+    v_cache[:, start:end] = v
+    keys, values = k_cache[:, :end], v_cache[:, :end]                                  # [B, S, H_kv, D]
+    query_slot = torch.arange(start, end, device=q.device)
+    mask = torch.arange(end, device=q.device)[None, :] <= query_slot[:, None]         # [L, S] causal
+    if key_padding_mask is not None:
+        mask = mask[None] & key_padding_mask[:, None, :end]                            # [B, L, S]
+        # A padding query would see no key at all (softmax of nothing is NaN, and NaN values leak
+        # through zero weights later), so every query may always see its own slot.
+        own_slot = torch.arange(end, device=q.device)[None, :] == query_slot[:, None]
+        mask = (mask | own_slot[None])[:, None]                                         # [B, 1, L, S]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
 
 class KVCache:
     """A contiguous, preallocated cache for ``B`` sequences that advance together."""
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attention_fn=None):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attention_fn=None,
+                 attend_with_cache=None):
         shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -36,16 +80,20 @@ class KVCache:
         # [B, S_max] True where a slot holds a real token; None while no row is padded.
         self.key_padding_mask: torch.Tensor | None = None
         self.attention_fn = attention_fn  # (q, k, v, *, causal, scale) for unpadded rows; None: torch SDPA
+        # Your chapter-05 step (same signature as the module's attend_with_cache); None: the package's.
+        self.attend_with_cache = attend_with_cache
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """A cache shaped for ``model``'s layers and KV heads, using its attention component."""
+    def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None,
+                  attend_with_cache=None) -> KVCache:
+        """A cache shaped for ``model``'s layers and KV heads, using its attention component (or
+        ``attend_with_cache``, your own cache step, for every step)."""
         config = model.config
         parameter = next(model.parameters())
         components = getattr(model, "components", None)
         return cls(config.num_hidden_layers, batch_size, max_len or config.max_position_embeddings,
                    config.num_key_value_heads, config.head_dim, parameter.dtype, parameter.device,
-                   attention_fn=getattr(components, "attention", None))
+                   attention_fn=getattr(components, "attention", None), attend_with_cache=attend_with_cache)
 
     @property
     def batch_size(self) -> int:
@@ -85,31 +133,19 @@ class KVCache:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; this step would fill {end}")
         if batch != self.batch_size:
             raise ValueError(f"a batch of {batch} rows for a cache of batch size {self.batch_size}")
-        self.keys[layer_index, :, start:end] = k
-        self.values[layer_index, :, start:end] = v
-        keys, values = self.keys[layer_index, :, :end], self.values[layer_index, :, :end]
+        k_cache, v_cache = self.keys[layer_index], self.values[layer_index]    # [B, S_max, H_kv, D] views
+        step = self.attend_with_cache
+        if step is None and self.key_padding_mask is None and self.attention_fn is not None:
+            # Plain rows: the model's own attention component (chapter 03, maybe yours) on the filled
+            # slots; query i sits at slot start+i and sees slots 0 … start+i (causal, offset by S − L).
+            k_cache[:, start:end] = k
+            v_cache[:, start:end] = v
+            out = self.attention_fn(q, k_cache[:, :end], v_cache[:, :end], causal=True, scale=scale)
+        else:
+            out = (step or attend_with_cache)(k_cache, v_cache, start, q, k, v, scale, self.key_padding_mask)
         if layer_index == self.num_layers - 1:
             self.length = end
-
-        if self.key_padding_mask is None and self.attention_fn is not None:
-            # Plain rows: query i sits at slot start+i and sees slots 0 … start+i (causal, offset by S − L).
-            return self.attention_fn(q, keys, values, causal=True, scale=scale)
-        return self._masked_attention(q, keys, values, start, scale)
-
-    def _masked_attention(self, q, keys, values, start: int, scale: float) -> torch.Tensor:
-        """Causal attention that also hides padding slots, with torch's fused kernel."""
-        num_new, end = q.shape[1], keys.shape[1]
-        query_slot = torch.arange(start, start + num_new, device=q.device)
-        mask = torch.arange(end, device=q.device)[None, :] <= query_slot[:, None]       # [L, S] causal
-        if self.key_padding_mask is not None:
-            mask = mask[None] & self.key_padding_mask[:, None, :end]                   # [B, L, S]
-            # A padding query would see no key at all (softmax of nothing is NaN, and NaN values leak
-            # through zero weights later), so every query may always see its own slot.
-            own_slot = torch.arange(end, device=q.device)[None, :] == query_slot[:, None]
-            mask = (mask | own_slot[None])[:, None]                                     # [B, 1, L, S]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2)
+        return out
 
     def reset(self) -> None:
         self.length = 0

@@ -4,7 +4,6 @@ set -euo pipefail
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 export PYTHONUNBUFFERED=1
-export MPLBACKEND=Agg
 
 step() { echo; echo "=== $* ==="; date +%T; }
 

@@ -59,7 +59,7 @@ print(report())
 # one usually runs past the end, so it carries a **mask** that switches off the out-of-range lanes.
 
 # %%
-def draw_grid(n: int = 1000, block: int = 256):
+def draw_grid(n: int = 1000, block: int = 256) -> None:
     """Figure: which program handles which elements, and the masked tail of the last program."""
     programs = (n + block - 1) // block
     fig, ax = plt.subplots(figsize=(9, 1.9))
@@ -78,10 +78,9 @@ def draw_grid(n: int = 1000, block: int = 256):
     ax.set_title(f"n = {n}, BLOCK = {block}: {programs} programs, the last one masked")
     ax.set_xlim(0, programs * block)
     fig.tight_layout()
-    return fig
 
 
-draw_grid();
+draw_grid()
 
 # %% [markdown]
 # ### Why bytes, not FLOPs
@@ -244,7 +243,8 @@ ax.set_xlabel("size of one vector (MB)")
 ax.set_ylabel("achieved bandwidth (GB/s)")
 ax.set_title("Vector add on this machine's CPU")
 ax.grid(True, which="both", alpha=0.3)
-ax.legend();
+ax.legend()
+fig.tight_layout()
 
 # %% [markdown]
 # ### On an H100

@@ -6,6 +6,10 @@ values into their slots of the pool, then let every query attend to its sequence
 through the block table. A decode-only step (one query per sequence) uses the decode kernel; a step
 with prefill chunks uses the prefill kernel, which handles a cached prefix plus causal attention
 among the new tokens (decode rows are just sequences with one new token).
+
+``EngineHooks(paged_decode_attention=fn)`` replaces the decode kernel with ``fn`` (chapter 07's
+exercise), with the signature of
+:func:`~miniinfer.kernels.paged_attention.paged_decode_attention_torch`.
 """
 
 from __future__ import annotations
@@ -57,14 +61,22 @@ class PagedKVContext:
         meta = self.metadata
         k_cache, v_cache = self.k_caches[layer_index], self.v_caches[layer_index]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            decode = self.hooks.get("paged_decode_attention", self._decode_attention)
+            return decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
         if self.backend == "components":
             return self._attend_per_sequence(q, k_cache, v_cache, scale)
-        if meta.decode_only:
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                          backend=self.backend, max_seq_len=meta.max_seq_len)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
                                        scale, backend=self.backend, max_q_len=meta.max_q_len,
                                        max_seq_len=meta.max_seq_len)
+
+    def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """The package's decode: q [B, H, D] -> [B, H, D] with this context's backend."""
+        if self.backend == "components":
+            return self._attend_per_sequence(q, k_cache, v_cache, scale)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                      backend=self.backend, max_seq_len=self.metadata.max_seq_len)
 
     def _attend_per_sequence(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              scale: float) -> torch.Tensor:

@@ -11,6 +11,10 @@ Blocks are **reference counted**: a block may be shared by several sequences (``
 sampling forks after the prompt) and by the radix prefix cache. A sequence that is about to write
 into a shared, partly filled block gets a private copy first (**copy-on-write**); the copy itself
 is done by the model runner, which owns the KV tensors, from :attr:`BlockManager.pending_copies`.
+
+Two decisions are plain functions (chapter 07's exercises; :class:`~miniinfer.engine.EngineHooks`
+swaps them): :func:`slot_mapping` (position → slot through a block table) and
+:func:`needs_copy_on_write` (must the next write go to a private copy?).
 """
 
 from __future__ import annotations
@@ -19,6 +23,28 @@ from collections import deque
 
 from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.sequence import Sequence
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat slot ids of positions ``start … end-1`` of a sequence whose KV blocks are ``block_table``.
+
+    Position ``pos`` lives in block ``block_table[pos // P]`` at offset ``pos % P``; its slot (its row
+    in the pool viewed as ``[num_blocks * P, H_kv, D]``) is ``block * P + offset``. ``P = block_size``.
+    """
+    return [block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, end)]
+
+
+def needs_copy_on_write(block_table: list[int], num_computed_tokens: int, block_size: int,
+                        ref_counts: list[int]) -> bool:
+    """Must the sequence copy a block before writing its next token (position ``num_computed_tokens``)?
+
+    Only when that position falls *inside* a block the sequence already has (offset ≠ 0: a block
+    that is partly filled) and that block is shared (reference count > 1). A write at offset 0 goes
+    to a fresh block; a block held by this sequence alone is written in place.
+    """
+    index = num_computed_tokens // block_size
+    return (num_computed_tokens % block_size != 0 and index < len(block_table)
+            and ref_counts[block_table[index]] > 1)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -79,10 +105,8 @@ class BlockManager:
         return needed
 
     def _needs_copy_on_write(self, seq: Sequence) -> bool:
-        first_write = seq.num_computed_tokens
-        index = first_write // self.block_size
-        return (first_write % self.block_size != 0 and index < len(seq.block_table)
-                and self.ref_counts[seq.block_table[index]] > 1)
+        decide = self.hooks.get("needs_copy_on_write", needs_copy_on_write)
+        return bool(decide(seq.block_table, seq.num_computed_tokens, self.block_size, self.ref_counts))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
@@ -117,8 +141,7 @@ class BlockManager:
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Flat slot ids of positions ``start … end-1`` of ``seq``."""
-        size, table = self.block_size, seq.block_table
-        return [table[pos // size] * size + pos % size for pos in range(start, end)]
+        return list(self.hooks.get("slot_mapping", slot_mapping)(seq.block_table, start, end, self.block_size))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

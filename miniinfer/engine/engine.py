@@ -80,7 +80,7 @@ class LLMEngine:
         self.radix_cache = RadixCache(self.block_manager, hooks=hooks) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max_batched, config.enable_chunked_prefill),
-            self.block_manager, self.radix_cache)
+            self.block_manager, self.radix_cache, hooks=hooks)
         backend = config.attention_backend
         if backend == "auto" and _has_custom_attention(model):
             backend = "components"  # the user's own attention function must be the one that runs

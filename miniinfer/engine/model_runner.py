@@ -5,11 +5,16 @@ them, with no padding. Each token carries its position (for RoPE) and its slot i
 each sequence contributes its block table, its total key count and its query range. The model then
 runs once over ``T`` tokens and the LM head only on the last token of each sequence that is ready
 to sample (a prefill chunk that stops mid-prompt produces no token).
+
+The packing itself is the pure function :func:`pack_batch` (chapter 06's exercise), which
+``EngineHooks(pack_batch=...)`` replaces; the slots come from the block manager (chapter 07).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +23,7 @@ from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.scheduler import ScheduledBatch
 from miniinfer.engine.sequence import Sequence
+from miniinfer.kv_cache import kv_bytes_per_token
 
 
 @dataclass
@@ -29,10 +35,55 @@ class PreparedBatch:
     sampling_seqs: list[Sequence]  # the N sequences those rows belong to
 
 
+class StepEntry(NamedTuple):
+    """One sequence of a step, as the model runner ran it (for inspection: chapter 06 draws from it)."""
+
+    request_id: str
+    index: int               # which of the request's n completions
+    num_computed: int        # tokens with K/V in the cache before this step
+    num_new: int             # tokens computed in this step
+    num_prompt_tokens: int
+
+    @property
+    def num_prefill(self) -> int:
+        """How many of this step's tokens are prompt tokens (the rest are decode tokens)."""
+        return max(0, min(self.num_new, self.num_prompt_tokens - self.num_computed))
+
+
 def kv_bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers: keys and values, P tokens, H_kv heads of D numbers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * itemsize
+    return block_size * kv_bytes_per_token(config, dtype)
+
+
+def pack_batch(token_ids: list[list[int]], num_computed: list[int], num_new: list[int]
+               ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """Pack a step's sequences into one flat batch of T tokens, without padding.
+
+    For each of the B sequences: all its token ids so far, how many already have K/V in the cache
+    (``num_computed``) and how many this step computes (``num_new``: 1 when decoding, up to the whole
+    rest of the prompt when prefilling). Returns, as lists of ints:
+
+    * ``input_ids`` [T] — the new tokens, sequence after sequence;
+    * ``positions`` [T] — each token's position in its own sequence;
+    * ``cu_seqlens_q`` [B + 1] — sequence b's new tokens are rows ``cu[b] … cu[b+1]−1``;
+    * ``seq_lens`` [B] — keys per sequence after this step (cached + new);
+    * ``logits_indices`` [N] — the row of the last new token of each sequence that has then computed
+      all its tokens (it samples the next one); a prefill chunk that stops mid-prompt has none.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    cu_seqlens_q = [0]
+    seq_lens: list[int] = []
+    logits_indices: list[int] = []
+    for tokens, start, count in zip(token_ids, num_computed, num_new):
+        end = start + count
+        input_ids.extend(tokens[start:end])
+        positions.extend(range(start, end))
+        cu_seqlens_q.append(cu_seqlens_q[-1] + count)
+        seq_lens.append(end)
+        if end == len(tokens):  # everything computed: this step's last logits give the next token
+            logits_indices.append(cu_seqlens_q[-1] - 1)
+    return input_ids, positions, cu_seqlens_q, seq_lens, logits_indices
 
 
 class ModelRunner:
@@ -50,6 +101,7 @@ class ModelRunner:
         # buggy read from turning into NaN that spreads silently.
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) before a sequence writes into its copy."""
@@ -61,25 +113,23 @@ class ModelRunner:
             cache[destination] = cache[source]
 
     def prepare(self, batch: ScheduledBatch, block_manager: BlockManager) -> PreparedBatch:
-        input_ids: list[int] = []
-        positions: list[int] = []
+        seqs = batch.seqs
+        pack = self.hooks.get("pack_batch", pack_batch)
+        packed = pack([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
+                      list(batch.num_new_tokens))
+        # Lists of ints (the reference); a hook may also return 1-D tensors.
+        input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
+            values.tolist() if isinstance(values, torch.Tensor) else list(values) for values in packed)
         slots: list[int] = []
-        cu_seqlens_q = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampling_seqs: list[Sequence] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(block_manager.slots(seq, start, end))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + num_new)
-            seq_lens.append(end)
-            if end == seq.num_tokens:  # everything computed: this step's last logits give the next token
-                logits_indices.append(cu_seqlens_q[-1] - 1)
-                sampling_seqs.append(seq)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        for seq, num_new in zip(seqs, batch.num_new_tokens):
+            slots.extend(block_manager.slots(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new))
+        if len(input_ids) != len(slots) or len(cu_seqlens_q) != len(seqs) + 1 or len(seq_lens) != len(seqs):
+            raise ValueError(f"pack_batch returned {len(input_ids)} tokens, {len(cu_seqlens_q)} cu_seqlens_q and "
+                             f"{len(seq_lens)} seq_lens for {len(seqs)} sequences with {len(slots)} new tokens")
+        # The sequence that owns each logits row samples from it.
+        sampling_seqs = [seqs[bisect_right(cu_seqlens_q, index) - 1] for index in logits_indices]
+        width = max(len(seq.block_table) for seq in seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -89,7 +139,7 @@ class ModelRunner:
             block_tables=tensor(tables, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
             cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
-            decode_only=len(input_ids) == len(batch.seqs),
+            decode_only=len(input_ids) == len(seqs),
             max_seq_len=max(seq_lens),
             max_q_len=max(batch.num_new_tokens),
         )
@@ -100,6 +150,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; return float32 logits ``[N, V]`` and the N sequences they belong to."""
         self.copy_blocks(block_manager.take_pending_copies())
+        self.last_step = [StepEntry(seq.request_id, seq.index, seq.num_computed_tokens, num_new, seq.num_prompt_tokens)
+                          for seq, num_new in zip(batch.seqs, batch.num_new_tokens)]
         prepared = self.prepare(batch, block_manager)
         context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend,
                                  attention_fn=self.model.components.attention, hooks=self.hooks)

@@ -12,6 +12,9 @@ copy-on-write out of the picture). Reference counts protect blocks in use: the t
 reference on each of its blocks, every sequence using a block holds another, so a block whose count
 is 1 is held by the tree alone and may be evicted — least recently used leaves first, because a
 parent is part of every path below it.
+
+The two searches are plain functions (chapter 08's exercises; :class:`~miniinfer.engine.EngineHooks`
+swaps them): :func:`match_blocks` walks down the tree, :func:`lru_eviction_order` picks victims.
 """
 
 from __future__ import annotations
@@ -32,6 +35,61 @@ class RadixNode:
         self.parent = parent
         self.children: dict[tuple[int, ...], RadixNode] = {}
         self.last_access = 0
+
+    def __repr__(self) -> str:
+        return (f"RadixNode(block={self.block}, key={self.key[:8]}{'…' if len(self.key) > 8 else ''}, "
+                f"children={len(self.children)}, last_access={self.last_access})")
+
+
+def match_blocks(root: RadixNode, token_ids: list[int], block_size: int, max_tokens: int) -> list[RadixNode]:
+    """The nodes of the longest cached, block-aligned prefix of ``token_ids``, root's child first.
+
+    Walk down from ``root``: the child for block ``i`` is ``children[tuple(token_ids[i*P:(i+1)*P])]``.
+    Stop at the first block with no child, and never match more than ``max_tokens`` tokens (so at
+    most ``max_tokens // P`` blocks; a partial block of ``token_ids`` never matches). Pure: reads
+    the tree, changes nothing.
+    """
+    limit = min(max(0, max_tokens), len(token_ids)) // block_size
+    node, path = root, []
+    for i in range(limit):
+        child = node.children.get(tuple(token_ids[i * block_size:(i + 1) * block_size]))
+        if child is None:
+            break
+        path.append(child)
+        node = child
+    return path
+
+
+def lru_eviction_order(root: RadixNode, num_blocks: int, ref_counts: list[int]) -> list[RadixNode]:
+    """Up to ``num_blocks`` nodes to evict, in the order to evict them.
+
+    A node may go when it is a **leaf** and the tree holds the only reference to its block
+    (``ref_counts[node.block] == 1``). Repeatedly take the evictable leaf with the smallest
+    ``last_access`` (least recently used; ties: smaller block id); once all children of a node have
+    been taken, that node is a leaf too and competes with the others (the root never goes). Pure:
+    the caller removes the returned nodes, in order.
+    """
+    heap = []
+    stack = list(root.children.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        if not node.children and ref_counts[node.block] == 1:
+            heap.append((node.last_access, node.block, node))
+    heapq.heapify(heap)
+    children_left: dict[int, int] = {}  # id(node) -> children not yet chosen
+    order: list[RadixNode] = []
+    while heap and len(order) < num_blocks:
+        _, _, node = heapq.heappop(heap)
+        order.append(node)
+        parent = node.parent
+        if parent is root or parent is None:
+            continue
+        left = children_left.get(id(parent), len(parent.children)) - 1
+        children_left[id(parent)] = left
+        if left == 0 and ref_counts[parent.block] == 1:
+            heapq.heappush(heap, (parent.last_access, parent.block, parent))
+    return order
 
 
 class RadixCache:
@@ -60,15 +118,13 @@ class RadixCache:
         since its logits give the first new token.
         """
         limit = len(token_ids) - 1 if max_tokens is None else max_tokens
-        node, blocks = self.root, []
+        match = self.hooks.get("match_blocks", match_blocks)
+        nodes = match(self.root, token_ids, self.block_size, max(0, limit))
+        self._check_path(nodes, token_ids)
         now = next(self._clock)
-        for key in self._chunks(token_ids, max(0, limit) // self.block_size):
-            child = node.children.get(key)
-            if child is None:
-                break
-            child.last_access = now
-            blocks.append(child.block)
-            node = child
+        for node in nodes:
+            node.last_access = now
+        blocks = [node.block for node in nodes]
         self.queried_tokens += len(token_ids)
         self.hit_tokens += len(blocks) * self.block_size
         return blocks
@@ -94,8 +150,16 @@ class RadixCache:
             node = child
         return added
 
-    def _evictable(self, node: RadixNode) -> bool:
-        return not node.children and self.block_manager.ref_counts[node.block] == 1
+    def _check_path(self, nodes: list[RadixNode], token_ids: list[int]) -> None:
+        """A match must be a path from the root whose keys are the prompt's blocks (a replaced
+        ``match_blocks`` that returns anything else would hand a sequence someone else's KV)."""
+        parent, size = self.root, self.block_size
+        for i, node in enumerate(nodes):
+            if (not isinstance(node, RadixNode) or parent.children.get(node.key) is not node
+                    or node.key != tuple(token_ids[i * size:(i + 1) * size])):
+                raise RuntimeError(f"match_blocks returned {node!r} as block {i} of the match: not the child of "
+                                   "the previous node whose key is that block of the prompt")
+            parent = node
 
     def num_evictable_blocks(self) -> int:
         """Cached blocks held by the tree alone (all of them can be evicted, leaves first)."""
@@ -104,18 +168,21 @@ class RadixCache:
 
     def evict(self, num_blocks: int) -> int:
         """Free up to ``num_blocks`` blocks, least recently used leaves first; return how many."""
-        heap = [(n.last_access, id(n), n) for n in self._nodes() if self._evictable(n)]
-        heapq.heapify(heap)
+        if num_blocks <= 0:
+            return 0
+        choose = self.hooks.get("lru_eviction_order", lru_eviction_order)
         freed = 0
-        while heap and freed < num_blocks:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
+        for node in list(choose(self.root, num_blocks, self.block_manager.ref_counts))[:num_blocks]:
+            parent = node.parent if isinstance(node, RadixNode) else None
+            if (parent is None or parent.children.get(node.key) is not node or node.children
+                    or self.block_manager.ref_counts[node.block] != 1):
+                raise RuntimeError(f"lru_eviction_order chose {node!r}, which is not (or no longer) an unreferenced "
+                                   "leaf of the tree: only leaves whose block the tree alone holds may be evicted, "
+                                   "children before their parent")
             del parent.children[node.key]
             self.block_manager.release(node.block)
             self.num_nodes -= 1
             freed += 1
-            if parent is not self.root and self._evictable(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
 
     def clear(self) -> None:
