@@ -99,10 +99,9 @@ def draw_work(prompt_len: int = 5, new_tokens: int = 7):
     fig.legend(handles, ["recomputed", "prefill", "decode (new token)", "read from the cache"], loc="lower center",
                ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return fig
 
 
-draw_work();
+draw_work()
 
 # %% [markdown]
 # ## 2. The layout and its memory
@@ -210,10 +209,9 @@ def draw_masks():
         ax.set_yticks(range(mask.shape[0]))
     axes[0].set_ylabel("query (new token)")
     fig.tight_layout()
-    return fig
 
 
-draw_masks();
+draw_masks()
 
 # %% [markdown]
 # In the last panel the first three queries are padding: they see *no* slot at all. A softmax over

@@ -165,10 +165,9 @@ def draw_timelines():
     axes[0].legend([plt.Rectangle((0, 0), 1, 1, facecolor="lightgrey", hatch="///", edgecolor="grey")],
                    ["slot held by a finished request (wasted)"], fontsize=8, loc="lower right")
     fig.tight_layout()
-    return fig
 
 
-draw_timelines();
+draw_timelines()
 
 # %% [markdown]
 # The static batch's second half waits for `r1` (60 tokens) while three of its slots compute
@@ -271,10 +270,9 @@ def draw_packing():
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
-    return fig
 
 
-draw_packing();
+draw_packing()
 
 # %% [markdown]
 # ### Exercise 6.1 — pack the flat batch
@@ -429,10 +427,9 @@ def draw_step_tokens():
     axes[0].set_ylabel("tokens computed in the step")
     axes[0].legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    return fig
 
 
-draw_step_tokens();
+draw_step_tokens()
 
 # %% [markdown]
 # Both runs produce the same tokens, and the three short requests get a token at every step in both.
