@@ -20,6 +20,7 @@ class EngineConfig:
                                             # (auto picks "components" when the model has a custom attention)
     gpu_memory_utilization: float = 0.9     # fraction of the GPU's memory the engine may fill
     cpu_kv_cache_gib: float = 0.5           # KV pool budget on the CPU when num_kv_blocks is not given
+    enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -33,7 +34,7 @@ class EngineConfig:
         positive_int("max_model_len", self.max_model_len, allow_none=True)
         positive_int("block_size", self.block_size)
         positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

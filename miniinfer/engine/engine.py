@@ -85,7 +85,9 @@ class LLMEngine:
         if backend == "auto" and _has_custom_attention(model):
             backend = "components"  # the user's own attention function must be the one that runs
         self.attention_backend = backend
-        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend, hooks=hooks)
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend, hooks=hooks,
+                                  cuda_graph_max_batch=config.max_num_seqs if config.enable_cuda_graphs else 0,
+                                  max_model_len=self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._request_ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, prefill_tokens_computed=0,

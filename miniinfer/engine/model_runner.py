@@ -88,7 +88,7 @@ def pack_batch(token_ids: list[list[int]], num_computed: list[int], num_new: lis
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention_backend: str = "auto",
-                 hooks: EngineHooks | None = None):
+                 hooks: EngineHooks | None = None, cuda_graph_max_batch: int = 0, max_model_len: int = 0):
         self.model = model
         self.hooks = hooks or EngineHooks()
         config = model.config
@@ -102,6 +102,17 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
+        # Decode steps replay CUDA graphs (see cuda_graphs.py) when nothing in the step is user Python:
+        # hooks and the "components" attention backend run eagerly so that your code really runs.
+        self.decode_graphs = None
+        uses_hooks = any(value is not None for value in vars(self.hooks).values())
+        if (cuda_graph_max_batch > 0 and self.device.type == "cuda" and attention_backend != "components"
+                and not uses_hooks):
+            from miniinfer.engine.cuda_graphs import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(model, self.k_caches, self.v_caches, cuda_graph_max_batch,
+                                              -(-max_model_len // block_size), attention_backend,
+                                              attention_fn=model.components.attention, hooks=self.hooks)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) before a sequence writes into its copy."""
@@ -152,6 +163,8 @@ class ModelRunner:
         self.copy_blocks(block_manager.take_pending_copies())
         self.last_step = [StepEntry(seq.request_id, seq.index, seq.num_computed_tokens, num_new, seq.num_prompt_tokens)
                           for seq, num_new in zip(batch.seqs, batch.num_new_tokens)]
+        if self._is_graphable_decode(batch):
+            return self._execute_decode_graph(batch, block_manager)
         prepared = self.prepare(batch, block_manager)
         context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend,
                                  attention_fn=self.model.components.attention, hooks=self.hooks)
@@ -163,3 +176,17 @@ class ModelRunner:
         logits = self.model(prepared.input_ids, prepared.positions, attention=context,
                             logits_indices=prepared.logits_indices)
         return logits.float(), prepared.sampling_seqs
+
+    def _is_graphable_decode(self, batch: ScheduledBatch) -> bool:
+        """Every sequence computes exactly its one newest token (so every one samples), and a graph fits."""
+        return (self.decode_graphs is not None and self.decode_graphs.bucket_for(len(batch.seqs)) is not None
+                and all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+                        for seq, n in zip(batch.seqs, batch.num_new_tokens)))
+
+    def _execute_decode_graph(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
+        seqs = batch.seqs
+        positions = [seq.num_computed_tokens for seq in seqs]
+        slots = [block_manager.slots(seq, pos, pos + 1)[0] for seq, pos in zip(seqs, positions)]
+        logits = self.decode_graphs.run([seq.token_ids[-1] for seq in seqs], positions, slots,
+                                        [seq.block_table for seq in seqs], [pos + 1 for pos in positions])
+        return logits.float(), list(seqs)

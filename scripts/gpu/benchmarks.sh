@@ -18,7 +18,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     vector_add) run python3 benchmarks/vector_add.py ;;
     paged) run python3 benchmarks/paged_attention.py ;;
-    gpu_tests) run python3 tests/gpu/test_paged_attention_gpu.py ;;
+    gpu_tests) run python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu ;;
     engine) run python3 benchmarks/engine_throughput.py --gpu ;;
     *) echo "unknown part $part"; status=1 ;;
   esac
