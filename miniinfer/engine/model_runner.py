@@ -12,6 +12,7 @@ The packing itself is the pure function :func:`pack_batch` (chapter 06's exercis
 
 from __future__ import annotations
 
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -106,7 +107,8 @@ class ModelRunner:
         # hooks and the "components" attention backend run eagerly so that your code really runs.
         self.decode_graphs = None
         uses_hooks = any(value is not None for value in vars(self.hooks).values())
-        if (cuda_graph_max_batch > 0 and self.device.type == "cuda" and attention_backend != "components"
+        # The torch reference backends read lengths on the host (.tolist()), which a graph cannot capture.
+        if (cuda_graph_max_batch > 0 and self.device.type == "cuda" and attention_backend not in ("components", "torch")
                 and not uses_hooks):
             from miniinfer.engine.cuda_graphs import DecodeGraphs
 
@@ -187,6 +189,14 @@ class ModelRunner:
         seqs = batch.seqs
         positions = [seq.num_computed_tokens for seq in seqs]
         slots = [block_manager.slots(seq, pos, pos + 1)[0] for seq, pos in zip(seqs, positions)]
-        logits = self.decode_graphs.run([seq.token_ids[-1] for seq in seqs], positions, slots,
-                                        [seq.block_table for seq in seqs], [pos + 1 for pos in positions])
+        try:
+            logits = self.decode_graphs.run([seq.token_ids[-1] for seq in seqs], positions, slots,
+                                            [seq.block_table for seq in seqs], [pos + 1 for pos in positions])
+        except RuntimeError as error:
+            # A kernel that cannot be captured (e.g. a backend falling back to the torch reference for an
+            # unsupported head size): run this and every later step eagerly instead.
+            warnings.warn(f"CUDA graphs disabled, decode runs eagerly: {error}", stacklevel=2)
+            self.decode_graphs = None
+            torch.cuda.synchronize()
+            return self.execute(batch, block_manager)
         return logits.float(), list(seqs)

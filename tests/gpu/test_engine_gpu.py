@@ -52,12 +52,18 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return agree / total
 
 
-def test_cuda_graph_replay_equals_eager():
+@pytest.mark.parametrize("dtype, minimum", [(torch.float32, 0.99), (torch.bfloat16, 0.95)])
+def test_cuda_graph_replay_equals_eager(dtype, minimum):
+    # Graph replays size the split-KV grid from the block-table capacity, eager steps from the batch's
+    # longest sequence: the sums are split differently, so bf16 results differ in the last bits and a
+    # near-tie between two logits may flip. Float32 must agree almost everywhere.
     prompts = _prompts(24)
-    graphed, llm = _generate(prompts, device="cuda", dtype=torch.bfloat16, max_num_seqs=32)
+    graphed, llm = _generate(prompts, device="cuda", dtype=dtype, max_num_seqs=32)
     assert llm.engine.runner.decode_graphs is not None and llm.engine.runner.decode_graphs.graphs
-    eager, _ = _generate(prompts, device="cuda", dtype=torch.bfloat16, max_num_seqs=32, enable_cuda_graphs=False)
-    assert _agreement(graphed, eager) >= 0.99, _agreement(graphed, eager)
+    eager, _ = _generate(prompts, device="cuda", dtype=dtype, max_num_seqs=32, enable_cuda_graphs=False)
+    rate = _agreement(graphed, eager)
+    print(f"{dtype} graph vs eager greedy agreement: {rate:.3f}")
+    assert rate >= minimum
 
 
 def test_gpu_float32_agrees_with_cpu():
