@@ -37,6 +37,23 @@ class PagedAttentionMetadata:
     max_seq_len: int             # max of seq_lens (kernels size their grids with it, no device sync)
     max_q_len: int               # most new tokens of one sequence in this step
 
+    def decode_gather_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the "sdpa" decode path: the flat slot of every key of every sequence, ``[B, S_max]``, and
+        a mask of the real ones (None when every sequence has ``S_max`` keys). Built once per step from
+        the block tables and shared by all layers."""
+        cached = getattr(self, "_gather", None)
+        if cached is None or cached[0] != block_size:
+            positions = torch.arange(self.max_seq_len, device=self.block_tables.device)
+            block_index = (positions // block_size).clamp(max=self.block_tables.shape[1] - 1)
+            blocks = self.block_tables.long()[:, block_index]                      # [B, S_max]
+            slots = blocks * block_size + positions % block_size
+            mask = None
+            if self.block_tables.shape[0] > 1:
+                mask = positions[None, :] < self.seq_lens[:, None].long()          # [B, S_max]
+            cached = (block_size, slots, mask)
+            self._gather = cached
+        return cached[1], cached[2]
+
 
 class PagedKVContext:
     """Implements ``attend`` against per-layer pools ``k_caches[l], v_caches[l]: [num_blocks, P, H_kv, D]``.
@@ -66,8 +83,9 @@ class PagedKVContext:
             return decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
         if self.backend == "components":
             return self._attend_per_sequence(q, k_cache, v_cache, scale)
+        prefill_backend = "auto" if self.backend == "sdpa" else self.backend  # no prefill variant of "sdpa"
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                       scale, backend=self.backend, max_q_len=meta.max_q_len,
+                                       scale, backend=prefill_backend, max_q_len=meta.max_q_len,
                                        max_seq_len=meta.max_seq_len)
 
     def _decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -75,8 +93,22 @@ class PagedKVContext:
         """The package's decode: q [B, H, D] -> [B, H, D] with this context's backend."""
         if self.backend == "components":
             return self._attend_per_sequence(q, k_cache, v_cache, scale)
+        if self.backend == "sdpa" or (self.backend == "auto" and q.device.type == "cpu"):
+            return self._decode_sdpa(q, k_cache, v_cache, scale)
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                       backend=self.backend, max_seq_len=self.metadata.max_seq_len)
+
+    def _decode_sdpa(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Gather each sequence's keys/values through its block table (one index shared by all layers),
+        then torch's fused attention: the fastest decode path on a CPU. q [B, H, D] -> [B, H, D]."""
+        slots, mask = self.metadata.decode_gather_index(k_cache.shape[1])
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)    # [B, H_kv, S, D]
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=None if mask is None else mask[:, None, None, :],
+            scale=scale, enable_gqa=True)                                             # [B, H, 1, D]
+        return out[:, :, 0, :]
 
     def _attend_per_sequence(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              scale: float) -> torch.Tensor:

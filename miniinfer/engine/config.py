@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "cuda", "components")
+ATTENTION_BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "components")
 
 
 @dataclass
@@ -16,7 +16,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None        # size of the KV pool (default: from memory)
     enable_prefix_caching: bool = True      # radix cache of earlier prompts' KV blocks
     enable_chunked_prefill: bool = True     # split long prompts over several steps
-    attention_backend: str = "auto"         # paged-attention kernels: auto | torch | triton | cuda | components
+    attention_backend: str = "auto"         # paged attention: auto | torch (reference) | sdpa (gather + torch SDPA;
+                                            # auto's choice for CPU decode) | triton | cuda | components
                                             # (auto picks "components" when the model has a custom attention)
     gpu_memory_utilization: float = 0.9     # fraction of the GPU's memory the engine may fill
     cpu_kv_cache_gib: float = 0.5           # KV pool budget on the CPU when num_kv_blocks is not given
