@@ -75,7 +75,7 @@ def test_gpu_float32_agrees_with_cpu():
     assert rate >= 0.95
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_backends_agree_in_bfloat16(backend):
     prompts = _prompts(16, seed=2)
     reference, _ = _generate(prompts, device="cuda", dtype=torch.bfloat16, attention_backend="torch",
@@ -103,3 +103,10 @@ def test_prefix_cache_preemption_and_parallel_sampling_on_gpu():
     sampled = roomy.generate(prompts[:2], SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=16), use_tqdm=False)
     again = roomy.generate(prompts[:2], SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=16), use_tqdm=False)
     assert [[c.token_ids for c in r.outputs] for r in sampled] == [[c.token_ids for c in r.outputs] for r in again]
+
+
+def test_cuda_backend_refuses_unsupported_head_dim_clearly():
+    """The CUDA decode kernel is built for head dims 64 and 128; the bundled model's is 32. Asking for it
+    explicitly must fail with a message that says so (``auto`` picks Triton instead)."""
+    with pytest.raises(ValueError, match="head dims"):
+        _generate(_prompts(2, seed=3), device="cuda", dtype=torch.bfloat16, attention_backend="cuda")
