@@ -8,8 +8,13 @@ PYTHON="${1:-python3}"
 VENV="${VENV:-.venv}"
 
 if [ ! -x "$VENV/bin/python" ]; then
-    # --system-site-packages lets a torch that is already installed system-wide be reused.
-    "$PYTHON" -m venv --system-site-packages "$VENV"
+    if "$PYTHON" -c "import torch" 2>/dev/null; then
+        # Reuse the torch that is already installed system-wide (e.g. a CUDA build on a GPU machine).
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        # Otherwise an isolated environment: nothing unexpected leaks in from the system's packages.
+        "$PYTHON" -m venv "$VENV"
+    fi
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)

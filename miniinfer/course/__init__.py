@@ -32,6 +32,11 @@ def _install_ipython_handler() -> None:
         return []
 
     shell.set_custom_exc((CheckFailed,), show_check_failure)
+    # trio (pulled in by some HTTP libraries) warns on import when any custom handler is installed;
+    # ours only touches CheckFailed, so the warning is noise in every notebook that imports it.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="IPython detected, but you already have a custom exception handler")
 
 
 _install_ipython_handler()
