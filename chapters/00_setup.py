@@ -213,17 +213,7 @@ print(f"your kernel on {device}: {out.numel()} elements, equal to torch: {torch.
 # machine and run to run, so this cell's numbers are not part of the answer key.)
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-import time
-
-
-def median_seconds(fn, repeat: int = 25) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from miniinfer.course.timing import median_seconds
 
 
 sizes = [2**k for k in range(10, 24, 2)]
@@ -231,7 +221,7 @@ cpu_gbs = []
 for n in sizes:
     a, b = torch.randn(n), torch.randn(n)
     result = torch.empty_like(a)
-    seconds = median_seconds(lambda: torch.add(a, b, out=result))
+    seconds = median_seconds(lambda: torch.add(a, b, out=result), repeat=25)
     cpu_gbs.append(achieved_bandwidth_gbs(n, torch.float32, seconds))
 
 fig, ax = plt.subplots(figsize=(7, 3.5))

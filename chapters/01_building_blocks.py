@@ -505,17 +505,7 @@ for part, count in flops.items():
     print(f"{part:22} {count / 1e6:8.1f} MFLOP  ({count / sum(flops.values()):5.1%})")
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-import time
-
-
-def median_seconds(fn, repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from miniinfer.course.timing import median_seconds
 
 
 layer = model.model.layers[0]

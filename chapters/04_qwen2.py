@@ -35,7 +35,6 @@ import re
 import shutil
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -515,21 +514,12 @@ ax.set_title("Top-p keeps 1 token where the model is sure and hundreds where it 
 ax.legend(fontsize=8)
 fig.tight_layout();
 
-
 # %% [markdown]
 # And the cost of one forward pass over the passage, ours against HF transformers', on this CPU
 # (timings vary from machine to machine; not part of the answer key):
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-def best_ms(fn, repeat: int = 7) -> float:
-    """The fastest of `repeat` runs, in ms: on a shared machine, the least disturbed one."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+from miniinfer.course.timing import best_ms
 
 
 long_ids = passage_ids.repeat(1, 4)  # a few hundred tokens

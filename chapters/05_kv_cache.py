@@ -29,7 +29,6 @@
 # `positions` and an `attention=` context, and `logits_indices`).
 
 # %%
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -315,7 +314,6 @@ engine = llm.generate(prompt, params, use_tqdm=False)[0].token_ids
 print(f"{len(yours)} tokens; equal to the package's generate: {yours == package}, to the engine's: "
       f"{yours == engine}; cache filled to {your_cache.length} of {your_cache.max_len} slots")
 
-
 # %% [markdown]
 # ## 5. Measure: time per token as the context grows
 #
@@ -326,14 +324,7 @@ print(f"{len(yours)} tokens; equal to the package's generate: {yours == package}
 # this model. Timings vary between machines and runs, so this cell's numbers are not compared.
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-def median_ms(fn, repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+from miniinfer.course.timing import median_ms
 
 
 contexts = [16, 64, 128, 256, 512]

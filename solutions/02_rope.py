@@ -484,17 +484,7 @@ fig.tight_layout();
 # (timings vary from machine to machine, so they are not part of the answer key).
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-import time
-
-
-def median_seconds(fn, repeat: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from miniinfer.course.timing import median_seconds
 
 
 def apply_rope_complex(x, cos, sin):
@@ -508,11 +498,11 @@ heads = config.num_attention_heads + config.num_key_value_heads
 x = torch.randn(T, heads, D)
 cos, sin = rotary.cos_sin(torch.arange(T))
 timings = {
-    "half-split (reference)": median_seconds(lambda: rope.apply_rope(x, cos, sin)),
-    "half-split (yours)": median_seconds(lambda: apply_rope(x, cos, sin)),
-    "interleaved (reference)": median_seconds(lambda: rope.apply_rope_interleaved(x, cos, sin)),
-    "interleaved (yours)": median_seconds(lambda: apply_rope_interleaved(x, cos, sin)),
-    "complex numbers": median_seconds(lambda: apply_rope_complex(x, cos, sin)),
+    "half-split (reference)": median_seconds(lambda: rope.apply_rope(x, cos, sin), repeat=15),
+    "half-split (yours)": median_seconds(lambda: apply_rope(x, cos, sin), repeat=15),
+    "interleaved (reference)": median_seconds(lambda: rope.apply_rope_interleaved(x, cos, sin), repeat=15),
+    "interleaved (yours)": median_seconds(lambda: apply_rope_interleaved(x, cos, sin), repeat=15),
+    "complex numbers": median_seconds(lambda: apply_rope_complex(x, cos, sin), repeat=15),
 }
 assert torch.allclose(apply_rope_complex(x, cos, sin), rope.apply_rope_interleaved(x, cos, sin), atol=1e-5)
 fig, ax = plt.subplots(figsize=(8, 2.8))

@@ -28,7 +28,6 @@
 
 # %%
 import math
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -497,17 +496,7 @@ def torch_sdpa(q, k, v, *, causal=True, scale=None):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
     return out.transpose(1, 2)  # L = 1: every key is visible, no mask needed
 
-
-def best_ms(fn, repeat: int = 7) -> float:
-    """The fastest of `repeat` runs, in ms: on a shared machine, the least disturbed one."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
+from miniinfer.course.timing import best_ms
 
 contexts = [256, 1024, 4096, 8192]
 timings = {"your GQA (broadcast)": [], "repeat KV, then MHA": [], "torch SDPA (enable_gqa)": []}

@@ -31,7 +31,6 @@ import re
 import shutil
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -539,15 +538,7 @@ fig.tight_layout();
 # (timings vary from machine to machine; not part of the answer key):
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-def best_ms(fn, repeat: int = 7) -> float:
-    """The fastest of `repeat` runs, in ms: on a shared machine, the least disturbed one."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+from miniinfer.course.timing import best_ms
 
 
 long_ids = passage_ids.repeat(1, 4)  # a few hundred tokens

@@ -25,7 +25,6 @@
 # `positions` and an `attention=` context, and `logits_indices`).
 
 # %%
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -345,14 +344,7 @@ print(f"{len(yours)} tokens; equal to the package's generate: {yours == package}
 # this model. Timings vary between machines and runs, so this cell's numbers are not compared.
 
 # %% tags=["nbval-ignore-output", "skip-grading"]
-def median_ms(fn, repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+from miniinfer.course.timing import median_ms
 
 
 contexts = [16, 64, 128, 256, 512]

@@ -14,7 +14,7 @@ exercise), with the signature of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,12 +36,14 @@ class PagedAttentionMetadata:
     decode_only: bool            # every sequence has exactly one new token
     max_seq_len: int             # max of seq_lens (kernels size their grids with it, no device sync)
     max_q_len: int               # most new tokens of one sequence in this step
+    # Cache of decode_gather_index: (block_size, slots, mask), built by the first layer of the step.
+    _gather: tuple | None = field(default=None, init=False, repr=False)
 
     def decode_gather_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the "sdpa" decode path: the flat slot of every key of every sequence, ``[B, S_max]``, and
         a mask of the real ones (None when every sequence has ``S_max`` keys). Built once per step from
         the block tables and shared by all layers."""
-        cached = getattr(self, "_gather", None)
+        cached = self._gather
         if cached is None or cached[0] != block_size:
             positions = torch.arange(self.max_seq_len, device=self.block_tables.device)
             block_index = (positions // block_size).clamp(max=self.block_tables.shape[1] - 1)

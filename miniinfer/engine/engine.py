@@ -250,10 +250,10 @@ class LLMEngine:
                         probabilities_fn=getattr(components, "probabilities", None)).tolist()
 
         touched: dict[str, _Request] = {}
-        new_tokens: dict[int, tuple[list[int], str]] = {}
+        new_tokens: dict[int, int] = {}  # seq_id -> the token it got in this step
         for seq, token in zip(sampling_seqs, tokens):
-            delta = self._append_token(seq, token)
-            new_tokens[seq.seq_id] = ([token], delta)
+            self._append_token(seq, token)
+            new_tokens[seq.seq_id] = token
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
         outputs = []
@@ -265,8 +265,8 @@ class LLMEngine:
                 self.counters["num_requests_finished"] += 1
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> str:
-        """Add a sampled token, update the text, decide whether the sequence is done; return new text."""
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        """Add a sampled token, update the text, decide whether the sequence is done."""
         seq.token_ids.append(token)
         self.counters["generation_tokens"] += 1
         params = seq.params
@@ -291,7 +291,6 @@ class LLMEngine:
                 seq.text += seq.detokenizer.flush()
             self.scheduler.finish(seq, reason)
         # The streamed text is derived in _visible_text, which holds back a possible stop-string prefix.
-        return seq.text[previous_len:]
 
     def _visible_text(self, seq: Sequence) -> str:
         """Text that can be streamed: all of it once finished, else all but a possible stop-string start."""
@@ -301,12 +300,12 @@ class LLMEngine:
         hold = max(len(s) for s in stops) - 1
         return seq.text[:max(0, len(seq.text) - hold)]
 
-    def _request_output(self, request: _Request, new_tokens: dict[int, tuple[list[int], str]]) -> RequestOutput:
+    def _request_output(self, request: _Request, new_tokens: dict[int, int]) -> RequestOutput:
         completions = []
         for seq in request.seqs:
             visible = self._visible_text(seq)
             emitted, seq.num_emitted_chars = seq.num_emitted_chars, len(visible)
-            token_delta, _ = new_tokens.get(seq.seq_id, ([], ""))
+            token_delta = [new_tokens[seq.seq_id]] if seq.seq_id in new_tokens else []
             completions.append(CompletionOutput(seq.index, visible, list(seq.output_token_ids), seq.finish_reason,
                                                 new_text=visible[emitted:], new_token_ids=token_delta))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,

@@ -102,8 +102,6 @@ class RadixCache:
         self.root = RadixNode((), -1, None)
         self.num_nodes = 0
         self._clock = itertools.count(1)
-        self.hit_tokens = 0      # statistics: tokens served from the cache
-        self.queried_tokens = 0  # tokens looked up
 
     def _chunks(self, token_ids: list[int], num_blocks: int):
         size = self.block_size
@@ -125,8 +123,6 @@ class RadixCache:
         for node in nodes:
             node.last_access = now
         blocks = [node.block for node in nodes]
-        self.queried_tokens += len(token_ids)
-        self.hit_tokens += len(blocks) * self.block_size
         return blocks
 
     def insert(self, token_ids: list[int], block_table: list[int]) -> int:

@@ -60,6 +60,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _launch_options(num_warps: int | None, num_stages: int | None) -> dict:
+    """Triton launch keywords for the tuning knobs the caller set (None: Triton's default)."""
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -286,11 +292,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, s
     else:
         tmp_out = torch.empty(B * H * num_parts * D, dtype=torch.float32, device=q.device)
         tmp_ml = torch.empty(B * H * num_parts * 2, dtype=torch.float32, device=q.device)
-    launch = {}
-    if num_warps is not None:
-        launch["num_warps"] = num_warps
-    if num_stages is not None:
-        launch["num_stages"] = num_stages
+    launch = _launch_options(num_warps, num_stages)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     D_PAD = max(16, _next_pow2(D))
     paged_decode_partition_kernel[(B, H_kv, num_parts)](
@@ -439,11 +441,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens
         block_n = 32 if small else 64
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * P  # the capacity of the block tables: no host sync
-    launch = {}
-    if num_warps is not None:
-        launch["num_warps"] = num_warps
-    if num_stages is not None:
-        launch["num_stages"] = num_stages
+    launch = _launch_options(num_warps, num_stages)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     paged_prefill_kernel[(_cdiv(max_q_len, block_m), B, H)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale * LOG2E,
