@@ -19,6 +19,12 @@ Forward contract (the KV cache and the engine rely on it)::
 
 With ``attention=ctx`` every layer hands its q, k, v to ``ctx.attend(layer_index, q, k, v, scale)``
 (see :class:`miniinfer.attention.AttentionContext`) instead of attending over the L new tokens only.
+
+Two forward paths compute the same thing. The readable one (the layer modules' ``forward``) is this
+chapter's model and calls the :class:`~miniinfer.components.Components` functions, so your own
+``rms_norm`` or ``swiglu`` runs inside it. :meth:`Qwen2ForCausalLM.enable_fused_kernels` switches to
+:meth:`Qwen2ForCausalLM._forward_fused`, which replaces the elementwise glue between the matmuls by
+the fused kernels of :mod:`miniinfer.kernels.fused` (the engine turns it on on a GPU).
 """
 
 from __future__ import annotations
@@ -103,6 +109,8 @@ class Qwen2ForCausalLM(nn.Module):
         # Tied: the LM head *is* the embedding table (no separate parameter, none in the checkpoint).
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
+        self.fused_kernels = False  # see enable_fused_kernels
+        self.fused_backend = "auto"
         self.init_weights()
 
     @torch.no_grad()
@@ -127,6 +135,8 @@ class Qwen2ForCausalLM(nn.Module):
         """input_ids: [B, L] (or packed [T] with ``attention``); positions: same shape, default ``arange(L)``
         per row (required with ``attention``); logits_indices: [N] rows of the flattened token dim.
         -> logits [B, L, V] (or [T, V]), or [N, V] with ``logits_indices``."""
+        if self.fused_kernels:
+            return self._forward_fused(input_ids, positions, attention, logits_indices)
         rotary = self.model.rotary_emb
         if attention is None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L] without an attention context, got shape "
@@ -148,6 +158,94 @@ class Qwen2ForCausalLM(nn.Module):
             # Norm and head only on the rows we need: at decode, the head ([V, E]) is often the largest matmul.
             x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
         return lm_head(self.model.norm(x), self.lm_head_weight)
+
+    # ----------------------------------------------------------------------------------------------
+    # The fused forward path (not part of chapter 04's model: the same computation in fewer kernels)
+    # ----------------------------------------------------------------------------------------------
+
+    def enable_fused_kernels(self, enabled: bool = True, backend: str = "auto") -> Qwen2ForCausalLM:
+        """Run :meth:`_forward_fused` from now on (``enabled=False``: back to the readable path). -> self.
+
+        ``backend`` is passed to every fused kernel: "auto" (Triton on a GPU, the torch references on
+        a CPU), "torch" or "triton". The fused path does not call ``components.rms_norm``, ``swiglu``
+        or ``apply_rope``, so it is refused (ValueError) when any of them was replaced: your function
+        must be the one that runs. Both paths are capturable in a CUDA graph; the flag is plain Python
+        state, read when the forward runs, so switch it before capturing.
+        """
+        from miniinfer.kernels.fused import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"enable_fused_kernels: backend must be one of {BACKENDS}, got {backend!r}")
+        if enabled:
+            defaults = Components()
+            replaced = [name for name in ("rms_norm", "swiglu", "apply_rope")
+                        if getattr(self.components, name) is not getattr(defaults, name)]
+            if replaced:
+                raise ValueError(f"enable_fused_kernels: the model's components replace {', '.join(replaced)}; the "
+                                 "fused kernels would bypass them, so the model keeps the unfused path (where "
+                                 "your functions run)")
+        self.fused_kernels, self.fused_backend = bool(enabled), backend
+        return self
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor | None,
+                       attention: AttentionContext | None, logits_indices: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` (same contract and results) with the elementwise work in fused kernels.
+
+        Tokens are flattened to ``[T, E]``. The residual stream is carried separately from the
+        sub-layer outputs: each ``fused_add_rms_norm`` adds the previous sub-layer's output to the
+        stream and normalises the sum in one pass, so no residual add is a kernel of its own::
+
+            x = embed(ids); residual = None
+            per layer:  h, residual = add_norm(x, residual)      # residual += attn/MLP output; h = norm
+                        qkv = qkv_proj(h); RoPE on q, k in place (cos/sin gathered at positions)
+                        x = o_proj(attend(q, k, v))
+                        h, residual = add_norm(x, residual)
+                        x = down_proj(silu_and_mul(gate_up_proj(h)))
+            final:      (rows at logits_indices) h, _ = add_norm(x, residual); logits = lm_head(h)
+
+        No host synchronisation: capturable in a CUDA graph like the readable path.
+        """
+        from miniinfer.kernels.fused import fused_add_rms_norm, rope_qk_inplace_at_positions, silu_and_mul
+
+        config, backend, rotary = self.config, self.fused_backend, self.model.rotary_emb
+        if attention is None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L] without an attention context, got shape "
+                             f"{tuple(input_ids.shape)}")
+        shape = input_ids.shape  # [B, L] or packed [T]
+        if positions is None:
+            if attention is not None:
+                raise ValueError("positions are required with an attention context (each token's position in "
+                                 "its own sequence)")
+            L = shape[-1]
+            if L > rotary.max_positions:
+                raise ValueError(f"sequence length {L} exceeds max_position_embeddings {rotary.max_positions}")
+            positions = torch.arange(L, device=input_ids.device).expand(shape)
+        H, H_kv, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        eps = config.rms_norm_eps
+        positions = positions.reshape(-1)
+        x = embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)  # [T, E]
+        T = x.shape[0]
+        residual = None
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            h, residual = fused_add_rms_norm(x, residual, layer.input_layernorm.weight, eps, backend)
+            qkv = attn.qkv_proj(h).view(T, H + 2 * H_kv, D)
+            rope_qk_inplace_at_positions(qkv, positions, rotary.cos, rotary.sin, H + H_kv, backend)
+            # Views of qkv, with the token dims the caller used ([B, L] or [T]), as the readable path gives.
+            q, k, v = (part.unflatten(0, shape) for part in (qkv[:, :H], qkv[:, H:H + H_kv], qkv[:, H + H_kv:]))
+            if attention is None:
+                out = self.components.attention(q, k, v, causal=True, scale=attn.scale)  # [B, L, H, D]
+            else:
+                out = attention.attend(attn.layer_index, q, k, v, attn.scale)  # [*, H, D]
+            x = attn.o_proj(out.reshape(T, H * D))
+            h, residual = fused_add_rms_norm(x, residual, layer.post_attention_layernorm.weight, eps, backend)
+            x = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(h), backend))
+        if logits_indices is not None:
+            # As in the readable path: the last add, the norm and the head on the rows we need only.
+            x, residual = x.index_select(0, logits_indices), residual.index_select(0, logits_indices)
+        h, _ = fused_add_rms_norm(x, residual, self.model.norm.weight, eps, backend)
+        logits = lm_head(h, self.lm_head_weight)
+        return logits if logits_indices is not None else logits.unflatten(0, shape)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
