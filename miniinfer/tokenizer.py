@@ -15,9 +15,64 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "check_text", "check_messages"]
 
 REPLACEMENT_CHAR = "\ufffd"  # what a UTF-8 decoder emits for an incomplete (or invalid) byte sequence
+
+
+def check_text(text: str) -> None:
+    """Raise ``ValueError`` if ``text`` cannot be encoded as UTF-8, i.e. holds a lone surrogate (U+D800–U+DFFF).
+
+    Python strings may hold them (``"\\ud83d"`` from a JSON escape cut in half, ``os.fsdecode`` of
+    undecodable bytes, ``errors="surrogateescape"``), but no tokenizer can: they are not characters.
+    The message gives the index so the caller can find it.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        context = text[max(0, e.start - 20):e.start]
+        raise ValueError(f"text has a lone surrogate {char!r} (U+{ord(char):04X}) at index {e.start} (after "
+                         f"{context!r}); it is not a character and cannot be encoded as UTF-8. Decode the input "
+                         "with errors='replace', or fix the escape that produced it") from None
+
+
+_MESSAGE_CONTENT_TYPES = (str, list)  # a list: multimodal parts [{"type": "text", "text": ...}, ...]
+
+
+def check_messages(messages) -> None:
+    """Raise ``ValueError`` unless ``messages`` is a non-empty list of ``{"role": str, "content": ...}`` dicts.
+
+    ``content`` is a string or a list of parts; it may be None only for an assistant message carrying
+    ``tool_calls`` (the OpenAI shape). Which roles exist is up to the template (it raises for others).
+    """
+    if isinstance(messages, (str, dict)) or not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                         f"{type(messages).__name__} {messages!r:.60}")
+    if not messages:
+        raise ValueError("messages is empty: a chat needs at least one message")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {index} must be a dict with 'role' and 'content', got "
+                             f"{type(message).__name__} {message!r:.60}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {index} needs a 'role' (a string such as 'user'), got {message!r:.80}")
+        if "content" not in message:
+            raise ValueError(f"message {index} ({role}) has no 'content'")
+        content = message["content"]
+        if content is None and message.get("tool_calls"):
+            continue
+        if not isinstance(content, _MESSAGE_CONTENT_TYPES):
+            raise ValueError(f"message {index} ({role}): content must be a string (or a list of content parts), "
+                             f"got {type(content).__name__}")
+        if isinstance(content, str):
+            try:
+                check_text(content)
+            except ValueError as e:
+                raise ValueError(f"message {index} ({role}): {e}") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -99,7 +154,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """text -> token ids (``add_special_tokens`` applies the tokenizer's post-processor, as HF does)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust side says only "TextInputSequence must be str" for a lone surrogate
+            if isinstance(text, str):
+                check_text(text)
+            raise
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """token ids (list or 1-D tensor) -> text."""
@@ -111,16 +171,26 @@ class Tokenizer:
         """Render ``messages`` ([{"role": "user", "content": "..."}, ...]) with the checkpoint's template.
 
         ``add_generation_prompt`` appends the header of an assistant turn, so the model's continuation is
-        the reply. Extra keyword arguments (``tools=...``) reach the template, as with HF.
+        the reply. Extra keyword arguments (``tools=...``) reach the template, as with HF. Malformed
+        ``messages`` (see :func:`check_messages`) and the template's own refusals (``raise_exception``,
+        e.g. an unknown role) raise ``ValueError``.
         """
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or "
                              "chat_template.jinja); it is probably a base model: prompt it with plain text")
+        check_messages(messages)
         template = _compile_template(self.chat_template)
         specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                     "unk_token": self.unk_token}
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               **{"tools": None, "documents": None, **specials, **kwargs})
+        import jinja2
+
+        try:
+            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                   **{"tools": None, "documents": None, **specials, **kwargs})
+        except jinja2.exceptions.SecurityError:
+            raise  # a template reaching for Python internals is not a bad message: keep it loud
+        except jinja2.exceptions.TemplateError as e:  # raise_exception(...) in the template, or a broken one
+            raise ValueError(f"the chat template refused these messages: {e}") from None
 
 
 _TEMPLATE_CACHE: dict[str, object] = {}

@@ -10,7 +10,9 @@ import pytest
 from conftest import CHAT_TEMPLATE, CORPUS
 
 from miniinfer.loader import load_model
-from miniinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from miniinfer.models.bundled import BUNDLED_MODELS, bundled_model_path
+from miniinfer.models.bundled import CHAT_TEMPLATE as BUNDLED_CHAT_TEMPLATE
+from miniinfer.tokenizer import IncrementalDetokenizer, Tokenizer, check_text
 
 TEXTS = CORPUS[:5] + ["", " leading space", "tabs\tand\nnewlines\n\n", "🎭🎭 ééé 中中 🇫🇷!"]
 
@@ -85,21 +87,105 @@ def test_chat_template_errors_and_sources(tmp_path, tokenizer_folder):
     folder = tmp_path / "tok"
     shutil.copytree(tokenizer_folder, folder)
     tok = Tokenizer.from_folder(folder)
-    with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role robot"):
-        tok.apply_chat_template([{"role": "robot", "content": "beep"}])
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="chat template refused these messages: unknown role robot"):
+        tok.apply_chat_template([{"role": "robot", "content": "beep"}])  # the template's raise_exception
     with pytest.raises(jinja2.exceptions.SecurityError):  # sandboxed: no reaching into Python internals
-        Tokenizer(tok.backend, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}").apply_chat_template([])
+        Tokenizer(tok.backend, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}").apply_chat_template(hi)
     (folder / "chat_template.jinja").write_text("{{ bos_token or 'B' }}{{ messages[0]['content'] | upper }}")
     assert Tokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}]) == "BHI"
     (folder / "chat_template.jinja").unlink()
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    assert Tokenizer.from_folder(folder).apply_chat_template([]) == "D"
+    assert Tokenizer.from_folder(folder).apply_chat_template(hi) == "D"
     del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_folder(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("messages, match", [
+    ("hello", "messages must be a list"),
+    ({"role": "user", "content": "hi"}, "messages must be a list"),
+    (None, "messages must be a list"),
+    ([], "messages is empty"),
+    (["hi"], "message 0 must be a dict"),
+    ([{"content": "hi"}], "message 0 needs a 'role'"),
+    ([{"role": "user", "content": "a"}, {"role": "user"}], "message 1 \\(user\\) has no 'content'"),
+    ([{"role": "user", "content": 42}], "content must be a string"),
+    ([{"role": "user", "content": "bad \ud83d half"}], "message 0 \\(user\\): .*lone surrogate .* index 4"),
+])
+def test_chat_template_rejects_bad_messages(tokenizer, messages, match):
+    with pytest.raises(ValueError, match=match):
+        tokenizer.apply_chat_template(messages)
+
+
+def test_chat_template_accepts_tool_call_messages(tokenizer):
+    """content None is the OpenAI shape of an assistant turn that only calls tools: not a malformed message."""
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
+    ok = Tokenizer(tokenizer.backend, chat_template="{{ messages | length }}")
+    assert ok.apply_chat_template(messages) == "2"
+
+
+def test_check_text_and_encode_refuse_lone_surrogates(tokenizer):
+    check_text("plain, ümlaut, 🎭, \U0010ffff")  # every real character passes
+    for text, index in [("\ud800", 0), ("ab\udcffc", 2), ("🎭x\udfff", 2)]:
+        with pytest.raises(ValueError, match=f"lone surrogate .* at index {index}\\b"):
+            check_text(text)
+        with pytest.raises(ValueError, match=f"lone surrogate .* at index {index}\\b"):
+            tokenizer.encode(text)  # not the Rust side's bare TypeError ("TextInputSequence must be str")
+    with pytest.raises(TypeError):
+        check_text(b"bytes")
+    with pytest.raises(TypeError):
+        tokenizer.encode(None)
+
+
+# -- the bundled models' chat template ---------------------------------------------------------------
+
+SCENE = [{"role": "system", "content": "Enter Horatio and Hamlet."},
+         {"role": "user", "content": "What news, my lord?"},
+         {"role": "assistant", "content": "None, but that the world's grown honest.\n"},
+         {"role": "user", "content": "Then is doomsday near.", "name": "Rosencrantz"}]
+
+
+@pytest.fixture(scope="module")
+def bundled_tokenizer() -> Tokenizer:
+    return Tokenizer.from_folder(bundled_model_path("shakespeare"))
+
+
+def test_bundled_chat_template_renders_a_scene(bundled_tokenizer):
+    assert bundled_tokenizer.apply_chat_template(SCENE, add_generation_prompt=True) == (
+        "[Enter Horatio and Hamlet.]\n\nHORATIO.\nWhat news, my lord?\n\n"
+        "HAMLET.\nNone, but that the world's grown honest.\n\nROSENCRANTZ.\nThen is doomsday near.\n\nHAMLET.\n")
+    assert bundled_tokenizer.apply_chat_template(SCENE[1:2], add_generation_prompt=False) == (
+        "HORATIO.\nWhat news, my lord?\n\n")
+    # The model answers as the speaker of its last named turn; template variables rename the defaults.
+    named = [{"role": "user", "content": "Hail."}, {"role": "assistant", "content": "Hail.", "name": "Lady Macbeth"},
+             {"role": "user", "content": "And?"}]
+    assert bundled_tokenizer.apply_chat_template(named).endswith("LADY MACBETH.\nHail.\n\nHORATIO.\nAnd?\n\n"
+                                                                 "LADY MACBETH.\n")
+    text = bundled_tokenizer.apply_chat_template(SCENE[1:2], user_name="Romeo", assistant_name="Juliet")
+    assert text == "ROMEO.\nWhat news, my lord?\n\nJULIET.\n"
+    with pytest.raises(ValueError, match="unknown role 'tool'.*system, user and assistant"):
+        bundled_tokenizer.apply_chat_template([{"role": "tool", "content": "42"}])
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
+def test_bundled_chat_template_matches_hf(name, bundled_tokenizer):
+    """Every bundled folder carries CHAT_TEMPLATE, and transformers renders it exactly as we do."""
+    transformers = pytest.importorskip("transformers")
+    folder = bundled_model_path(name)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == BUNDLED_CHAT_TEMPLATE
+    ours = Tokenizer.from_folder(folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for messages in (SCENE, SCENE[1:2], SCENE[:2] + [{"role": "assistant", "content": "Hm.", "name": "Ophelia"}]):
+        for add in (True, False):
+            expected = hf.apply_chat_template(messages, add_generation_prompt=add, tokenize=False)
+            assert ours.apply_chat_template(messages, add_generation_prompt=add) == expected, (messages, add)
+    with pytest.raises(Exception, match="unknown role"):  # HF refuses through the same raise_exception
+        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
 def _stream(tokenizer, ids, skip_special_tokens=True):
