@@ -12,6 +12,7 @@ tensor at fault. HF's separate q/k/v and gate/up projections are stacked into ou
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from miniinfer.models.config import Qwen2Config
 from miniinfer.models.qwen2 import Qwen2ForCausalLM
 
 __all__ = ["load_model", "resolve_model_path", "hf_tensor_shapes", "fuse_hf_tensors", "default_device",
-           "resolve_dtype"]
+           "resolve_device", "resolve_dtype", "load_generation_config"]
 
+# The dtypes we convert from: any of them casts exactly (or by rounding only) to the compute dtype. float8
+# weights come with per-block scales (``weight_scale_inv``) that a plain cast would ignore: garbage logits.
+LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Tensors that some checkpoints carry and that we recompute or never need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Our fused tensors and the HF tensors stacked (along dim 0, in this order) to build them.
@@ -36,6 +40,32 @@ FUSED = {
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device) -> torch.device:
+    """None -> :func:`default_device`; a name ("cpu", "cuda", "cuda:1") or ``torch.device`` is checked against
+    this machine, so that a missing GPU is a one-line ``ValueError`` here instead of an assertion deep in torch."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} requested, but {why} (torch {torch.__version__}); "
+                             "use device 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s) (cuda:0 ... "
+                             f"cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' requested, but Apple's Metal backend is not available; use 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -125,14 +155,51 @@ def resolve_model_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"no model folder at {local}")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Does ``path`` (resolved: symlinks followed, ``..`` applied) lie in ``folder``?"""
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _shard_path(folder: Path, name, index: Path) -> Path:
+    """The file a ``weight_map`` entry names, refused unless it stays inside the model folder.
+
+    An index comes with a downloaded checkpoint, so its entries are untrusted: ``../../etc/passwd``, an
+    absolute path or a symlink out of the folder would make us read (and report on) files elsewhere. The
+    one exception is the Hugging Face cache layout, where ``snapshots/<rev>/x.safetensors`` is a symlink
+    into the repository's own ``blobs/`` folder.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: weight_map values must be shard file names, got {name!r}")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"{index}: weight_map entry {name!r} points outside the model folder; shard names "
+                         "must be plain file names such as model-00001-of-00002.safetensors")
+    path = folder / name
+    allowed = [folder]
+    if folder.parent.name == "snapshots":  # huggingface_hub's cache: .../models--org--name/snapshots/<rev>/
+        allowed.append(folder.parent.parent / "blobs")
+    if path.exists() and not any(_inside(path, root) for root in allowed):
+        raise ValueError(f"{index}: weight_map entry {name!r} is a link that resolves outside the model folder "
+                         f"(to {path.resolve()}); copy the shard into {folder} instead")
+    return path
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): "
+                             f"{type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: weight_map must be an object mapping tensor names to shard files, "
+                             f"got a {type(weight_map).__name__}")
+        files = [_shard_path(folder, name, index) for name in dict.fromkeys(weight_map.values())]
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"shard {file.name} listed in {index.name} is missing from {folder}")
@@ -161,9 +228,13 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             size = file.stat().st_size
             raise ValueError(f"{file} is not a valid safetensors file: it is truncated or corrupt ({size} bytes; "
                              f"{type(e).__name__}: {e})") from None
-        for name in file_tensors:
+        for name, tensor in file_tensors.items():
             if name in tensors:
                 raise ValueError(f"tensor {name} appears in more than one shard (again in {file.name})")
+            if tensor.dtype not in LOADABLE_DTYPES and tensor.is_floating_point():
+                raise ValueError(f"{file}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                 "which MiniInfer does not load (float32, bfloat16 and float16 only; quantized "
+                                 "float8 checkpoints need their scales): use the unquantized model")
         tensors |= file_tensors
     return tensors
 
@@ -194,20 +265,23 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: Qwen2Config, folder
             raise ValueError(f"{folder}: tensor {name} has dtype {tensors[name].dtype}; expected floating point")
 
 
-def load_model(path: str | Path, *, dtype=None, device=None, components: Components | None = None):
+def load_model(path: str | Path, *, dtype=None, device=None, components: Components | None = None,
+               max_model_len: int | None = None):
     """Load a Qwen2 checkpoint folder (or hub id) -> ``(model, tokenizer)``.
 
     ``model``: :class:`~miniinfer.models.qwen2.Qwen2ForCausalLM` in eval mode, no gradients, on ``device``
     (default CUDA if available, else CPU) in ``dtype`` (default float32 on CPU, bfloat16 on CUDA);
     ``model(ids [B, L]) -> logits [B, L, V]``. ``tokenizer``: a :class:`~miniinfer.tokenizer.Tokenizer`, or
-    None when the folder has no ``tokenizer.json``.
+    None when the folder has no ``tokenizer.json``. ``max_model_len`` builds the model for at most that many
+    positions (``model.config.max_position_embeddings`` becomes the smaller of the two): the RoPE tables are
+    sized by it, and a config declaring more than 2**22 positions is refused without it.
     """
     from miniinfer.tokenizer import Tokenizer
 
-    folder = resolve_model_path(path)
-    config = Qwen2Config.from_folder(folder)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)  # before reading gigabytes: a missing GPU should fail at once
     dtype = resolve_dtype(dtype, device)
+    folder = resolve_model_path(path)
+    config = Qwen2Config.from_folder(folder, max_model_len=max_model_len)
 
     tensors = _read_safetensors(_safetensors_files(folder))
     _check_tensors(tensors, config, folder)
@@ -223,3 +297,43 @@ def load_model(path: str | Path, *, dtype=None, device=None, components: Compone
 
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     return model, tokenizer
+
+
+# generation_config.json (HF names) -> SamplingParams (vLLM names): the sampling defaults a model ships with,
+# the same keys vLLM reads (``generation_config="auto"``). do_sample is ignored, as vLLM does.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def load_generation_config(path: str | Path) -> dict:
+    """The sampling defaults in ``path/generation_config.json``, as :class:`~miniinfer.SamplingParams` keywords.
+
+    Only the keys the file sets (temperature, top_k, top_p, min_p, repetition_penalty, and max_new_tokens as
+    ``max_tokens``); ``{}`` when the file is absent or ``path`` is not a local folder (a hub id: nothing is
+    downloaded here; pass the folder :func:`resolve_model_path` returned). A file that is not a JSON object,
+    or a value of the wrong type, raises ``ValueError`` naming the file and the field.
+    """
+    try:
+        folder = Path(path).expanduser()
+    except TypeError:
+        return {}
+    file = folder / "generation_config.json"
+    if not folder.is_dir() or not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(config).__name__}")
+    defaults = {}
+    for hf_name, name in GENERATION_DEFAULTS.items():
+        value = config.get(hf_name)
+        if value is None:  # absent, or written out as null by transformers: no default
+            continue
+        integer = hf_name in ("top_k", "max_new_tokens")
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"{file}: {hf_name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        defaults[name] = value if integer else float(value)
+    return defaults

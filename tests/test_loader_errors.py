@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,122 @@ def test_hub_id_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` fail
     with pytest.raises(ImportError, match="needs the huggingface_hub package"):
         load_model("miniinfer-tests/no-such-model")
+
+
+def _sharded(tmp_path) -> tuple[Path, Path, dict]:
+    """A two-shard copy of the small checkpoint; returns (folder, index path, parsed index)."""
+    from conftest import make_hf_checkpoint
+
+    folder = tmp_path / "sharded"
+    make_hf_checkpoint(folder, max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    return folder, index, json.loads(index.read_text())
+
+
+def test_weight_map_must_be_an_object(tmp_path):
+    folder, index, data = _sharded(tmp_path)
+    data["weight_map"] = sorted(set(data["weight_map"].values()))  # a list of shard names
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: weight_map must be an object .*got a list"):
+        load_model(folder)
+    index.write_text(json.dumps([data]))  # the whole index an array
+    with pytest.raises(ValueError, match=r"index\.json is not a valid safetensors index"):
+        load_model(folder)
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": 7}}))
+    with pytest.raises(ValueError, match="weight_map values must be shard file names, got 7"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.safetensors",
+                                   "..\\..\\outside.safetensors"])
+def test_shard_index_cannot_point_outside_the_folder(tmp_path, entry):
+    folder, index, data = _sharded(tmp_path)
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = entry
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"weight_map entry {re.escape(repr(entry))} points outside the model folder"):
+        load_model(folder)
+
+
+def test_shard_symlink_out_of_the_folder_is_refused(tmp_path):
+    folder, index, data = _sharded(tmp_path)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(ValueError, match=f"weight_map entry '{shard.name}' is a link that resolves outside"):
+        load_model(folder)
+    # A link that stays inside the folder is fine, and so is the Hugging Face cache layout
+    # (snapshots/<rev>/x.safetensors -> ../../blobs/<hash>).
+    shard.unlink()
+    (folder / "real").mkdir()
+    outside.rename(folder / "real" / "shard.safetensors")
+    shard.symlink_to(folder / "real" / "shard.safetensors")
+    load_model(folder)
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    shutil.copytree(folder, snapshot, symlinks=False)
+    for file in snapshot.glob("model-*.safetensors"):
+        blob = repo / "blobs" / file.name
+        file.rename(blob)
+        file.symlink_to(Path("../../blobs") / file.name)
+    load_model(snapshot)
+
+
+def test_float8_tensor_is_named_with_its_dtype(checkpoint):
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def edit(tensors):
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+
+    _edit_tensors(checkpoint, edit)
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor {re.escape(name)} has dtype float8_e4m3fn.*"
+                                         "unquantized"):
+        load_model(checkpoint)
+
+
+def test_device_errors_are_one_clear_value_error(checkpoint, monkeypatch):
+    from miniinfer.loader import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        load_model(checkpoint, device="gpu")
+    with pytest.raises(ValueError, match="'meta' is not supported"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(ValueError, match="device 'cuda' requested, but .*use device 'cpu'"):
+        load_model(checkpoint, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' requested, but this machine has 1 CUDA device\(s\)"):
+        resolve_device("cuda:3")
+
+
+def test_load_generation_config(tmp_path):
+    from miniinfer.loader import load_generation_config
+    from miniinfer.models.bundled import bundled_model_path
+
+    assert load_generation_config(bundled_model_path()) == {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+    file = tmp_path / "generation_config.json"
+    assert load_generation_config(tmp_path) == {}  # no file
+    file.write_text(json.dumps({"do_sample": True, "temperature": 1, "top_k": 20, "top_p": 0.8, "min_p": 0.05,
+                                "repetition_penalty": 1.05, "max_new_tokens": 512, "eos_token_id": [1, 2],
+                                "typical_p": None, "transformers_version": "4.45.0"}))
+    defaults = load_generation_config(tmp_path)
+    assert defaults == {"temperature": 1.0, "top_k": 20, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.05,
+                        "max_tokens": 512}
+    assert isinstance(defaults["temperature"], float)
+    file.write_text(json.dumps({"temperature": None, "max_length": 100}))  # null and max_length: no defaults
+    assert load_generation_config(str(tmp_path)) == {}
+    for text, match in [("{oops", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
+                        ('{"temperature": "0.7"}', "temperature must be a number, got '0.7'"),
+                        ('{"top_k": 2.5}', "top_k must be an integer"),
+                        ('{"max_new_tokens": true}', "max_new_tokens must be an integer")]:
+        file.write_text(text)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(file))}.*{match}"):
+            load_generation_config(tmp_path)
+    # Hub ids, missing folders and files are not folders: no defaults, and nothing is downloaded.
+    assert load_generation_config("Qwen/Qwen2.5-0.5B-Instruct") == {}
+    assert load_generation_config(tmp_path / "missing") == {}
+    assert load_generation_config(file) == {}

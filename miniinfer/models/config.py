@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Qwen2Config", "UnsupportedModelError"]
+__all__ = ["Qwen2Config", "UnsupportedModelError", "MAX_POSITION_EMBEDDINGS"]
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+# The longest context a config may declare without an explicit ``max_model_len``. The model builds its RoPE
+# tables for every declared position ([positions, D/2] float32, twice: 2 GiB at 2**22 with D = 128), so a
+# typo such as 10**9 must be refused, not allocated. Real Qwen2.5 configs say 32768 to 1010000.
+MAX_POSITION_EMBEDDINGS = 2**22
 
 
 class UnsupportedModelError(ValueError):
@@ -38,16 +43,8 @@ class Qwen2Config:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        # Direct construction (tests, the chapters) gets the same checks as a config.json.
+        _check_config(self, "config")
 
     @property
     def q_size(self) -> int:
@@ -60,21 +57,54 @@ class Qwen2Config:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> Qwen2Config:
-        """Build from a parsed HF ``config.json``; raise :class:`UnsupportedModelError` for what we can't honour."""
+    def from_hf_dict(cls, hf: dict, source: str = "config.json", *, max_model_len: int | None = None) -> Qwen2Config:
+        """Build from a parsed HF ``config.json``; raise :class:`UnsupportedModelError` for what we can't honour
+        and ``ValueError`` (naming ``source`` and the field) for values that would load but compute garbage.
+
+        ``max_model_len`` caps the context the model is built for: ``max_position_embeddings`` becomes
+        ``min(max_position_embeddings, max_model_len)``, so the RoPE tables (``[positions, D/2]``) hold only
+        the positions that can be used. A config above :data:`MAX_POSITION_EMBEDDINGS` needs it.
+        """
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source} must hold a JSON object ({{\"model_type\": ...}}), got a JSON "
+                             f"{_json_type(hf)}")
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ValueError(f"{source}: architectures must be a list of class names, got {architectures!r}")
         if model_type != "qwen2" or any(a not in SUPPORTED_ARCHITECTURES for a in architectures):
             found = ", ".join(architectures) or "none listed"
             raise UnsupportedModelError(
                 f"{source}: unsupported architecture (architectures: {found}; model_type: {model_type!r}). "
                 f"MiniInfer runs {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints (Qwen2, Qwen2.5)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
+                               "num_attention_heads") if hf.get(k) is None]
         if missing:
             raise ValueError(f"{source} lacks required fields: {', '.join(missing)}")
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+
+        # Types first, field by field, so that a string "896" or a "false" is named rather than
+        # failing later as a TypeError deep in the model (or, worse, loading: bool("false") is True).
+        def integer(field: str, default=None):
+            value = hf.get(field)
+            if value is None:
+                return default
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{source}: {field} must be a positive integer, got {_describe(value)}")
+            return value
+
+        def number(field: str, value, default: float):
+            if value is None:  # absent, or null: transformers' default
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{source}: {field} must be a positive number, got {_describe(value)}")
+            return float(value)
+
+        for field in ("rope_parameters", "rope_scaling"):
+            if hf.get(field) is not None and not isinstance(hf[field], dict):
+                raise ValueError(f"{source}: {field} must be an object or null, got {_describe(hf[field])}")
 
         # Rope: old configs say rope_theta + rope_scaling, transformers>=5 writes rope_parameters.
         rope = dict(hf.get("rope_parameters") or {})
@@ -86,43 +116,99 @@ class Qwen2Config:
             raise UnsupportedModelError(
                 f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE); remove rope_scaling "
                 "to run the model at its original context length")
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        theta_field = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
+        rope_theta = number(theta_field, rope.get("rope_theta", hf.get("rope_theta")), 10000.0)
+        rms_norm_eps = number("rms_norm_eps", hf.get("rms_norm_eps"), 1e-6)
 
         # Sliding-window attention: Qwen2.5 ships use_sliding_window: false (every layer full), fine.
-        num_layers = hf["num_hidden_layers"]
+        num_layers = integer("num_hidden_layers")
         layer_types = hf.get("layer_types")
         if layer_types is None:
             sliding = hf.get("use_sliding_window", False) and hf.get("sliding_window") is not None
-            first_sliding = hf.get("max_window_layers", num_layers)
+            first_sliding = hf.get("max_window_layers")
+            first_sliding = num_layers if first_sliding is None else first_sliding
+            if sliding and (not isinstance(first_sliding, int) or isinstance(first_sliding, bool)):
+                raise ValueError(f"{source}: max_window_layers must be an integer, got {_describe(first_sliding)}")
             layer_types = ["sliding_attention" if sliding and i >= first_sliding else "full_attention"
                            for i in range(num_layers)]
+        if not isinstance(layer_types, list):
+            raise ValueError(f"{source}: layer_types must be a list, got {_describe(layer_types)}")
         if any(t != "full_attention" for t in layer_types):
             raise UnsupportedModelError(
-                f"{source}: sliding-window attention is not supported (layer_types: {sorted(set(layer_types))}; "
-                f"use_sliding_window: {hf.get('use_sliding_window')})")
+                f"{source}: sliding-window attention is not supported (layer_types: "
+                f"{sorted(set(map(str, layer_types)))}; use_sliding_window: {hf.get('use_sliding_window')})")
 
-        num_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rope_theta=float(rope_theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=True,
-            torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
+        hidden_size = integer("hidden_size")
+        num_heads = integer("num_attention_heads")
+        num_kv_heads = integer("num_key_value_heads", num_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{source}: num_attention_heads ({num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({num_kv_heads}): each key/value head serves a whole group "
+                             "of query heads")
+        head_dim = integer("head_dim")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"{source}: hidden_size ({hidden_size}) is not divisible by num_attention_heads "
+                                 f"({num_heads}), and there is no head_dim field to say the head size")
+            head_dim = hidden_size // num_heads
+        if head_dim % 2:
+            raise ValueError(f"{source}: head_dim must be even for rotary embeddings, got {head_dim}")
+
+        max_positions = integer("max_position_embeddings", 32768)
+        if max_model_len is not None:
+            if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len <= 0:
+                raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+            max_positions = min(max_positions, max_model_len)
+        elif max_positions > MAX_POSITION_EMBEDDINGS:
+            # Every position costs a RoPE table row and, in use, KV cache: refuse rather than allocate
+            # gigabytes for a context nobody asked for (a typo, or a config written as "unlimited").
+            raise ValueError(f"{source}: max_position_embeddings is {max_positions:,}, more than MiniInfer "
+                             f"builds a model for ({MAX_POSITION_EMBEDDINGS:,}); pass max_model_len (e.g. "
+                             "LLM(path, max_model_len=32768)) to run it with a shorter context")
+
+        tie = hf.get("tie_word_embeddings")
+        if tie is None:
+            tie = False  # HF's Qwen2Config default
+        elif not isinstance(tie, bool):
+            raise ValueError(f"{source}: tie_word_embeddings must be true or false (JSON booleans), got "
+                             f"{_describe(tie)}")
+
+        for field in ("bos_token_id", "eos_token_id"):
+            value = hf.get(field)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                             for i in ids):
+                raise ValueError(f"{source}: {field} must be a token id (an integer >= 0), a list of them, or null, "
+                                 f"got {_describe(value)}")
+        torch_dtype = hf.get("torch_dtype") or hf.get("dtype")
+        if torch_dtype is not None and not isinstance(torch_dtype, str):
+            raise ValueError(f"{source}: torch_dtype must be a dtype name such as \"bfloat16\", got "
+                             f"{_describe(torch_dtype)}")
+
+        try:
+            return cls(
+                vocab_size=integer("vocab_size"),
+                hidden_size=hidden_size,
+                intermediate_size=integer("intermediate_size"),
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads,
+                head_dim=head_dim,
+                rope_theta=rope_theta,
+                rms_norm_eps=rms_norm_eps,
+                max_position_embeddings=max_positions,
+                tie_word_embeddings=tie,
+                attention_bias=True,
+                torch_dtype=torch_dtype,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+            )
+        except ValueError as e:  # __post_init__'s checks: say which file
+            raise ValueError(str(e).replace("config: ", f"{source}: ", 1)) from None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> Qwen2Config:
-        """Read ``folder/config.json``."""
+    def from_folder(cls, folder: str | Path, *, max_model_len: int | None = None) -> Qwen2Config:
+        """Read ``folder/config.json`` (see :meth:`from_hf_dict` for ``max_model_len``)."""
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {folder}: a model folder needs config.json next to "
@@ -131,7 +217,37 @@ class Qwen2Config:
             hf = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(hf, source=str(path))
+        return cls.from_hf_dict(hf, source=str(path), max_model_len=max_model_len)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _describe(value) -> str:
+    """``'896' (a string)``: the repr alone would not show a JSON reader why "896" is wrong."""
+    return f"{value!r} (a JSON {_json_type(value)})"
+
+
+def _check_config(config: Qwen2Config, source: str) -> None:
+    """The invariants the model relies on (``source`` names the config in the message)."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+    for name in ("rope_theta", "rms_norm_eps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{source}: {name} must be a positive number, got {value!r}")
+    if not isinstance(config.tie_word_embeddings, bool):
+        raise ValueError(f"{source}: tie_word_embeddings must be True or False, got {config.tie_word_embeddings!r}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"{source}: num_attention_heads ({config.num_attention_heads}) must be a multiple of "
+                         f"num_key_value_heads ({config.num_key_value_heads})")
+    if config.head_dim % 2:
+        raise ValueError(f"{source}: head_dim must be even for rotary embeddings, got {config.head_dim}")
