@@ -42,96 +42,174 @@ class LLM:
     ``model``: a checkpoint folder, a hub id, or None for the bundled ``shakespeare`` model.
     ``components`` swaps in your own building blocks (:class:`~miniinfer.components.Components`),
     ``hooks`` your own engine internals (:class:`~miniinfer.engine.EngineHooks`).
+    ``device`` ("cpu", "cuda", "cuda:N"; default: CUDA when available), ``dtype`` (default: bfloat16
+    on a GPU, float32 on a CPU), ``seed`` (seeds requests that have no seed of their own).
     Other keyword arguments are engine options (:class:`~miniinfer.engine.EngineConfig`):
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``,
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
-    ``gpu_memory_utilization``, ``cpu_kv_cache_gib``.
+    ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``enable_cuda_graphs`` / ``enforce_eager``,
+    ``enable_fused_kernels``.
     """
 
     def __init__(self, model: str | Path | None = None, *, components: Components | None = None,
-                 hooks: EngineHooks | None = None, device=None, dtype=None, **engine_options):
-        from miniinfer.loader import load_model
+                 hooks: EngineHooks | None = None, device=None, dtype=None, seed: int | None = None,
+                 **engine_options):
+        from miniinfer.loader import load_generation_config, load_model, resolve_device, resolve_model_path
         from miniinfer.models.bundled import bundled_model_path
 
         unknown = sorted(set(engine_options) - set(EngineConfig.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown LLM option(s) {unknown}; engine options are "
                              f"{sorted(EngineConfig.__dataclass_fields__)}")
-        engine_config = EngineConfig(**engine_options)  # validates before the (slower) model load
+        engine_config = EngineConfig(seed=seed, **engine_options)  # validates before the (slower) model load
+        resolve_device(device)  # a clear error for a device this machine lacks, before loading anything
         path = bundled_model_path("shakespeare") if model is None else model
         self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components)
         self.config = self.model.config
+        try:
+            self.generation_defaults = load_generation_config(resolve_model_path(path))
+        except Exception:  # noqa: BLE001 - a hub id offline, etc.: no defaults beyond SamplingParams'
+            self.generation_defaults = {}
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config, hooks=hooks)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams`` with the checkpoint's ``generation_config.json`` defaults (vLLM's rule):
+        what ``generate`` uses when no parameters are given."""
+        return SamplingParams(**self.generation_defaults)
 
     # -- inputs ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _normalise(prompts, params) -> tuple[list, list[SamplingParams]]:
+    def _normalise(self, prompts, params) -> tuple[list, list[SamplingParams]]:
+        if prompts is None:
+            raise ValueError("prompts must be a string, a list of token ids, a prompt dict, or a list of those; "
+                             "got None")
         if isinstance(prompts, torch.Tensor):  # [L] or [N, L] token ids
             prompts = prompts.tolist()
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
-                                              and all(_is_token_id(t) for t in prompts))
+        elif _is_numpy_array(prompts):
+            prompts = prompts.tolist()
+        single = (isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                                                       and all(_is_token_id(t) for t in prompts)))
+        if not single and not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a string, a list of token ids, a prompt dict, or a list of those; "
+                             f"got {type(prompts).__name__}")
         prompts = [prompts] if single else list(prompts)
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.get_default_sampling_params()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        normalised = []
-        for index, (prompt, p) in enumerate(zip(prompts, params_list)):
+        for index, p in enumerate(params_list):
             if not isinstance(p, SamplingParams):
-                raise TypeError(f"params for prompt {index} must be SamplingParams, got {type(p).__name__}")
-            if isinstance(prompt, str):
-                normalised.append(prompt)
-                continue
-            if isinstance(prompt, torch.Tensor):
-                prompt = prompt.tolist()
-            try:
-                normalised.append([operator.index(t) for t in prompt])  # ints (numpy ints too), not floats
-            except TypeError:
-                raise TypeError(f"prompt {index} must be a string or a list of token ids, got {prompt!r:.80}") from None
-        return normalised, params_list
+                raise TypeError(f"sampling_params for prompt {index} must be SamplingParams, got {type(p).__name__}")
+        return prompts, params_list
 
-    def _submit(self, prompts, params) -> list[str]:
+    def _submit(self, prompts, params, stream: bool) -> list[str]:
         prompts, params_list = self._normalise(prompts, params)
-        # Validate every prompt before any is queued: a bad one must not leave others half-run.
-        for index, (prompt, p) in enumerate(zip(prompts, params_list)):
-            try:
-                self.engine.validate_prompt(prompt, p)
-            except ValueError as error:
-                raise ValueError(f"prompt {index}: {error}") from None
-        return [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        # All or nothing: the engine validates every prompt before it queues any.
+        return self.engine.add_requests(prompts, params_list, stream=stream)
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, or a list of those; params: one for all, or one per
-        prompt (default ``SamplingParams()``). Returns one :class:`RequestOutput` per prompt, in order."""
-        request_ids = self._submit(prompts, params)
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True, *, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, a ``{"prompt": …}`` / ``{"prompt_token_ids": …}`` dict, or
+        a list of those; sampling_params: one for all, or one per prompt (default: the checkpoint's
+        generation defaults, :meth:`get_default_sampling_params`). Returns one :class:`RequestOutput` per
+        prompt, in order. Interrupted (Ctrl-C) or failing, it aborts its requests: nothing is left
+        holding KV blocks. (``params=`` is the older name of ``sampling_params``.)"""
+        if params is not None:
+            if sampling_params is not None:
+                raise ValueError("give sampling_params or params, not both")
+            sampling_params = params
+        request_ids = self._submit(prompts, sampling_params, stream=False)
         wanted = set(request_ids)
         finished: dict[str, RequestOutput] = {}
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req") as progress:
-            while len(finished) < len(request_ids):
-                if not self.engine.has_unfinished_requests():
-                    raise RuntimeError("the engine went idle before every request finished")
-                for output in self.engine.step():
-                    if output.finished and output.request_id in wanted:
-                        finished[output.request_id] = output
-                        progress.update(1)
+        try:
+            with tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm, unit="req") as progress:
+                while len(finished) < len(request_ids):
+                    if not self.engine.has_unfinished_requests():
+                        raise RuntimeError("the engine went idle before every request finished")
+                    for output in self.engine.step():
+                        if output.finished and output.request_id in wanted:
+                            finished[output.request_id] = output
+                            progress.update(1)
+        finally:
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+            if len(finished) < len(request_ids):
+                self._drain_aborted(wanted)
         return [finished[request_id] for request_id in request_ids]
 
-    def stream(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[tuple[int, RequestOutput]]:
+    def _drain_aborted(self, request_ids: set[str]) -> None:
+        """Drop the final outputs of our own aborted requests (nobody else wants them)."""
+        self.engine._pending_outputs = [o for o in self.engine._pending_outputs if o.request_id not in request_ids]
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+               params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[tuple[int, RequestOutput]]:
         """Yield ``(prompt index, RequestOutput)`` whenever a prompt gets new tokens; each completion's
         ``new_text`` / ``new_token_ids`` hold what this step added. More requests may be added through
-        ``llm.engine.add_request`` while iterating."""
-        request_ids = self._submit(prompts, params)
+        ``llm.engine.add_request`` while iterating. Closing the iterator early (``break``, Ctrl-C, or
+        dropping it) aborts its unfinished requests and frees their KV blocks."""
+        if params is not None:
+            sampling_params = params
+        request_ids = self._submit(prompts, sampling_params, stream=True)
+        return self._stream(request_ids)
+
+    def _stream(self, request_ids: list[str]) -> Iterator[tuple[int, RequestOutput]]:
         index_of = {request_id: index for index, request_id in enumerate(request_ids)}
-        for output in self.engine.stream():
-            if output.request_id in index_of:
-                yield index_of[output.request_id], output
+        done: set[str] = set()
+        try:
+            while len(done) < len(request_ids) and self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.request_id in index_of:
+                        if output.finished:
+                            done.add(output.request_id)
+                        yield index_of[output.request_id], output
+        finally:
+            mine = set(request_ids) - done
+            for request_id in mine:
+                self.engine.abort_request(request_id)
+            self._drain_aborted(mine)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to conversations: ``messages`` is one conversation (a list of
+        ``{"role": …, "content": …}`` dicts) or a list of them, rendered with the model's chat template
+        (or ``chat_template``)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': …, 'content': …} dicts (or a list "
+                             "of such conversations)")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.tokenizer
+        if chat_template is not None:
+            import copy
+
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = chat_template
+        prompts = [tokenizer.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt)
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request started with ``llm.engine.add_request`` (or a stream's): it finishes with reason
+        ``abort`` and frees its KV blocks. False when the id is unknown or already finished."""
+        return self.engine.abort_request(request_id)
 
     def stats(self) -> dict:
         """Engine counters: KV blocks (total, free, cached), preemptions, prompt and prefix-cache-hit tokens, …"""
         return self.engine.stats()
+
+
+def _is_numpy_array(value) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, np.ndarray)

@@ -12,9 +12,13 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # "stop" (EOS or a stop string), "length", "abort"; None while running
+    finish_reason: str | None = None   # "stop" (EOS, a stop token or string), "length", "abort", "error"; None while running
     new_text: str = ""                 # streaming: text added by the latest step
     new_token_ids: list[int] = field(default_factory=list)  # streaming: tokens added by the latest step
+    stop_reason: int | str | None = None   # the stop token id or stop string that ended it (None for EOS)
+    error: str | None = None           # finish_reason "error": what went wrong
+    logprobs: list[dict[int, float]] | None = None  # per token: {chosen and top-N token ids: logprob}
+    cumulative_logprob: float | None = None         # sum of the chosen tokens' logprobs (with logprobs)
 
     @property
     def finished(self) -> bool:
@@ -30,6 +34,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0         # prompt tokens served by the prefix cache
+    finished: bool = False             # every completion has ended
 
     @property
     def text(self) -> str:
@@ -43,6 +48,3 @@ class RequestOutput:
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
 
-    @property
-    def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)

@@ -10,7 +10,8 @@ import torch
 
 from miniinfer.engine import EngineConfig, LLMEngine
 from miniinfer.loader import load_model
-from miniinfer.sampling import SamplingParams, make_generator, sample
+from miniinfer.sampler import derive_seed, uniform_from_seed_reference
+from miniinfer.sampling import SamplingParams, probabilities
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,20 @@ def small_model(small_checkpoint):
 
 
 @torch.inference_mode()
-def reference_generate(model, prompt: list[int], params: SamplingParams, generator=None) -> list[int]:
-    """The oracle: re-run the plain forward over the whole sequence for every token (no cache)."""
+def reference_generate(model, prompt: list[int], params: SamplingParams, index: int = 0) -> list[int]:
+    """The oracle: re-run the plain forward over the whole sequence for every token (no cache), take the
+    per-row reference distribution, and draw with the engine's documented random stream: the
+    ``step``-th uniform of completion ``index``'s stream, inverted through the CDF in vocabulary order."""
+    stream = derive_seed(params.seed if params.seed is not None else 0, index)
     tokens = list(prompt)
-    for _ in range(params.max_tokens):
-        logits = model(torch.tensor([tokens]))[0, -1:].float()
-        tokens.append(int(sample(logits, [params], [generator])[0]))
+    for step in range(params.max_tokens):
+        logits = model(torch.tensor([tokens]))[0, -1].float()
+        if params.greedy:
+            tokens.append(int(logits.argmax()))
+            continue
+        cdf = probabilities(logits, params).double().cumsum(0)
+        u = uniform_from_seed_reference(stream, step)
+        tokens.append(int(torch.searchsorted(cdf, u * cdf[-1], right=True)))
     return tokens[len(prompt):]
 
 
@@ -112,8 +121,7 @@ def test_seeded_sampling_does_not_depend_on_batch_composition(small_model):
         alone = run_engine(LLMEngine(small_model, None, EngineConfig(block_size=8, num_kv_blocks=100)),
                            [prompts[index]], [params[index]])
         assert alone[0] == together[index]
-        assert together[index] == reference_generate(small_model, prompts[index], params[index],
-                                                     make_generator(params[index].seed))
+        assert together[index] == reference_generate(small_model, prompts[index], params[index])
 
 
 def test_parallel_sampling_shares_the_prompt_and_copy_on_write_isolates_siblings(small_model):
@@ -135,11 +143,8 @@ def test_parallel_sampling_shares_the_prompt_and_copy_on_write_isolates_siblings
     assert len(final.outputs) == 3 and final.finished
     # Each sibling equals an independent run with its own seed: a write leaking between siblings through a
     # shared block would change the continuations.
-    from miniinfer.engine.engine import _child_seed
-
     for completion in final.outputs:
-        generator = make_generator(_child_seed(7, completion.index))
-        assert completion.token_ids == reference_generate(small_model, prompt, params, generator)
+        assert completion.token_ids == reference_generate(small_model, prompt, params, completion.index)
     assert len({tuple(c.token_ids) for c in final.outputs}) > 1
     assert engine.block_manager.num_free_blocks + engine.radix_cache.num_evictable_blocks() == 64
 

@@ -86,14 +86,15 @@ def test_eos_ends_generation_unless_ignored(llm):
     free = llm.generate("ROMEO:", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
     target = free.token_ids[7]
     first = free.token_ids.index(target)
-    saved = llm.tokenizer.eos_token_ids
-    llm.tokenizer.eos_token_ids = {target}
+    # The engine reads the EOS ids once, at start-up: give it this test's id directly.
+    saved = llm.engine.eos_token_ids
+    llm.engine.eos_token_ids = llm.engine.scheduler.eos_token_ids = frozenset({target})
     try:
         out = llm.generate("ROMEO:", SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
         ignored = llm.generate("ROMEO:", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                                use_tqdm=False)[0]
     finally:
-        llm.tokenizer.eos_token_ids = saved
+        llm.engine.eos_token_ids = llm.engine.scheduler.eos_token_ids = saved
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]  # EOS id included
     assert ignored.finish_reason == "length" and ignored.token_ids == free.token_ids
 

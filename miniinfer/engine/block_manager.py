@@ -61,7 +61,10 @@ class BlockManager:
             raise ValueError(f"block_size must be ≥ 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.hooks = hooks or EngineHooks()
+        hooks = hooks or EngineHooks()
+        # Resolved once: each call below is a plain function call, hook or not.
+        self._slot_mapping = hooks.slot_mapping or slot_mapping
+        self._needs_copy_on_write = hooks.needs_copy_on_write or needs_copy_on_write
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         # (source block, destination block) copies the model runner must do before the next forward.
@@ -98,25 +101,26 @@ class BlockManager:
 
         Counts a copy-on-write block too: writing into a shared, partly filled last block needs one.
         """
-        total = seq.num_computed_tokens + num_new_tokens
-        needed = max(0, -(-total // self.block_size) - len(seq.block_table))
-        if num_new_tokens > 0 and self._needs_copy_on_write(seq):
-            needed += 1
-        return needed
+        return self._blocks_needed(seq, num_new_tokens, num_new_tokens > 0 and self._needs_cow(seq))
 
-    def _needs_copy_on_write(self, seq: Sequence) -> bool:
-        decide = self.hooks.get("needs_copy_on_write", needs_copy_on_write)
-        return bool(decide(seq.block_table, seq.num_computed_tokens, self.block_size, self.ref_counts))
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int, copy_on_write: bool) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table)) + int(copy_on_write)
+
+    def _needs_cow(self, seq: Sequence) -> bool:
+        return bool(self._needs_copy_on_write(seq.block_table, seq.num_computed_tokens, self.block_size,
+                                              self.ref_counts))
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Give ``seq`` slots for its next ``num_new_tokens`` tokens (after a copy-on-write if needed)."""
-        if self.num_blocks_needed(seq, num_new_tokens) > self.num_free_blocks:
-            raise NoFreeBlocksError(f"{seq} needs {self.num_blocks_needed(seq, num_new_tokens)} blocks, "
-                                    f"{self.num_free_blocks} free")
-        if num_new_tokens > 0 and self._needs_copy_on_write(seq):
+        copy_on_write = num_new_tokens > 0 and self._needs_cow(seq)  # decided once per allocation
+        needed = self._blocks_needed(seq, num_new_tokens, copy_on_write)
+        if needed > self.num_free_blocks:
+            raise NoFreeBlocksError(f"{seq} needs {needed} blocks, {self.num_free_blocks} free")
+        if copy_on_write:
             index = seq.num_computed_tokens // self.block_size
             shared = seq.block_table[index]
             private = self.allocate_block()
@@ -141,7 +145,7 @@ class BlockManager:
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Flat slot ids of positions ``start … end-1`` of ``seq``."""
-        return list(self.hooks.get("slot_mapping", slot_mapping)(seq.block_table, start, end, self.block_size))
+        return list(self._slot_mapping(seq.block_table, start, end, self.block_size))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

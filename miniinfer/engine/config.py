@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "components")
+from miniinfer.engine.attention_backends import ATTENTION_BACKENDS
 
 
 @dataclass
@@ -17,11 +17,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True      # radix cache of earlier prompts' KV blocks
     enable_chunked_prefill: bool = True     # split long prompts over several steps
     attention_backend: str = "auto"         # paged attention: auto | torch (reference) | sdpa (gather + torch SDPA;
-                                            # auto's choice for CPU decode) | triton | cuda | components
-                                            # (auto picks "components" when the model has a custom attention)
+                                            # auto's choice on a CPU) | triton | cuda | components (auto picks
+                                            # "components" when the model has a custom attention; on a GPU,
+                                            # the faster of triton and cuda, measured at start-up)
     gpu_memory_utilization: float = 0.9     # fraction of the GPU's memory the engine may fill
     cpu_kv_cache_gib: float = 0.5           # KV pool budget on the CPU when num_kv_blocks is not given
-    enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only)
+    enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only), captured at start-up
+    enforce_eager: bool = False             # vLLM's name for the opposite: never use CUDA graphs
+    enable_fused_kernels: bool = True       # fused Triton norm/RoPE/SwiGLU kernels on a GPU (default components only)
+    seed: int | None = None                 # seeds the random streams of requests that have no seed of their own
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -35,12 +39,16 @@ class EngineConfig:
         positive_int("max_model_len", self.max_model_len, allow_none=True)
         positive_int("block_size", self.block_size)
         positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs", "enforce_eager",
+                     "enable_fused_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
         if not (self.cpu_kv_cache_gib > 0):
             raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib!r}")

@@ -5,22 +5,24 @@ CPU spends longer launching them (and running the Python around them) than the G
 them. A CUDA graph records the kernels of one forward pass once and replays them with a single
 launch. Replays reuse the recorded memory addresses and shapes, so:
 
-* inputs live in **static buffers** that each step overwrites (token ids, positions, slot mapping,
-  block tables, sequence lengths), sized for the largest batch;
-* one graph is captured per **batch size bucket** (1, 2, 4, 8, 16, 32, …); a batch of 5 runs in the
-  graph for 8, with 3 padding rows whose slot is −1 (their K/V are not stored) and whose length is
-  0 (their attention reads nothing); their logits are dropped;
+* the inputs are views of the model runner's one device input buffer, at the offsets of the
+  bucket's :class:`~miniinfer.engine.model_runner.StepLayout`; a step writes its inputs there (one
+  host→device copy) and replays;
+* one graph is captured per **batch size bucket** (1, 2, 4, 8, 16, 32, …), all at engine start-up
+  (a first step at a new size must not stall mid-stream); a batch of 5 runs in the graph for 8, with
+  3 padding rows whose slot is −1 (their K/V are not stored) and whose length is 0 (their attention
+  reads nothing); their logits are dropped;
 * the attention kernels size their grid from a fixed ``max_seq_len`` (the block table's capacity),
   never from the batch's data, and nothing in the forward synchronises with the host.
 
-Prefill steps (variable numbers of tokens) run eagerly; they are few and compute-heavy.
+A capture that fails is an error at start-up naming the backend — never a silent fallback to eager
+steps. Prefill steps (variable numbers of tokens) run eagerly; they are few and compute-heavy.
 """
 
 from __future__ import annotations
 
 import torch
-
-from miniinfer.engine.attention_context import PagedAttentionMetadata, PagedKVContext
+from tqdm.auto import tqdm
 
 
 def batch_size_buckets(max_batch: int) -> list[int]:
@@ -30,26 +32,16 @@ def batch_size_buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-class DecodeGraphs:
-    """Captured decode forwards of ``model`` over the paged KV pool, one per batch-size bucket."""
+class GraphCaptureError(RuntimeError):
+    """A decode graph could not be recorded (raised at start-up; ``enforce_eager=True`` avoids graphs)."""
 
-    def __init__(self, model: torch.nn.Module, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 max_batch: int, max_blocks_per_seq: int, backend: str, attention_fn=None, hooks=None):
-        self.model = model
-        self.k_caches, self.v_caches = k_caches, v_caches
-        self.backend, self.attention_fn, self.hooks = backend, attention_fn, hooks
+
+class DecodeGraphs:
+    """Captured decode forwards over the runner's paged KV pool, one per batch-size bucket."""
+
+    def __init__(self, runner, max_batch: int):
+        self.runner = runner
         self.buckets = batch_size_buckets(max_batch)
-        self.block_size = k_caches[0].shape[1]
-        self.max_blocks_per_seq = max_blocks_per_seq
-        device = k_caches[0].device
-        largest = self.buckets[-1]
-        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(largest, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
-        self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
-        self.rows = torch.arange(largest, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None  # one memory pool shared by every graph
@@ -57,52 +49,56 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((size for size in self.buckets if size >= batch), None)
 
-    def _context(self, size: int) -> PagedKVContext:
-        metadata = PagedAttentionMetadata(
-            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
-            seq_lens=self.seq_lens[:size], cu_seqlens_q=self.cu_seqlens_q[:size + 1], decode_only=True,
-            max_seq_len=self.max_blocks_per_seq * self.block_size, max_q_len=1)
-        return PagedKVContext(self.k_caches, self.v_caches, metadata, self.backend,
-                              attention_fn=self.attention_fn, hooks=self.hooks)
+    def _padding_inputs(self, size: int):
+        """Write the padding state of bucket ``size`` into the buffer; return its device views."""
+        from miniinfer.engine.model_runner import StepLayout
 
-    def _forward(self, size: int) -> torch.Tensor:
-        return self.model(self.input_ids[:size], self.positions[:size], attention=self._context(size),
-                          logits_indices=self.rows[:size])
+        runner = self.runner
+        layout = StepLayout(size, size, size, runner.max_blocks_per_seq)
+        host, o = runner.buffers.host_np, layout.offsets
+        host[:layout.size] = 0
+        host[o[2]:o[3]] = -1                       # slots: store nothing
+        host[o[4]:o[5]] = range(size + 1)          # cu_seqlens_q: one token per row
+        host[o[5]:o[6]] = range(size)              # logits_indices: every row
+        runner.buffers.upload(layout.size)
+        return runner.buffers.views(layout, layout.width * runner.block_size, decode_only=True, max_q_len=1)
+
+    def _forward(self, inputs) -> torch.Tensor:
+        runner = self.runner
+        return runner.model(inputs.input_ids, inputs.positions, attention=runner.context(inputs.metadata),
+                            logits_indices=inputs.logits_indices)
 
     @torch.inference_mode()
     def capture(self, size: int) -> None:
-        # Padding state: no K/V written (slot −1), nothing attended (length 0).
-        self.slot_mapping[:size].fill_(-1)
-        self.seq_lens[:size].zero_()
-        # Warm up on a side stream (kernel builds, autotuning, allocator), then record.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(size)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(size)
+        inputs = self._padding_inputs(size)
+        try:
+            # Warm up on a side stream (kernel builds, autotuning, allocator), then record.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(inputs)
+        except Exception as error:
+            raise GraphCaptureError(
+                f"capturing the decode CUDA graph for batch {size} with the {self.runner.backend.name!r} attention "
+                f"backend failed: {type(error).__name__}: {error}. Use another attention_backend, or "
+                "enforce_eager=True to run without CUDA graphs") from error
         self.pool = graph.pool()
         self.graphs[size], self.logits[size] = graph, logits
 
-    @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], block_tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
-        """One decode step for ``B = len(input_ids)`` sequences → logits ``[B, V]``."""
-        batch = len(input_ids)
-        size = self.bucket_for(batch)
-        if size not in self.graphs:
-            self.capture(size)
-        width = max(len(row) for row in block_tables)
-        # Fill the static buffers with one host-to-device copy per buffer (padding rows included).
-        pad = size - batch
-        self.input_ids[:size].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slot_mapping[:size].copy_(torch.tensor(slot_mapping + [-1] * pad), non_blocking=True)
-        self.seq_lens[:size].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        tables = [table + [0] * (width - len(table)) for table in block_tables] + [[0] * width] * pad
-        self.block_tables[:size, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+    def capture_all(self, progress: bool = False) -> None:
+        """Capture every bucket, largest first (the memory pool is sized by the first capture)."""
+        for size in tqdm(sorted(self.buckets, reverse=True), desc="capturing CUDA graphs", unit="graph",
+                         disable=not progress):
+            if size not in self.graphs:
+                self.capture(size)
+        torch.cuda.synchronize()
+
+    def replay(self, size: int) -> torch.Tensor:
+        """Run the graph of bucket ``size`` on the inputs already in the buffer → logits ``[size, V]``."""
         self.graphs[size].replay()
-        return self.logits[size][:batch]
+        return self.logits[size]

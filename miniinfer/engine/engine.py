@@ -1,4 +1,4 @@
-"""The engine loop: admit requests, schedule a step, run the model, sample, stream results.
+"""The engine loop: admit requests, then step — plan, run, commit — and stream results.
 
     engine = LLMEngine(model, tokenizer, EngineConfig(...))
     engine.add_request("ROMEO:", SamplingParams(max_tokens=32))
@@ -6,43 +6,59 @@
         for output in engine.step():      # RequestOutputs of requests that advanced in this step
             ...                           # .outputs[i].new_text / .new_token_ids stream, .finished ends
 
+One step is three calls, each owned by one part::
+
+    plan = scheduler.schedule()                   # who runs, how many tokens each, what to sample
+    sampled = runner.run(plan, block_manager)     # on the device: inputs, forward, batched sampler
+    updates = scheduler.commit(plan, sampled)     # counts, prefix cache, forks, token stops, frees
+
+and then the engine turns updates into text (incremental detokenization, stop strings) and outputs.
 New requests may be added between steps: they join the running batch at the next step
 (**continuous batching**), and finished ones leave it at once, freeing their slots and blocks.
+
+A failure fails its own request only: a row the sampler cannot draw (NaN logits) or an exception in
+one request's bookkeeping ends that request with finish reason ``error`` and frees its blocks; an
+exception in the forward itself ends the requests of that step the same way. Either way the engine
+goes on serving the others and is never left with blocks nobody owns.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from miniinfer.engine.attention_backends import select_attention_backend
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.config import EngineConfig
 from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.model_runner import ModelRunner, kv_bytes_per_block
 from miniinfer.engine.radix_cache import RadixCache
-from miniinfer.engine.scheduler import Scheduler, SchedulerConfig
-from miniinfer.engine.sequence import Sequence, SequenceStatus
+from miniinfer.engine.scheduler import Scheduler, SchedulerConfig, TokenUpdate
+from miniinfer.engine.sequence import Sequence
 from miniinfer.outputs import CompletionOutput, RequestOutput
-from miniinfer.sampling import SamplingParams, sample
+from miniinfer.sampler import derive_seed
+from miniinfer.sampling import SamplingParams
 
 
 @dataclass
-class _Request:
+class Request:
+    """What a user submitted, and the sequences that run it (``n`` of them once the prompt is done)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool = True               # build an output every step (False: only when it finishes)
     seqs: list[Sequence] = field(default_factory=list)
-    forked: bool = False
 
-
-def _child_seed(seed: int, index: int) -> int:
-    """Completion ``index`` of a request seeded with ``seed`` draws from its own generator, seeded ``seed + index``."""
-    return seed + index
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(seq.is_finished for seq in self.seqs)
 
 
 def _has_custom_attention(model: torch.nn.Module) -> bool:
@@ -50,6 +66,12 @@ def _has_custom_attention(model: torch.nn.Module) -> bool:
 
     components = getattr(model, "components", None)
     return components is not None and components.attention is not Components().attention
+
+
+def _uses_default_components(model: torch.nn.Module) -> bool:
+    from miniinfer.components import Components
+
+    return getattr(model, "components", None) == Components()
 
 
 class LLMEngine:
@@ -63,8 +85,11 @@ class LLMEngine:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
-        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        limit = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's context "
+                             f"(max_position_embeddings={limit})")
+        self.max_model_len = config.max_model_len or limit
         if config.max_num_batched_tokens is not None:
             max_batched = config.max_num_batched_tokens
         else:
@@ -75,26 +100,41 @@ class LLMEngine:
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks()
         if self.num_kv_blocks * config.block_size < config.block_size + 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small to hold any request")
+        self.eos_token_ids = frozenset(self._eos_token_ids())
+        # Unseeded requests draw their random streams from this generator: LLM(seed=...) makes them
+        # reproducible too (a seeded request never depends on it).
+        self._seed_rng = random.Random(config.seed)
 
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, hooks=hooks)
         self.radix_cache = RadixCache(self.block_manager, hooks=hooks) if config.enable_prefix_caching else None
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max_batched, config.enable_chunked_prefill),
-            self.block_manager, self.radix_cache, hooks=hooks)
-        backend = config.attention_backend
-        if backend == "auto" and _has_custom_attention(model):
-            backend = "components"  # the user's own attention function must be the one that runs
-        self.attention_backend = backend
-        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, backend, hooks=hooks,
-                                  cuda_graph_max_batch=config.max_num_seqs if config.enable_cuda_graphs else 0,
-                                  max_model_len=self.max_model_len)
-        self.requests: dict[str, _Request] = {}
+            SchedulerConfig(config.max_num_seqs, max_batched, config.enable_chunked_prefill, self.max_model_len),
+            self.block_manager, self.radix_cache, hooks=hooks, eos_token_ids=self.eos_token_ids)
+        backend_name = config.attention_backend
+        if backend_name == "auto" and _has_custom_attention(model):
+            backend_name = "components"  # the user's own attention function must be the one that runs
+        self.backend = select_attention_backend(backend_name, self.device, self.dtype, model_config,
+                                                config.block_size, attention_fn=model.components.attention)
+        self.attention_backend = self.backend.name
+        # Fused Triton kernels (norm + residual, RoPE, SiLU-and-multiply) on a GPU, unless the model's
+        # components were replaced: then the user's functions must be the ones that run.
+        if (self.device.type == "cuda" and config.enable_fused_kernels and _uses_default_components(model)
+                and hasattr(model, "enable_fused_kernels")):
+            model.enable_fused_kernels(True)
+        use_graphs = config.enable_cuda_graphs and not config.enforce_eager
+        self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, self.backend, hooks=hooks,
+                                  max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
+                                  max_model_len=self.max_model_len,
+                                  cuda_graph_max_batch=config.max_num_seqs if use_graphs else 0)
+        self.runner.eos_token_ids = tuple(sorted(self.eos_token_ids))
+        self.runner.capture_graphs(progress=config.max_num_seqs > 64)
+        self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
-        self.counters = dict(prompt_tokens=0, generation_tokens=0, prefill_tokens_computed=0,
-                             prefix_cache_hit_tokens=0, num_steps=0, num_requests_finished=0)
+        self._pending_outputs: list[RequestOutput] = []  # final outputs of aborted requests
+        self.counters = dict(prompt_tokens=0, num_steps=0, num_requests_finished=0, num_requests_failed=0,
+                             num_requests_aborted=0)
 
-    @property
-    def eos_token_ids(self) -> set[int]:
+    def _eos_token_ids(self) -> set[int]:
         """Token ids that end a sequence: the tokenizer's (which merges the checkpoint's configs), else config.json's."""
         if self.tokenizer is not None:
             return set(self.tokenizer.eos_token_ids)
@@ -125,24 +165,29 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def validate_prompt(self, prompt: str | list[int], params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
-        """Tokenize and check a prompt; raises ValueError before any work is done."""
-        params = params or SamplingParams()
+    def validate_prompt(self, prompt, params: SamplingParams | None = None) -> tuple[str | None, list[int]]:
+        """Tokenize and check a prompt; raises ValueError (naming the problem) before any work is done."""
+        params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, dict):
+            prompt = _prompt_from_dict(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             if not prompt:
                 raise ValueError("empty prompt: give at least one token")
+            _check_text(prompt)
             text, token_ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, torch.Tensor) and prompt.dim() == 1):
-            token_ids = [int(t) for t in prompt]
-            text = None
-            if isinstance(prompt, (list, tuple)) and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.dtype.is_floating_point:
+            text, token_ids = None, [int(t) for t in prompt.tolist()]
+        elif isinstance(prompt, (list, tuple)) or _is_numpy_int_vector(prompt):
+            if not all(_is_token_id(t) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of ints")
+            text, token_ids = None, [int(t) for t in prompt]
         else:
-            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError(f"a prompt is a string, a list of token ids, or a {{'prompt': …}} / "
+                             f"{{'prompt_token_ids': …}} dict, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.model.config.vocab_size
@@ -155,161 +200,234 @@ class LLMEngine:
         if not self.config.enable_chunked_prefill and len(token_ids) > self.max_num_batched_tokens:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}, and chunked prefill is off")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} completions need {params.n} sequences at once, more than "
+                             f"max_num_seqs={self.config.max_num_seqs}")
         needed = min(len(token_ids) + params.max_tokens, self.max_model_len)
         capacity = self.num_kv_blocks * self.config.block_size
         if needed > capacity:
             raise ValueError(f"the request needs up to {needed} tokens of KV cache but the pool holds {capacity} "
                              f"({self.num_kv_blocks} blocks of {self.config.block_size}); raise num_kv_blocks")
+        if params.logit_bias:
+            outside = [t for t in params.logit_bias if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        if params.stop_token_ids:
+            outside = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"stop_token_ids: token id {outside[0]} is outside the vocabulary [0, {vocab})")
         return text, token_ids
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; it joins the running batch at the next step. Returns its id."""
-        params = params or SamplingParams()
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,
+                    stream: bool = True) -> str:
+        """Queue a request; it joins the running batch at the next step. Returns its id.
+
+        ``stream=False``: :meth:`step` returns this request's output once, when it finishes (what
+        ``LLM.generate`` uses: no per-token output objects, no per-token text unless stop strings
+        need it)."""
+        params = SamplingParams() if params is None else params
         text, token_ids = self.validate_prompt(prompt, params)
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = _Request(request_id, text, token_ids, params)
-        first = self._new_sequence(request, 0)
-        request.seqs.append(first)
-        self.requests[request_id] = request
-        self.scheduler.add(first)
-        self.counters["prompt_tokens"] += len(token_ids)
+        self._enqueue(Request(request_id, text, token_ids, params, stream=stream))
         return request_id
 
-    def _new_sequence(self, request: _Request, index: int) -> Sequence:
-        generator = None
-        if request.params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(_child_seed(request.params.seed, index))
-        seq = Sequence(request.request_id, request.prompt_token_ids, request.params, generator, index=index,
-                       arrival_step=self.counters["num_steps"])
-        if self.tokenizer is not None:
-            from miniinfer.tokenizer import IncrementalDetokenizer
+    def _enqueue(self, request: Request) -> None:
+        base_seed = request.params.seed if request.params.seed is not None else self._seed_rng.getrandbits(64)
+        first = self._new_sequence(request, base_seed, 0)
+        request.seqs.append(first)
+        self.requests[request.request_id] = request
+        self.scheduler.add(first)
+        self.counters["prompt_tokens"] += len(request.prompt_token_ids)
 
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+    def add_requests(self, prompts: list, params: list[SamplingParams], request_ids: list[str] | None = None, *,
+                     stream: bool = True) -> list[str]:
+        """Queue several requests, all or nothing: every prompt is validated and every id checked before
+        any is queued, so a bad one in the middle leaves nothing half-submitted."""
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        if request_ids is None:
+            request_ids = [str(next(self._request_ids)) for _ in prompts]
+        request_ids = [str(r) for r in request_ids]
+        if len(request_ids) != len(prompts):
+            raise ValueError(f"got {len(request_ids)} request ids for {len(prompts)} prompts")
+        if len(set(request_ids)) != len(request_ids):
+            raise ValueError("request ids must be distinct")
+        requests = []
+        for index, (prompt, p, request_id) in enumerate(zip(prompts, params, request_ids)):
+            if request_id in self.requests:
+                raise ValueError(f"prompt {index}: request id {request_id!r} is already in use")
+            try:
+                text, token_ids = self.validate_prompt(prompt, p)
+            except ValueError as error:
+                raise ValueError(f"prompt {index}: {error}") from None
+            requests.append(Request(request_id, text, token_ids, p, stream=stream))
+        for request in requests:
+            self._enqueue(request)
+        return request_ids
+
+    def _new_sequence(self, request: Request, base_seed: int, index: int) -> Sequence:
+        seq = Sequence(request.request_id, request.prompt_token_ids, request.params,
+                       stream_seed=derive_seed(base_seed, index), base_seed=base_seed, index=index)
+        self._attach_detokenizer(request, seq)
         return seq
 
-    def abort_request(self, request_id: str) -> None:
+    def _attach_detokenizer(self, request: Request, seq: Sequence) -> None:
+        # Text while generating is needed for streaming and for stop strings; otherwise it is decoded
+        # once, at the end.
+        if self.tokenizer is not None and (request.stream or request.params.stop_strings):
+            from miniinfer.tokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now: its sequences end with finish reason ``abort`` and free their blocks; its
+        final output comes out of the next :meth:`step`. Returns False for an unknown or finished id."""
         request = self.requests.pop(str(request_id), None)
         if request is None:
-            return
+            return False
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+        self.counters["num_requests_aborted"] += 1
+        self._pending_outputs.append(self._request_output(request, final=True))
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
 
     # -- one step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the state of every request that produced tokens in it."""
+        """Run one step; return the outputs of requests that streamed tokens in it or finished."""
+        outputs, self._pending_outputs = self._pending_outputs, []
         if not self.scheduler.has_unfinished():
-            return []
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
+            return outputs
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
             raise RuntimeError("the scheduler could not schedule anything although requests are waiting; "
                                f"free blocks {self.block_manager.num_free_blocks}/{self.num_kv_blocks}")
-        # Sequences admitted in this step have computed nothing beyond their cached prefix yet.
-        for seq in batch.seqs:
-            if seq.num_computed_tokens == seq.num_cached_tokens:
-                self.counters["prefix_cache_hit_tokens"] += seq.num_cached_tokens
-        logits, sampling_seqs = self.runner.execute(batch, self.block_manager)
         self.counters["num_steps"] += 1
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.counters["prefill_tokens_computed"] += min(num_new, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens >= seq.num_prompt_tokens:
-                self.scheduler.on_prefill_complete(seq)
-        if not sampling_seqs:
-            return []
+        try:
+            sampled = self.runner.run(plan, self.block_manager)
+        except Exception as error:  # noqa: BLE001 - fail this step's requests, keep the engine alive
+            failed = self.scheduler.fail(plan, error)
+            return outputs + self._finish_requests({seq.request_id for seq in failed})
+        updates = self.scheduler.commit(plan, sampled)
+        return outputs + self._process(updates)
 
-        # Parallel sampling: the first time a request's prompt is done, fork n−1 siblings that share
-        # its KV blocks and draw their first token from the same logits row.
-        rows = list(range(len(sampling_seqs)))
-        for row, seq in enumerate(list(sampling_seqs)):
+    def _process(self, updates: list[TokenUpdate]) -> list[RequestOutput]:
+        """Text for the new tokens (stop strings), then one output per touched request that streams or
+        finished."""
+        touched: dict[str, Request] = {}
+        for update in updates:
+            seq = update.seq
             request = self.requests.get(seq.request_id)
-            if request is not None and request.params.n > 1 and not request.forked:
-                request.forked = True
-                for index in range(1, request.params.n):
-                    child = self._new_sequence(request, index)
-                    child.num_computed_tokens = seq.num_computed_tokens
-                    child.prompt_inserted = True
-                    child.status = SequenceStatus.RUNNING
-                    self.block_manager.fork(seq, child)
-                    self.scheduler.running.append(child)
-                    request.seqs.append(child)
-                    sampling_seqs.append(child)
-                    rows.append(row)
-        if len(rows) != logits.shape[0]:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        components = getattr(self.model, "components", None)
-        tokens = sample(logits, [s.params for s in sampling_seqs], [s.generator for s in sampling_seqs],
-                        probabilities_fn=getattr(components, "probabilities", None)).tolist()
-
-        touched: dict[str, _Request] = {}
-        new_tokens: dict[int, int] = {}  # seq_id -> the token it got in this step
-        for seq, token in zip(sampling_seqs, tokens):
-            self._append_token(seq, token)
-            new_tokens[seq.seq_id] = token
-            if seq.request_id in self.requests:
-                touched[seq.request_id] = self.requests[seq.request_id]
+            if request is None:
+                continue
+            if update.new_seq:
+                request.seqs.append(seq)
+                self._attach_detokenizer(request, seq)
+                # The sibling's first token was appended before it had a detokenizer: catch up.
+            try:
+                self._update_text(seq, request)
+            except Exception as error:  # noqa: BLE001 - e.g. a decoding failure: this request only
+                self.scheduler.finish(seq, "error", error=f"{type(error).__name__}: {error}")
+            touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            output = self._request_output(request, new_tokens)
-            outputs.append(output)
-            if output.finished:
+            finished = request.finished
+            if finished or request.stream:
+                outputs.append(self._request_output(request, final=finished))
+            if finished:
                 del self.requests[request.request_id]
                 self.counters["num_requests_finished"] += 1
+                if any(seq.finish_reason == "error" for seq in request.seqs):
+                    self.counters["num_requests_failed"] += 1
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        """Add a sampled token, update the text, decide whether the sequence is done."""
-        seq.token_ids.append(token)
-        self.counters["generation_tokens"] += 1
+    def _finish_requests(self, request_ids: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "error", error="a sibling completion failed")
+            outputs.append(self._request_output(request, final=True))
+            del self.requests[request_id]
+            self.counters["num_requests_finished"] += 1
+            self.counters["num_requests_failed"] += 1
+        return outputs
+
+    def _update_text(self, seq: Sequence, request: Request) -> None:
+        """Feed the new tokens to the detokenizer; end the sequence at a stop string."""
+        detokenizer = seq.detokenizer
+        if detokenizer is None:
+            return
         params = seq.params
         previous_len = len(seq.text)
-        is_eos = not params.ignore_eos and token in self.eos_token_ids
-        if seq.detokenizer is not None and not is_eos:
-            seq.text += seq.detokenizer.add(token)
-        reason = None
-        if is_eos:
-            reason = "stop"
-        elif params.stop and seq.detokenizer is not None:
-            stops = [params.stop] if isinstance(params.stop, str) else params.stop
+        new_tokens = seq.output_token_ids[len(detokenizer.token_ids):]
+        if self._ended_by_eos(seq):
+            new_tokens = new_tokens[:-1]  # the EOS token that ended the sequence is not part of the text
+        for token in new_tokens:
+            seq.text += detokenizer.add(token)
+        stops = params.stop_strings
+        if stops and seq.finish_reason not in ("abort", "error"):
             search_from = max(0, previous_len - max(len(s) for s in stops) + 1)
-            hits = [(seq.text.find(s, search_from), s) for s in stops if seq.text.find(s, search_from) >= 0]
+            hits = [(seq.text.find(s, search_from), s) for s in stops]
+            hits = [(position, s) for position, s in hits if position >= 0]
             if hits:
-                seq.text = seq.text[:min(hits)[0]]
-                reason = "stop"
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            if seq.detokenizer is not None and reason == "length":
-                seq.text += seq.detokenizer.flush()
-            self.scheduler.finish(seq, reason)
-        # The streamed text is derived in _visible_text, which holds back a possible stop-string prefix.
+                # Whatever the detokenizer still holds back comes after the stop string: dropped with it.
+                position, stop = min(hits)
+                seq.text = seq.text[:position + (len(stop) if params.include_stop_str_in_output else 0)]
+                if seq.is_finished:  # a token-level stop in the same step: the stop string came first
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(seq, "stop", stop_reason=stop)
+                return
+        if seq.is_finished:
+            # Bytes of an incomplete character held back so far belong to the text (EOS, length, …).
+            seq.text += detokenizer.flush()
+
+    def _ended_by_eos(self, seq: Sequence) -> bool:
+        tokens = seq.token_ids
+        return (seq.finish_reason == "stop" and seq.stop_reason is None and seq.num_output_tokens > 0
+                and tokens[-1] in self.eos_token_ids)
 
     def _visible_text(self, seq: Sequence) -> str:
         """Text that can be streamed: all of it once finished, else all but a possible stop-string start."""
-        if seq.is_finished or not seq.params.stop:
+        if seq.is_finished or not seq.params.stop_strings:
             return seq.text
-        stops = [seq.params.stop] if isinstance(seq.params.stop, str) else seq.params.stop
-        hold = max(len(s) for s in stops) - 1
+        hold = max(len(s) for s in seq.params.stop_strings) - 1
         return seq.text[:max(0, len(seq.text) - hold)]
 
-    def _request_output(self, request: _Request, new_tokens: dict[int, int]) -> RequestOutput:
+    def _final_text(self, seq: Sequence) -> str:
+        if seq.detokenizer is not None or self.tokenizer is None:
+            return seq.text
+        tokens = seq.output_token_ids
+        if self._ended_by_eos(seq):
+            tokens = tokens[:-1]  # the EOS token is not text
+        return self.tokenizer.decode(tokens, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _request_output(self, request: Request, final: bool) -> RequestOutput:
         completions = []
-        for seq in request.seqs:
-            visible = self._visible_text(seq)
-            emitted, seq.num_emitted_chars = seq.num_emitted_chars, len(visible)
-            token_delta = [new_tokens[seq.seq_id]] if seq.seq_id in new_tokens else []
-            completions.append(CompletionOutput(seq.index, visible, list(seq.output_token_ids), seq.finish_reason,
-                                                new_text=visible[emitted:], new_token_ids=token_delta))
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            text = self._final_text(seq) if seq.is_finished else self._visible_text(seq)
+            new_text = new_tokens = None
+            if request.stream:
+                new_text = text[seq.num_emitted_chars:]
+                new_tokens = seq.output_token_ids[seq.num_emitted_tokens:]
+                seq.num_emitted_chars, seq.num_emitted_tokens = len(text), seq.num_output_tokens
+            completions.append(CompletionOutput(
+                seq.index, text, seq.output_token_ids, seq.finish_reason, new_text=new_text or "",
+                new_token_ids=new_tokens or [], stop_reason=seq.stop_reason, error=seq.error,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None))
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens)
+                             num_cached_tokens=request.seqs[0].num_cached_tokens, finished=final)
 
     # -- conveniences ----------------------------------------------------------------------------
 
@@ -327,8 +445,56 @@ class LLMEngine:
             "kv_blocks_used": self.num_kv_blocks - free,
             "kv_blocks_cached": self.radix_cache.num_nodes if self.radix_cache is not None else 0,
             "block_size": self.config.block_size,
+            "attention_backend": self.attention_backend,
+            "cuda_graphs": self.runner.decode_graphs is not None,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             **self.counters,
+            **self.scheduler.counters,
         }
+
+
+def _prompt_from_dict(prompt: dict):
+    """vLLM's prompt dicts: ``{"prompt": text}`` or ``{"prompt_token_ids": [...]}``, nothing else."""
+    keys = set(prompt)
+    if keys == {"prompt"}:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"{{'prompt': …}} must hold a string, got {type(prompt['prompt']).__name__}")
+        return prompt["prompt"]
+    if keys == {"prompt_token_ids"}:
+        ids = prompt["prompt_token_ids"]
+        if isinstance(ids, str) or not isinstance(ids, (list, tuple)):
+            raise ValueError("{'prompt_token_ids': …} must hold a list of token ids")
+        return list(ids)
+    raise ValueError(f"a prompt dict has exactly one key, 'prompt' (text) or 'prompt_token_ids' (ids); "
+                     f"got keys {sorted(keys)}")
+
+
+def _is_token_id(value) -> bool:
+    import operator
+
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_numpy_int_vector(value) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
+
+
+def _check_text(text: str) -> None:
+    """Text must be encodable as UTF-8: a lone surrogate (e.g. from a bad JSON escape) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the prompt is not valid Unicode text: {error.reason} at index {error.start} "
+                         f"({text[error.start:error.end]!r})") from None

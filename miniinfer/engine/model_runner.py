@@ -1,39 +1,36 @@
-"""The model runner: owns the KV pool tensors, packs a step's batch, runs the model.
+"""The model runner: owns the KV pool and the input buffers, runs a step's forward and its sampler.
 
-A step's batch is **flat**: the new tokens of all scheduled sequences one after another, ``T`` of
-them, with no padding. Each token carries its position (for RoPE) and its slot in the KV pool;
-each sequence contributes its block table, its total key count and its query range. The model then
-runs once over ``T`` tokens and the LM head only on the last token of each sequence that is ready
-to sample (a prefill chunk that stops mid-prompt produces no token).
+``ModelRunner.run(plan) -> SampledTokens`` does everything on the device for one
+:class:`~miniinfer.engine.scheduler.StepPlan`:
 
-The packing itself is the pure function :func:`pack_batch` (chapter 06's exercise), which
-``EngineHooks(pack_batch=...)`` replaces; the slots come from the block manager (chapter 07).
+1. **Pack** the step into a flat batch of ``T`` tokens with no padding (:func:`pack_batch`, chapter
+   06's exercise): each token's id, position (for RoPE) and KV slot; each sequence's block table, key
+   count and query range; the rows whose logits are sampled (a prefill chunk that stops mid-prompt
+   has none).
+2. **Copy** it to the device in one transfer: every integer of the step lives in one pinned host
+   buffer with a device twin, both allocated once; the tensors the model sees are views of the twin.
+   The eager path and the CUDA-graph path share the buffer, so a graph replays with the data the
+   eager path would have used.
+3. **Forward**: a decode-only step that fits a captured batch-size bucket replays its CUDA graph
+   (captured at start-up, :mod:`miniinfer.engine.cuda_graphs`); anything else runs eagerly.
+4. **Sample** every row in one batched pass (:mod:`miniinfer.sampler`), and bring the tokens to the
+   host with one copy.
 """
 
 from __future__ import annotations
 
-import warnings
-from bisect import bisect_right
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from miniinfer.engine.attention_backends import AttentionBackend
 from miniinfer.engine.attention_context import PagedAttentionMetadata, PagedKVContext
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.hooks import EngineHooks
-from miniinfer.engine.scheduler import ScheduledBatch
-from miniinfer.engine.sequence import Sequence
+from miniinfer.engine.scheduler import SampledTokens, StepPlan
 from miniinfer.kv_cache import kv_bytes_per_token
-
-
-@dataclass
-class PreparedBatch:
-    input_ids: torch.Tensor       # [T]
-    positions: torch.Tensor       # [T]
-    metadata: PagedAttentionMetadata
-    logits_indices: torch.Tensor  # [N] rows of the T tokens whose logits we need
-    sampling_seqs: list[Sequence]  # the N sequences those rows belong to
 
 
 class StepEntry(NamedTuple):
@@ -87,34 +84,119 @@ def pack_batch(token_ids: list[list[int]], num_computed: list[int], num_new: lis
     return input_ids, positions, cu_seqlens_q, seq_lens, logits_indices
 
 
+@dataclass
+class StepLayout:
+    """Where each input of a step lives in the shared int32 buffer (offsets in elements).
+
+    ``[input_ids T | positions T | slot_mapping T | seq_lens B | cu_seqlens_q B+1 | logits_indices N |
+    block_tables B × width]``. A CUDA graph for batch bucket ``S`` is captured with the layout
+    ``T = B = N = S``, ``width = M``, so filling that layout and replaying is all a decode step does.
+    """
+
+    num_tokens: int
+    num_seqs: int
+    num_logits: int
+    width: int
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        T, B, N = self.num_tokens, self.num_seqs, self.num_logits
+        starts = [0, T, 2 * T, 3 * T, 3 * T + B, 3 * T + 2 * B + 1, 3 * T + 2 * B + 1 + N]
+        return tuple(starts)
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1] + self.num_seqs * self.width
+
+
+class StepInputs(NamedTuple):
+    """Device views of one step's inputs (all int32; see :class:`StepLayout`)."""
+
+    input_ids: torch.Tensor       # [T]
+    positions: torch.Tensor       # [T]
+    logits_indices: torch.Tensor  # [N]
+    metadata: PagedAttentionMetadata
+
+
+class InputBuffers:
+    """One pinned host buffer and its device twin, holding every integer input of a step.
+
+    On a CPU the two are the same tensor: the model reads what the host wrote, with no copy.
+    """
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.device = device
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(capacity, dtype=torch.int32, pin_memory=pinned)
+        self.host_np = self.host.numpy()
+        self.device_buffer = self.host if device.type == "cpu" else torch.zeros(capacity, dtype=torch.int32,
+                                                                                 device=device)
+
+    def views(self, layout: StepLayout, max_seq_len: int, decode_only: bool, max_q_len: int) -> StepInputs:
+        o = layout.offsets
+        buf = self.device_buffer
+        B = layout.num_seqs
+        metadata = PagedAttentionMetadata(
+            slot_mapping=buf[o[2]:o[3]], block_tables=buf[o[6]:o[6] + B * layout.width].view(B, layout.width),
+            seq_lens=buf[o[3]:o[4]], cu_seqlens_q=buf[o[4]:o[5]], decode_only=decode_only,
+            max_seq_len=max_seq_len, max_q_len=max_q_len)
+        return StepInputs(buf[o[0]:o[1]], buf[o[1]:o[2]], buf[o[5]:o[6]], metadata)
+
+    def upload(self, size: int) -> None:
+        """The step's one host→device copy (asynchronous: the host buffer is pinned)."""
+        if self.device_buffer is not self.host:
+            self.device_buffer[:size].copy_(self.host[:size], non_blocking=True)
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention_backend: str = "auto",
-                 hooks: EngineHooks | None = None, cuda_graph_max_batch: int = 0, max_model_len: int = 0):
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, backend: AttentionBackend,
+                 hooks: EngineHooks | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int = 2048, cuda_graph_max_batch: int = 0, sampler_seed_fn=None):
         self.model = model
-        self.hooks = hooks or EngineHooks()
+        hooks = hooks or EngineHooks()
+        self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
+        self._decode_hook = hooks.paged_decode_attention
         config = model.config
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.block_size = block_size
-        self.attention_backend = attention_backend
+        self.backend = backend
+        self.vocab_size = config.vocab_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.max_model_len = max_model_len
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # Zero-filled: slots past a sequence's length are never read by the kernels, but zeros keep a
         # buggy read from turning into NaN that spreads silently.
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        eager_capacity = StepLayout(max_num_batched_tokens, max_num_seqs, max_num_seqs, self.max_blocks_per_seq).size
+        graph_capacity = StepLayout(max_num_seqs, max_num_seqs, max_num_seqs, self.max_blocks_per_seq).size
+        self.buffers = InputBuffers(max(eager_capacity, graph_capacity), self.device)
         self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
-        # Decode steps replay CUDA graphs (see cuda_graphs.py) when nothing in the step is user Python:
-        # hooks and the "components" attention backend run eagerly so that your code really runs.
+        # The course's sampler plug-in (Components.probabilities) runs per row, in Python.
+        from miniinfer.components import Components
+
+        components = getattr(model, "components", None)
+        default_probabilities = Components().probabilities
+        self.probabilities_fn = None
+        if components is not None and components.probabilities is not default_probabilities:
+            self.probabilities_fn = components.probabilities
         self.decode_graphs = None
-        uses_hooks = any(value is not None for value in vars(self.hooks).values())
-        # The torch reference backends read lengths on the host (.tolist()), which a graph cannot capture.
-        if (cuda_graph_max_batch > 0 and self.device.type == "cuda" and attention_backend not in ("components", "torch")
-                and not uses_hooks):
+        if cuda_graph_max_batch > 0 and self.device.type == "cuda" and self.graphs_allowed:
             from miniinfer.engine.cuda_graphs import DecodeGraphs
 
-            self.decode_graphs = DecodeGraphs(model, self.k_caches, self.v_caches, cuda_graph_max_batch,
-                                              -(-max_model_len // block_size), attention_backend,
-                                              attention_fn=model.components.attention, hooks=self.hooks)
+            self.decode_graphs = DecodeGraphs(self, min(cuda_graph_max_batch, max_num_seqs))
+
+    @property
+    def graphs_allowed(self) -> bool:
+        """CUDA graphs record the forward: fine unless user Python must run inside it (the decode hook, a
+        backend that reads the host) — host-side hooks (packing, planning, slots) run outside graphs."""
+        return self.backend.graph_safe and self._decode_hook is None
+
+    def capture_graphs(self, progress: bool = False) -> None:
+        """Record the decode graphs of every batch bucket now (the engine calls this at start-up)."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all(progress=progress)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks (every layer) before a sequence writes into its copy."""
@@ -125,78 +207,140 @@ class ModelRunner:
         for cache in (*self.k_caches, *self.v_caches):
             cache[destination] = cache[source]
 
-    def prepare(self, batch: ScheduledBatch, block_manager: BlockManager) -> PreparedBatch:
-        seqs = batch.seqs
-        pack = self.hooks.get("pack_batch", pack_batch)
-        packed = pack([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
-                      list(batch.num_new_tokens))
+    def context(self, metadata: PagedAttentionMetadata) -> PagedKVContext:
+        return PagedKVContext(self.k_caches, self.v_caches, metadata, self.backend, decode_hook=self._decode_hook)
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def prepare(self, plan: StepPlan, block_manager: BlockManager, graph_bucket: int | None = None) -> StepInputs:
+        """Pack the plan into the host buffer (padded to ``graph_bucket`` rows for a graph), upload it."""
+        seqs = plan.seqs
+        packed = self._pack_batch([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
+                                  list(plan.num_new_tokens))
         # Lists of ints (the reference); a hook may also return 1-D tensors.
         input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
             values.tolist() if isinstance(values, torch.Tensor) else list(values) for values in packed)
         slots: list[int] = []
-        for seq, num_new in zip(seqs, batch.num_new_tokens):
+        for seq, num_new in zip(seqs, plan.num_new_tokens):
             slots.extend(block_manager.slots(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new))
-        if len(input_ids) != len(slots) or len(cu_seqlens_q) != len(seqs) + 1 or len(seq_lens) != len(seqs):
-            raise ValueError(f"pack_batch returned {len(input_ids)} tokens, {len(cu_seqlens_q)} cu_seqlens_q and "
-                             f"{len(seq_lens)} seq_lens for {len(seqs)} sequences with {len(slots)} new tokens")
-        # The sequence that owns each logits row samples from it.
-        sampling_seqs = [seqs[bisect_right(cu_seqlens_q, index) - 1] for index in logits_indices]
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
+        num_logits = len(plan.logits_seqs)
+        if (len(input_ids) != len(slots) or len(positions) != len(slots) or len(cu_seqlens_q) != len(seqs) + 1
+                or len(seq_lens) != len(seqs) or len(logits_indices) != num_logits):
+            raise ValueError(f"pack_batch returned {len(input_ids)} tokens, {len(positions)} positions, "
+                             f"{len(cu_seqlens_q)} cu_seqlens_q, {len(seq_lens)} seq_lens and {len(logits_indices)} "
+                             f"logits_indices for {len(seqs)} sequences with {len(slots)} new tokens, "
+                             f"{num_logits} of which sample")
+        B, T = len(seqs), len(input_ids)
+        if graph_bucket is not None:
+            pad = graph_bucket - B
+            # Padding rows: token 0 at position 0, no K/V stored (slot −1), nothing attended (length 0).
+            input_ids += [0] * pad
+            positions += [0] * pad
+            slots += [-1] * pad
+            seq_lens += [0] * pad
+            cu_seqlens_q += range(T + 1, T + pad + 1)
+            logits_indices += range(T, T + pad)
+            layout = StepLayout(graph_bucket, graph_bucket, graph_bucket, self.max_blocks_per_seq)
+        else:
+            width = max(len(seq.block_table) for seq in seqs)
+            layout = StepLayout(T, B, len(logits_indices), width)
+        host, o = self.buffers.host_np, layout.offsets
+        host[o[0]:o[1]] = input_ids
+        host[o[1]:o[2]] = positions
+        host[o[2]:o[3]] = slots
+        host[o[3]:o[4]] = seq_lens
+        host[o[4]:o[5]] = cu_seqlens_q
+        host[o[5]:o[6]] = logits_indices
+        tables = host[o[6]:o[6] + layout.num_seqs * layout.width].reshape(layout.num_seqs, layout.width)
+        # Entries past a table's length must still be valid block ids: the gather of the "sdpa" path
+        # reads them (and masks the result). The buffer held other inputs before: clear it (one memset).
+        tables.fill(0)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = seq.block_table
+        self.buffers.upload(layout.size)
+        max_seq_len = layout.width * self.block_size if graph_bucket is not None else max(seq_lens)
+        return self.buffers.views(layout, max_seq_len, decode_only=T == B, max_q_len=max(plan.num_new_tokens))
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        metadata = PagedAttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(tables, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            cu_seqlens_q=tensor(cu_seqlens_q, torch.int32),
-            decode_only=len(input_ids) == len(seqs),
-            max_seq_len=max(seq_lens),
-            max_q_len=max(batch.num_new_tokens),
-        )
-        return PreparedBatch(tensor(input_ids, torch.int64), tensor(positions, torch.int64), metadata,
-                             tensor(logits_indices, torch.int64), sampling_seqs)
+    # -- one step --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; return float32 logits ``[N, V]`` and the N sequences they belong to."""
-        self.copy_blocks(block_manager.take_pending_copies())
+    def run(self, plan: StepPlan, block_manager: BlockManager) -> SampledTokens:
+        """Run one step: the forward over the plan's tokens, then one token per ``plan.samples`` row."""
+        self.copy_blocks(plan.copies)
         self.last_step = [StepEntry(seq.request_id, seq.index, seq.num_computed_tokens, num_new, seq.num_prompt_tokens)
-                          for seq, num_new in zip(batch.seqs, batch.num_new_tokens)]
-        if self._is_graphable_decode(batch):
-            return self._execute_decode_graph(batch, block_manager)
-        prepared = self.prepare(batch, block_manager)
-        context = PagedKVContext(self.k_caches, self.v_caches, prepared.metadata, self.attention_backend,
-                                 attention_fn=self.model.components.attention, hooks=self.hooks)
-        if not prepared.sampling_seqs:
-            # A step of prefill chunks only: run the layers for their KV, skip the LM head entirely.
-            self.model(prepared.input_ids, prepared.positions, attention=context,
-                       logits_indices=prepared.logits_indices)
-            return torch.empty(0), []
-        logits = self.model(prepared.input_ids, prepared.positions, attention=context,
-                            logits_indices=prepared.logits_indices)
-        return logits.float(), prepared.sampling_seqs
+                          for seq, num_new in zip(plan.seqs, plan.num_new_tokens)]
+        bucket = None
+        if self.decode_graphs is not None and plan.is_decode_only:
+            bucket = self.decode_graphs.bucket_for(len(plan.seqs))
+        inputs = self.prepare(plan, block_manager, graph_bucket=bucket)
+        if bucket is not None:
+            logits = self.decode_graphs.replay(bucket)[:len(plan.seqs)]
+        else:
+            logits = self.model(inputs.input_ids, inputs.positions, attention=self.context(inputs.metadata),
+                                logits_indices=inputs.logits_indices)
+        if not plan.samples:
+            return SampledTokens([])
+        return self.sample(logits, plan)
 
-    def _is_graphable_decode(self, batch: ScheduledBatch) -> bool:
-        """Every sequence computes exactly its one newest token (so every one samples), and a graph fits."""
-        return (self.decode_graphs is not None and self.decode_graphs.bucket_for(len(batch.seqs)) is not None
-                and all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
-                        for seq, n in zip(batch.seqs, batch.num_new_tokens)))
+    def sample(self, logits: torch.Tensor, plan: StepPlan) -> SampledTokens:
+        """logits [N, V] (one row per sequence in ``plan.logits_seqs``) → one token per sample row."""
+        logits_seqs = plan.logits_seqs
+        if len(plan.samples) != len(logits_seqs):  # forks draw from their parent's row
+            row_of = {seq.seq_id: row for row, seq in enumerate(logits_seqs)}
+            rows = torch.tensor([row_of[sample.seq.seq_id] for sample in plan.samples], device=logits.device)
+            logits = logits.index_select(0, rows)
+        logits = logits.float()
+        if self.probabilities_fn is not None:
+            return self._sample_per_row(logits, plan)
+        from miniinfer.sampler import SamplingBatch, SamplingRow, sample_batch
 
-    def _execute_decode_graph(self, batch: ScheduledBatch, block_manager: BlockManager) -> tuple[torch.Tensor, list[Sequence]]:
-        seqs = batch.seqs
-        positions = [seq.num_computed_tokens for seq in seqs]
-        slots = [block_manager.slots(seq, pos, pos + 1)[0] for seq, pos in zip(seqs, positions)]
-        try:
-            logits = self.decode_graphs.run([seq.token_ids[-1] for seq in seqs], positions, slots,
-                                            [seq.block_table for seq in seqs], [pos + 1 for pos in positions])
-        except RuntimeError as error:
-            # A kernel that cannot be captured (e.g. a backend falling back to the torch reference for an
-            # unsupported head size): run this and every later step eagerly instead.
-            warnings.warn(f"CUDA graphs disabled, decode runs eagerly: {error}", stacklevel=2)
-            self.decode_graphs = None
-            torch.cuda.synchronize()
-            return self.execute(batch, block_manager)
-        return logits.float(), list(seqs)
+        rows = []
+        for sample in plan.samples:
+            seq, params = sample.seq, sample.seq.params
+            step = 0 if sample.is_fork else seq.num_output_tokens
+            penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+                         or params.frequency_penalty != 0.0)
+            suppressed = ()
+            if step < params.min_tokens:
+                suppressed = tuple(params.stop_token_ids or ()) + (() if params.ignore_eos else self.eos_token_ids)
+            rows.append(SamplingRow(params, sample.stream_seed, step,
+                                    seq.prompt_token_ids if penalised else (),
+                                    seq.token_ids[seq.num_prompt_tokens:] if penalised and not sample.is_fork else (),
+                                    suppressed))
+        output = sample_batch(logits, SamplingBatch.build(rows, logits.shape[-1], logits.device))
+        token_ids = output.token_ids.tolist()  # the step's one device→host synchronisation
+        logprobs = output.logprobs.tolist() if output.logprobs is not None else None
+        top = None
+        if output.top_logprobs is not None:
+            top = [list(zip(ids, values)) for ids, values in zip(output.top_logprob_ids.tolist(),
+                                                                 output.top_logprobs.tolist())]
+        return SampledTokens(token_ids, logprobs, top)
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def _sample_per_row(self, logits: torch.Tensor, plan: StepPlan) -> SampledTokens:
+        """The course plug-in path: the user's ``probabilities(logits [V], params) -> probs [V]`` one row at a
+        time, then the batched sampler's draw (the same random stream per sequence and step), so a seeded
+        request gives the same tokens with the plug-in as without it."""
+        from miniinfer.sampler import _inverse_cdf, uniform_from_seed
+
+        rows = []
+        for row, sample_row in enumerate(plan.samples):
+            params = sample_row.seq.params
+            if params.greedy:
+                probs = torch.zeros_like(logits[row])
+                probs[logits[row].argmax()] = 1.0
+            else:
+                probs = self.probabilities_fn(logits[row], params).float()
+            rows.append(probs)
+        probs = torch.stack(rows)
+        seeds = torch.tensor([_as_int64(s.stream_seed) for s in plan.samples], device=logits.device)
+        steps = torch.tensor([0 if s.is_fork else s.seq.num_output_tokens for s in plan.samples], device=logits.device)
+        tokens = _inverse_cdf(probs, uniform_from_seed(seeds, steps)).clamp_(max=logits.shape[-1] - 1)
+        return SampledTokens(tokens.tolist())
+
+
+def _as_int64(value: int) -> int:
+    """A 64-bit seed as the int64 with the same bits."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value

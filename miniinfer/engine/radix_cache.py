@@ -97,7 +97,9 @@ class RadixCache:
 
     def __init__(self, block_manager: BlockManager, hooks: EngineHooks | None = None):
         self.block_manager = block_manager
-        self.hooks = hooks or EngineHooks()
+        hooks = hooks or EngineHooks()
+        self._match_blocks = hooks.match_blocks or match_blocks            # resolved once
+        self._eviction_order = hooks.lru_eviction_order or lru_eviction_order
         self.block_size = block_manager.block_size
         self.root = RadixNode((), -1, None)
         self.num_nodes = 0
@@ -116,8 +118,7 @@ class RadixCache:
         since its logits give the first new token.
         """
         limit = len(token_ids) - 1 if max_tokens is None else max_tokens
-        match = self.hooks.get("match_blocks", match_blocks)
-        nodes = match(self.root, token_ids, self.block_size, max(0, limit))
+        nodes = self._match_blocks(self.root, token_ids, self.block_size, max(0, limit))
         self._check_path(nodes, token_ids)
         now = next(self._clock)
         for node in nodes:
@@ -166,9 +167,8 @@ class RadixCache:
         """Free up to ``num_blocks`` blocks, least recently used leaves first; return how many."""
         if num_blocks <= 0:
             return 0
-        choose = self.hooks.get("lru_eviction_order", lru_eviction_order)
         freed = 0
-        for node in list(choose(self.root, num_blocks, self.block_manager.ref_counts))[:num_blocks]:
+        for node in list(self._eviction_order(self.root, num_blocks, self.block_manager.ref_counts))[:num_blocks]:
             parent = node.parent if isinstance(node, RadixNode) else None
             if (parent is None or parent.children.get(node.key) is not node or node.children
                     or self.block_manager.ref_counts[node.block] != 1):

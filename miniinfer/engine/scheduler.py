@@ -1,4 +1,11 @@
-"""The scheduler: which sequences run in the next step, and how many of their tokens.
+"""The scheduler: which sequences run in the next step and how many of their tokens — and, after the
+step, what its sampled tokens mean.
+
+A step is three calls (see :mod:`miniinfer.engine.engine`)::
+
+    plan = scheduler.schedule()          # StepPlan: sequences, new tokens each, rows to sample
+    sampled = runner.run(plan)           # the forward and the sampler, on the device
+    updates = scheduler.commit(plan, sampled)   # counts, prefix cache, forks, stops, frees
 
 One step computes a flat batch of tokens under two budgets: at most ``max_num_seqs`` sequences
 and at most ``max_num_batched_tokens`` tokens. Every sequence is described by one number,
@@ -11,26 +18,30 @@ Policy, in order:
 
 1. **Running** sequences first, oldest first, so that requests in flight keep streaming.
 2. Then **waiting** sequences, first come first served, while both budgets allow. On admission a
-   sequence looks up its longest cached prefix in the radix cache; those tokens skip prefill.
+   sequence looks up its longest cached prefix in the radix cache; those tokens skip prefill. A
+   request with ``n > 1`` completions needs ``n`` seats: its siblings fork once its prompt is done.
 3. When the KV pool has too few free blocks, evict unused prefix-cache blocks; if that is not
    enough, **preempt** the most recently admitted running sequence: free its blocks and put it back
    at the front of the waiting queue, to be recomputed later (its generated tokens are kept, so the
    output does not change). Nothing fails because the pool is full.
 
 Steps 1 and 2 — who gets how many tokens — are the pure function :func:`plan_step` (chapter 06's
-exercise; ``EngineHooks(plan_step=...)`` replaces it). The memory side (step 3) and the prefix-cache
-lookup at admission stay here.
+exercise; ``EngineHooks(plan_step=...)`` replaces it). It sees the whole running batch and every
+admission candidate at once, so a different policy really changes who is admitted. The memory side
+(step 3) and the prefix-cache lookup stay here.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.radix_cache import RadixCache
 from miniinfer.engine.sequence import Sequence, SequenceStatus
+from miniinfer.sampler import derive_seed
 
 
 @dataclass
@@ -38,21 +49,73 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     enable_chunked_prefill: bool = True
+    max_model_len: int = 1 << 62
 
 
 @dataclass
-class ScheduledBatch:
-    """What one step computes: each sequence with its number of new tokens, in batch order."""
+class SampleRow:
+    """One token to draw in this step: from the logits row of ``seq``, for completion ``index``.
+
+    ``index == seq.index`` is the sequence's own next token; any other index is a sibling that
+    forks from ``seq`` in :meth:`Scheduler.commit` (``n > 1``: all completions draw their first token
+    from the prompt's last logits, each from its own random stream).
+    """
+
+    seq: Sequence
+    index: int
+    stream_seed: int
+
+    @property
+    def is_fork(self) -> bool:
+        return self.index != self.seq.index
+
+
+@dataclass
+class StepPlan:
+    """What one step computes: each sequence with its number of new tokens, in batch order, and the
+    tokens to sample (one per sequence that finishes computing its tokens, ``n`` at a fork)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    samples: list[SampleRow] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (source, destination) blocks
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    def logits_seqs(self) -> list[Sequence]:
+        """Sequences whose last new token's logits this step needs, in batch order."""
+        seen: list[Sequence] = []
+        for row in self.samples:
+            if not seen or seen[-1] is not row.seq:
+                seen.append(row.seq)
+        return seen
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens) and len(self.samples) == len(self.seqs)
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+
+@dataclass
+class SampledTokens:
+    """What the model runner returns: one entry per :class:`SampleRow` of the plan, in order.
+
+    ``token_ids[i] == -1`` means the row could not be sampled (non-finite logits): that sequence fails.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None                        # the chosen tokens' logprobs
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
+
+
+@dataclass
+class TokenUpdate:
+    """One sequence's outcome in :meth:`Scheduler.commit`: the token it got, and whether it finished."""
+
+    seq: Sequence
+    token_id: int
+    new_seq: bool = False       # a sibling that forked in this step
 
 
 def plan_step(running: list[int], waiting: list[int], max_num_batched_tokens: int, max_num_seqs: int,
@@ -94,14 +157,18 @@ def plan_step(running: list[int], waiting: list[int], max_num_batched_tokens: in
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, radix_cache: RadixCache | None,
-                 hooks: EngineHooks | None = None):
+                 hooks: EngineHooks | None = None, eos_token_ids: SequenceOf[int] = ()):
         self.config = config
-        self.hooks = hooks or EngineHooks()
+        hooks = hooks or EngineHooks()
+        self._plan_step = hooks.plan_step or plan_step   # resolved once
         self.block_manager = block_manager
         self.radix_cache = radix_cache
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.counters = dict(prefill_tokens_computed=0, recomputed_tokens=0, prefix_cache_hit_tokens=0,
+                             generation_tokens=0)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -110,13 +177,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_seats_taken(self) -> int:
+        return sum(seq.num_seats for seq in self.running)
+
     # -- memory ----------------------------------------------------------------------------------
 
-    def _make_room(self, seq: Sequence, num_new_tokens: int, protected: list[Sequence]) -> bool:
+    def _make_room(self, seq: Sequence, num_new_tokens: int, protected: set[int]) -> bool:
         """Free blocks until ``seq`` fits: evict cache blocks, then preempt running sequences.
 
         Victims are taken from the end of ``running`` (the most recently admitted), never from
-        ``protected`` (sequences already in this step's batch). Returns False when ``seq`` itself
+        ``protected`` (ids of sequences already in this step's batch). Returns False when ``seq`` itself
         had to be preempted or cannot fit.
         """
         manager = self.block_manager
@@ -124,7 +195,7 @@ class Scheduler:
             shortfall = manager.num_blocks_needed(seq, num_new_tokens) - manager.num_free_blocks
             if self.radix_cache is not None and self.radix_cache.evict(shortfall) > 0:
                 continue
-            victim = next((s for s in reversed(self.running) if s not in protected), None)
+            victim = next((s for s in reversed(self.running) if s.seq_id not in protected), None)
             if victim is None:
                 return False
             self.preempt(victim)
@@ -152,8 +223,8 @@ class Scheduler:
 
     def _plan(self, running: list[int], waiting: list[int], budget: int, max_num_seqs: int) -> list[int]:
         """The plan hook (default :func:`plan_step`), with its answer checked against the budgets."""
-        plan = [int(n) for n in self.hooks.get("plan_step", plan_step)(
-            running, waiting, budget, max_num_seqs, self.config.enable_chunked_prefill)]
+        plan = [int(n) for n in self._plan_step(list(running), list(waiting), budget, max_num_seqs,
+                                                self.config.enable_chunked_prefill)]
         wanted = running + waiting
         if (len(plan) != len(wanted) or sum(plan) > budget
                 or any(not 0 <= n <= limit for n, limit in zip(plan, wanted))):
@@ -162,62 +233,181 @@ class Scheduler:
                              "sequence, each between 0 and its uncomputed tokens, summing to at most the budget")
         return plan
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
-        preempted_this_step = False
+    def _admission_candidates(self, budget: int, seats: int) -> list[Sequence]:
+        """The waiting sequences the plan may admit, with their cached prefixes looked up (and held).
 
-        # 1. Running sequences: decodes (1 token) and unfinished chunked prefills.
-        running = list(self.running)
-        plan = self._plan([seq.num_uncomputed_tokens for seq in running], [], budget, self.config.max_num_seqs)
-        for seq, num_new in zip(running, plan):
-            if num_new == 0 or seq.status is not SequenceStatus.RUNNING:
-                continue  # no budget left for it, or preempted (below) to make room for an older one
-            before = self.num_preemptions
-            if not self._make_room(seq, num_new, protected=batch.seqs):
-                preempted_this_step = True
-                continue  # seq itself was preempted (it left `running`)
-            preempted_this_step |= self.num_preemptions != before
-            self.block_manager.allocate(seq, num_new)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
-            budget -= num_new
-
-        # 2. Waiting sequences, unless memory is so tight that we just preempted someone. The plan is
-        # asked about one candidate at a time, with what is left of the budget and of the seats:
-        # admission looks up the candidate's cached prefix first, which shortens what it must compute.
-        while (self.waiting and budget > 0 and not preempted_this_step
-               and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting[0]
+        At most ``seats`` of them, and no further than the token budget could reach even without
+        cache hits: looking up a prefix costs a walk of the tree, so we do not walk for sequences
+        that cannot run in this step anyway.
+        """
+        candidates: list[Sequence] = []
+        reach = 0
+        for seq in self.waiting:
+            if len(candidates) >= seats or reach >= budget:
+                break
             if self.radix_cache is not None and not seq.block_table:
                 cached = self.radix_cache.match_prefix(seq.token_ids)
                 for block in cached:
-                    self.block_manager.retain(block)
+                    self.block_manager.retain(block)  # held, so no eviction in this step can take them
                 seq.block_table = list(cached)
                 seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_manager.block_size
-            num_new = self._plan([], [seq.num_uncomputed_tokens], budget,
-                                 self.config.max_num_seqs - len(self.running))[0]
-            if num_new == 0:
-                break  # without chunked prefill: wait for a step with room for the whole prompt
-            if not self.block_manager.can_allocate(seq, num_new):
-                evictable = self.radix_cache.evict(
-                    self.block_manager.num_blocks_needed(seq, num_new) - self.block_manager.num_free_blocks
-                ) if self.radix_cache is not None else 0
-                if not evictable or not self.block_manager.can_allocate(seq, num_new):
-                    # Not now: give the prefix blocks back (they stay cached) and retry next step.
-                    self.block_manager.free(seq)
-                    seq.num_computed_tokens = seq.num_cached_tokens = 0
-                    break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq, num_new)
+            candidates.append(seq)
+            reach += seq.num_uncomputed_tokens
+        return candidates
+
+    def _release_candidate(self, seq: Sequence) -> None:
+        """Not admitted after all: give its prefix blocks back (they stay cached) for a later step."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        config = self.config
+        budget = config.max_num_batched_tokens
+        # Seats: a request with n > 1 holds n of them from admission (its siblings fork later).
+        seats_free = config.max_num_seqs - self.num_seats_taken
+        running = list(self.running)
+        candidates = self._admission_candidates(budget, max(0, seats_free))
+        extra_seats = self.num_seats_taken - len(running)
+        counts = self._plan([seq.num_uncomputed_tokens for seq in running],
+                            [seq.num_uncomputed_tokens for seq in candidates], budget,
+                            config.max_num_seqs - extra_seats)
+        running_counts, waiting_counts = counts[:len(running)], counts[len(running):]
+
+        # 1. Running sequences: decodes (1 token) and unfinished chunked prefills.
+        in_batch: set[int] = set()
+        preempted = False
+        for seq, num_new in zip(running, running_counts):
+            if num_new == 0 or seq.status is not SequenceStatus.RUNNING:
+                continue  # no budget left for it, or preempted (below) to make room for an older one
+            before = self.num_preemptions
+            if not self._make_room(seq, num_new, protected=in_batch):
+                preempted = True
+                continue  # seq itself was preempted (it left `running`)
+            preempted |= self.num_preemptions != before
+            self._add_to_plan(plan, seq, num_new, in_batch)
+            budget -= num_new
+
+        # 2. Waiting sequences the plan admits, unless memory is so tight that we just preempted someone.
+        admitting = not preempted
+        seats_taken = self.num_seats_taken
+        for seq, num_new in zip(candidates, waiting_counts):
+            if admitting and num_new > 0 and seats_taken + seq.num_seats > config.max_num_seqs:
+                admitting = False  # first come first served: no overtaking by smaller requests
+            if admitting and num_new > 0 and not self.block_manager.can_allocate(seq, num_new):
+                if self.radix_cache is not None:
+                    self.radix_cache.evict(self.block_manager.num_blocks_needed(seq, num_new)
+                                           - self.block_manager.num_free_blocks)
+                admitting = self.block_manager.can_allocate(seq, num_new)
+            if not admitting or num_new == 0:
+                self._release_candidate(seq)
+                continue
+            self.waiting.remove(seq)
+            seats_taken += seq.num_seats
+            if seq.num_preemptions == 0:
+                self.counters["prefix_cache_hit_tokens"] += seq.num_cached_tokens  # a readmission counts once
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
-            budget -= num_new
-        return batch
+            self._add_to_plan(plan, seq, num_new, in_batch)
+        plan.copies = self.block_manager.take_pending_copies()
+        return plan
+
+    def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, in_batch: set[int]) -> None:
+        self.block_manager.allocate(seq, num_new)
+        plan.seqs.append(seq)
+        plan.num_new_tokens.append(num_new)
+        in_batch.add(seq.seq_id)
+        if seq.num_computed_tokens + num_new == seq.num_tokens:  # every token computed: it samples
+            plan.samples.append(SampleRow(seq, seq.index, seq.stream_seed))
+            if not seq.forked and seq.params.n > 1:
+                plan.samples.extend(SampleRow(seq, index, derive_seed(seq.base_seed, index))
+                                    for index in range(1, seq.params.n))
 
     # -- after the step --------------------------------------------------------------------------
+
+    def commit(self, plan: StepPlan, sampled: SampledTokens) -> list[TokenUpdate]:
+        """Apply a step's results: computed counts, prefix-cache inserts, forks, new tokens, token-level
+        stops (EOS, ``stop_token_ids``, ``max_tokens``, the context limit) and frees.
+
+        Returns one :class:`TokenUpdate` per sampled token, for the engine to detokenize (stop strings
+        are text-level, so the engine finishes those). A row that could not be sampled (token −1) or
+        whose bookkeeping raises finishes its sequence with reason ``error``; the others go on.
+        """
+        for seq, num_new in zip(plan.seqs, plan.num_new_tokens):
+            if seq.is_finished:
+                continue  # aborted while the step ran
+            decode = num_new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.num_output_tokens > 0
+            if not decode:
+                self.counters["prefill_tokens_computed"] += num_new
+                # Tokens past the prompt computed again after a preemption: the price of recompute.
+                self.counters["recomputed_tokens"] += max(0, min(seq.num_computed_tokens + num_new, seq.num_tokens - 1)
+                                                          - max(seq.num_computed_tokens, seq.num_prompt_tokens))
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self.on_prefill_complete(seq)
+
+        # Forks first: a sibling shares its parent's blocks as they are now, before the parent's own
+        # token (which may finish it and free them) is appended.
+        targets: list[Sequence] = []
+        for row in plan.samples:
+            target = row.seq
+            if row.is_fork and not row.seq.is_finished:
+                target = self._fork(row.seq, row.index, row.stream_seed)
+            targets.append(target)
+        for row in plan.samples:
+            if row.is_fork:
+                row.seq.forked = True
+        updates: list[TokenUpdate] = []
+        for row_index, (row, seq) in enumerate(zip(plan.samples, targets)):
+            if seq.is_finished:
+                continue
+            token = sampled.token_ids[row_index]
+            try:
+                self._append(seq, token, row_index, sampled)
+            except Exception as error:  # noqa: BLE001 - one sequence's failure must not stop the others
+                self.finish(seq, "error", error=f"{type(error).__name__}: {error}")
+            updates.append(TokenUpdate(seq, token, new_seq=row.is_fork))
+        return updates
+
+    def _fork(self, parent: Sequence, index: int, stream_seed: int) -> Sequence:
+        """A sibling of ``parent`` (n > 1) sharing every KV block of its prompt."""
+        child = Sequence(parent.request_id, parent.prompt_token_ids, parent.params, stream_seed=stream_seed,
+                         base_seed=parent.base_seed, index=index, token_ids=list(parent.prompt_token_ids))
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.prompt_inserted = True
+        child.forked = True
+        child.status = SequenceStatus.RUNNING
+        self.block_manager.fork(parent, child)
+        self.running.append(child)
+        return child
+
+    def _append(self, seq: Sequence, token: int, row_index: int, sampled: SampledTokens) -> None:
+        """Add a sampled token and decide whether a token-level condition ends the sequence."""
+        if token < 0:
+            self.finish(seq, "error", error="the model produced no valid token (non-finite logits: NaN or "
+                                            "infinite weights or activations?)")
+            return
+        params = seq.params
+        seq.token_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        if seq.logprobs is not None and sampled.logprobs is not None:
+            entry = {token: sampled.logprobs[row_index]}
+            if sampled.top_logprobs is not None:
+                for token_id, logprob in sampled.top_logprobs[row_index][:params.logprobs]:
+                    entry.setdefault(token_id, logprob)
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += sampled.logprobs[row_index]
+        num_output = seq.num_output_tokens
+        if num_output > params.min_tokens:  # the sampler suppresses stop tokens until min_tokens are out
+            if not params.ignore_eos and token in self.eos_token_ids:
+                self.finish(seq, "stop", stop_reason=None)
+                return
+            if params.stop_token_ids and token in params.stop_token_ids:
+                self.finish(seq, "stop", stop_reason=token)
+                return
+        if num_output >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.finish(seq, "length")
 
     def on_prefill_complete(self, seq: Sequence) -> None:
         """The prompt's KV is all computed: offer its full blocks to the prefix cache right away, so
@@ -227,13 +417,34 @@ class Scheduler:
             if self.radix_cache is not None:
                 self.radix_cache.insert(seq.prompt_token_ids, seq.block_table)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, *, stop_reason: int | str | None = None,
+               error: str | None = None) -> None:
         """Retire a sequence: cache its computed blocks, release its references."""
+        if seq.is_finished:
+            return
+        was_waiting = seq.status is SequenceStatus.WAITING
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self._cache_computed_blocks(seq)
-        self.block_manager.free(seq)
+        seq.stop_reason = stop_reason
+        seq.error = error
+        if not was_waiting or seq.block_table:
+            try:
+                self._cache_computed_blocks(seq)
+            except Exception:  # noqa: BLE001 - a failed cache insert must not keep the blocks
+                pass
+            self.block_manager.free(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def fail(self, plan: StepPlan, error: BaseException) -> list[Sequence]:
+        """The step itself failed (an exception in the forward or the sampler): finish every sequence of
+        the plan with reason ``error`` and free its blocks, so that the engine is never left wedged."""
+        failed = []
+        message = f"{type(error).__name__}: {error}"
+        for seq in plan.seqs:
+            if not seq.is_finished:
+                self.finish(seq, "error", error=message)
+                failed.append(seq)
+        return failed

@@ -16,8 +16,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from miniinfer.sampling import SamplingParams
 
 
@@ -37,7 +35,8 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None = None
+    stream_seed: int = 0                             # this sequence's random stream: derive_seed(base_seed, index)
+    base_seed: int = 0                               # the request's seed (its own, or drawn by the engine)
     index: int = 0                                   # which of the request's n completions this is
     seq_id: int = field(default_factory=lambda: next(_sequence_ids))
     token_ids: list[int] = field(default_factory=list)
@@ -45,17 +44,24 @@ class Sequence:
     num_computed_tokens: int = 0                     # tokens whose K/V are in the cache
     num_cached_tokens: int = 0                       # of those, how many came from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)  # KV block ids, in position order
-    finish_reason: str | None = None                 # "stop" | "length" | "abort"
-    arrival_step: int = 0
+    finish_reason: str | None = None                 # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None             # the stop token id or stop string that ended it
+    error: str | None = None                         # what went wrong, for finish_reason "error"
     prompt_inserted: bool = False                    # the prompt's full blocks went into the radix cache
+    forked: bool = False                             # n > 1: the siblings exist (until then it holds n seats)
     detokenizer: object | None = None                # streaming detokenizer (engine's choice)
     text: str = ""                                   # generated text so far (stop strings removed)
     num_preemptions: int = 0
     num_emitted_chars: int = 0                       # text already streamed to the caller
+    num_emitted_tokens: int = 0                      # output tokens already streamed to the caller
+    logprobs: list[dict[int, float]] | None = None   # per output token: {token id: logprob}, when asked
+    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +82,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_seats(self) -> int:
+        """Places in the running batch this sequence needs: ``n`` until it has forked its siblings."""
+        return 1 if self.forked or self.params.n == 1 else self.params.n
 
     @property
     def is_finished(self) -> bool:

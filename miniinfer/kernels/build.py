@@ -35,8 +35,10 @@ def csrc_dir() -> Path:
     return path
 
 
+@functools.cache
 def cuda_build_problem() -> str | None:
-    """Why CUDA kernels cannot be built here, or None when they can."""
+    """Why CUDA kernels cannot be built here, or None when they can (asked once per process: it
+    searches PATH, which is far too slow for a per-layer check)."""
     if torch.version.cuda is None:
         return (f"this torch ({torch.__version__}) is a CPU-only build; CUDA kernels need a CUDA build of "
                 "torch and a CUDA GPU. On this machine use the Triton kernels (interpreted on the CPU) or "

@@ -32,7 +32,6 @@ the grid is sized from ``max_seq_len`` (default ``block_tables.shape[1] * P``), 
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -41,7 +40,6 @@ from miniinfer.kernels import triton_available, triton_interpreted
 from miniinfer.kernels.build import cuda_kernels_available, load_cuda_extension
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-PREFILL_BACKENDS = ("auto", "torch", "triton", "cuda")  # "cuda": no CUDA prefill kernel, runs Triton
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 
@@ -466,8 +464,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``q_len``, sizing the grid; computed (one host sync) when not given. ``max_seq_len`` (Triton): an
     upper bound of ``seq_lens``, default ``max_blocks * P``. ``out``: optional preallocated [T, H, D].
     """
-    if backend not in PREFILL_BACKENDS:
-        raise ValueError(f"paged_prefill_attention: backend must be one of {PREFILL_BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:  # "cuda" is accepted and runs the Triton kernel (no CUDA prefill kernel)
+        raise ValueError(f"paged_prefill_attention: backend must be one of {BACKENDS}, got {backend!r}")
     B = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     _check_attention("paged_prefill_attention", q, k_cache, v_cache, block_tables, seq_lens, B)
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] != B + 1:
@@ -482,8 +480,3 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return result if out is None else _output(out, q).copy_(result)
     return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale,
                                           max_q_len=max_q_len, max_seq_len=max_seq_len, out=out)
-
-
-def default_scale(head_dim: int) -> float:
-    """The usual softmax scale 1 / sqrt(D)."""
-    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,233 @@
+"""Attention backends: how a step's attention runs over the paged KV pool, chosen once at start-up.
+
+Each backend is an object with three operations, called by every layer through
+:class:`~miniinfer.engine.attention_context.PagedKVContext`:
+
+* ``write_kv(k, v, k_cache, v_cache, slot_mapping)`` — store the step's new keys and values;
+* ``decode(q, k_cache, v_cache, metadata, scale)`` — one query per sequence (a decode-only step);
+* ``prefill(q, k_cache, v_cache, metadata, scale)`` — packed new tokens over a cached prefix
+  (prefill chunks, mixed with decodes).
+
+and one property, ``graph_safe``: whether its decode can be recorded in a CUDA graph (no host
+synchronisation, no data-dependent shapes). The engine resolves a name to an object in
+:func:`select_attention_backend` once, so a step never compares strings or probes the machine:
+
+| name | decode | prefill | graphs |
+|---|---|---|---|
+| ``torch`` | reference, one sequence at a time | reference | no |
+| ``sdpa`` | gather through the block tables + torch SDPA (the CPU's fastest) | reference | no |
+| ``triton`` | our split-KV Triton kernel | our paged flash-attention Triton kernel | yes |
+| ``cuda`` | our CUDA kernel (``csrc/paged_attention.cu``) | Triton | yes |
+| ``components`` | the model's own attention function, per sequence (the course's plug-in) | same | no |
+
+``auto`` means ``sdpa`` on a CPU and, on a GPU, whichever of ``triton``/``cuda`` decodes faster on
+this machine for this model's shapes — measured, not assumed (:func:`measure_decode_backends`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+
+from miniinfer.kernels import triton_available
+from miniinfer.kernels.paged_attention import (
+    cuda_supports,
+    paged_decode_attention_cuda,
+    paged_decode_attention_torch,
+    paged_decode_attention_triton,
+    paged_prefill_attention_torch,
+    paged_prefill_attention_triton,
+    write_kv_torch,
+    write_kv_triton,
+)
+
+ATTENTION_BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "components")
+
+
+class AttentionBackend:
+    """The reference backend (``torch``): readable loops over sequences, float32 math, any device."""
+
+    name = "torch"
+    graph_safe = False  # reads lengths on the host (.tolist())
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+
+    def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return paged_decode_attention_torch(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale)
+
+    def prefill(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return paged_prefill_attention_torch(q, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
+                                             metadata.seq_lens, scale)
+
+    def __repr__(self) -> str:
+        return f"<attention backend {self.name!r}>"
+
+
+class SdpaBackend(AttentionBackend):
+    """Decode: gather every sequence's keys through its block table (one index for all layers), then
+    torch's fused attention. Prefill: the reference."""
+
+    name = "sdpa"
+
+    def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        slots, mask = metadata.decode_gather_index(k_cache.shape[1])
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)    # [B, H_kv, S, D]
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=None if mask is None else mask[:, None, None, :],
+            scale=scale, enable_gqa=True)                                             # [B, H, 1, D]
+        return out[:, :, 0, :]
+
+
+class TritonBackend(AttentionBackend):
+    """Our Triton kernels for all three operations; nothing synchronises with the host."""
+
+    name = "triton"
+    graph_safe = True
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+    def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return paged_decode_attention_triton(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale,
+                                             max_seq_len=metadata.max_seq_len)
+
+    def prefill(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return paged_prefill_attention_triton(q, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
+                                              metadata.seq_lens, scale, max_q_len=metadata.max_q_len,
+                                              max_seq_len=metadata.max_seq_len)
+
+
+class CudaBackend(TritonBackend):
+    """Decode with our CUDA kernel (``csrc/paged_attention.cu``); prefill and KV writes with Triton."""
+
+    name = "cuda"
+
+    def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return paged_decode_attention_cuda(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale,
+                                           max_seq_len=metadata.max_seq_len)
+
+
+class ComponentsBackend(AttentionBackend):
+    """The model's own attention function (``Components.attention``, e.g. the one written in chapter 03),
+    called once per sequence on keys gathered through its block table: slow, but it puts that function
+    inside the real engine. ``attention_fn(q [1, L, H, D], k [1, S, H_kv, D], v, causal=True, scale=…)``."""
+
+    name = "components"
+
+    def __init__(self, attention_fn: Callable):
+        self.attention_fn = attention_fn
+
+    def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        return self.prefill(q, k_cache, v_cache, metadata, scale)
+
+    def prefill(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        block_size = k_cache.shape[1]
+        out = torch.empty_like(q)
+        starts, lengths = metadata.cu_seqlens_q.tolist(), metadata.seq_lens.tolist()
+        for b, seq_len in enumerate(lengths):
+            num_blocks = -(-seq_len // block_size)
+            blocks = metadata.block_tables[b, :num_blocks].long()
+            keys = k_cache[blocks].flatten(0, 1)[:seq_len]           # [S, H_kv, D]
+            values = v_cache[blocks].flatten(0, 1)[:seq_len]
+            rows = slice(starts[b], starts[b + 1])
+            # q [1, L, H, D] against k/v [1, S, H_kv, D]: causal, aligned so the last query sees every key.
+            out[rows] = self.attention_fn(q[rows][None], keys[None], values[None], causal=True, scale=scale)[0]
+        return out
+
+
+def _decode_time(fn: Callable, q, k_cache, v_cache, block_tables, seq_lens, scale: float, repeats: int = 20) -> float:
+    """Median-free quick timing on the GPU: mean seconds per call after a warm-up call."""
+    fn(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+@functools.cache
+def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                            block_size: int) -> dict[str, float]:
+    """Seconds per decode call of each GPU backend on this GPU, for the model's shapes.
+
+    Two workloads that bracket what a server sees — batch 1 at 2,048 tokens of context (latency) and
+    batch 64 at 1,024 (throughput) — and the sum of their times decides. Backends that cannot run
+    these inputs (the CUDA kernel takes head dims 64 and 128 only) are left out.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    workloads = []
+    for batch, context in ((1, 2048), (64, 1024)):
+        blocks_per_seq = -(-context // block_size)
+        num_blocks = batch * blocks_per_seq
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        v_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype, generator=generator)
+        tables = torch.randperm(num_blocks, device=device, generator=generator).view(batch, blocks_per_seq).int()
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+        workloads.append((q, k_cache, v_cache, tables, lengths))
+    candidates = {"triton": paged_decode_attention_triton}
+    if cuda_supports(workloads[0][0], workloads[0][1]) is None:
+        candidates["cuda"] = paged_decode_attention_cuda
+    times: dict[str, float] = {}
+    for name, fn in candidates.items():
+        try:
+            times[name] = sum(_decode_time(fn, *workload, head_dim ** -0.5) for workload in workloads)
+        except Exception:  # noqa: BLE001 - e.g. the CUDA extension does not build here: not a candidate
+            continue
+    return times
+
+
+def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, model_config, block_size: int,
+                             attention_fn: Callable | None = None) -> AttentionBackend:
+    """Resolve a backend name (see the module docstring) to an object, once, at engine start-up.
+
+    Raises ValueError naming the problem when the backend cannot run here (e.g. ``cuda`` on a CPU).
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    on_gpu = device.type == "cuda"
+    if name == "auto":
+        if not on_gpu:
+            return SdpaBackend()
+        if not triton_available():
+            return AttentionBackend()
+        times = measure_decode_backends(str(device), dtype, model_config.num_attention_heads,
+                                        model_config.num_key_value_heads, model_config.head_dim, block_size)
+        name = min(times, key=times.get) if times else "triton"
+    if name == "torch":
+        return AttentionBackend()
+    if name == "sdpa":
+        return SdpaBackend()
+    if name == "components":
+        if attention_fn is None:
+            raise ValueError("attention_backend='components' needs the model's attention function")
+        return ComponentsBackend(attention_fn)
+    if not triton_available():
+        raise ValueError(f"attention_backend={name!r} needs the triton package (pip install triton)")
+    if name == "triton":
+        return TritonBackend()
+    # cuda
+    if not on_gpu:
+        raise ValueError("attention_backend='cuda' needs a CUDA GPU: the model is on the CPU "
+                         "(use 'auto', 'sdpa', 'torch' or 'triton')")
+    probe_q = torch.empty(1, model_config.num_attention_heads, model_config.head_dim, device=device, dtype=dtype)
+    probe_cache = torch.empty(1, block_size, model_config.num_key_value_heads, model_config.head_dim,
+                              device=device, dtype=dtype)
+    problem = cuda_supports(probe_q, probe_cache)
+    if problem:
+        raise ValueError(f"attention_backend='cuda': {problem}; use 'triton' or 'auto'")
+    from miniinfer.kernels.paged_attention import _cuda_extension
+
+    try:
+        _cuda_extension()
+    except Exception as error:  # noqa: BLE001 - say why at start-up, not at the first step
+        raise ValueError(f"attention_backend='cuda': the CUDA kernel cannot be built here: {error}") from error
+    return CudaBackend()
