@@ -31,6 +31,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ def count_kernels(fn) -> int | None:
     """GPU kernels (and memcpy/memset) launched by one call of fn, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    warnings.filterwarnings("ignore", message=".*Profiler clears events.*")  # one profile per call: intended
     try:
         fn()
         torch.cuda.synchronize()
@@ -216,7 +218,7 @@ def bench_model(shape, dtype, context_len: int = 1024) -> list[dict]:
                          num_attention_heads=H, num_key_value_heads=H_kv, head_dim=D, rope_theta=1e6,
                          tie_word_embeddings=label.startswith("qwen"))
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config).to(dtype).eval()
+        model = Qwen2ForCausalLM(config).to(device="cuda", dtype=dtype).eval()  # the RoPE tables too
     context = PagedDecodeContext(num_layers, H_kv, D, context_len, dtype, "cuda")
     ids = torch.tensor([123], device="cuda")
     positions = torch.tensor([context_len], device="cuda")
