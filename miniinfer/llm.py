@@ -64,7 +64,8 @@ class LLM:
         engine_config = EngineConfig(seed=seed, **engine_options)  # validates before the (slower) model load
         resolve_device(device)  # a clear error for a device this machine lacks, before loading anything
         path = bundled_model_path("shakespeare") if model is None else model
-        self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components)
+        self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components,
+                                                max_model_len=engine_config.max_model_len)
         self.config = self.model.config
         try:
             self.generation_defaults = load_generation_config(resolve_model_path(path))

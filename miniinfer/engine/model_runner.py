@@ -324,20 +324,28 @@ class ModelRunner:
         request gives the same tokens with the plug-in as without it."""
         from miniinfer.sampler import _inverse_cdf, uniform_from_seed
 
-        rows = []
+        rows, failed = [], []
         for row, sample_row in enumerate(plan.samples):
             params = sample_row.seq.params
+            probs = torch.zeros_like(logits[row])
             if params.greedy:
-                probs = torch.zeros_like(logits[row])
                 probs[logits[row].argmax()] = 1.0
             else:
-                probs = self.probabilities_fn(logits[row], params).float()
+                try:
+                    probs = self.probabilities_fn(logits[row], params).float().reshape(probs.shape)
+                    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                        raise ValueError("probabilities are not a distribution (NaN, negative or zero sum)")
+                except Exception:  # noqa: BLE001 - this row fails (token -1), the others are drawn
+                    failed.append(row)
+                    probs = torch.ones_like(logits[row])
             rows.append(probs)
         probs = torch.stack(rows)
         seeds = torch.tensor([_as_int64(s.stream_seed) for s in plan.samples], device=logits.device)
         steps = torch.tensor([0 if s.is_fork else s.seq.num_output_tokens for s in plan.samples], device=logits.device)
-        tokens = _inverse_cdf(probs, uniform_from_seed(seeds, steps)).clamp_(max=logits.shape[-1] - 1)
-        return SampledTokens(tokens.tolist())
+        tokens = _inverse_cdf(probs, uniform_from_seed(seeds, steps)).clamp_(max=logits.shape[-1] - 1).tolist()
+        for row in failed:
+            tokens[row] = -1
+        return SampledTokens(tokens)
 
 
 def _as_int64(value: int) -> int:

@@ -385,8 +385,8 @@ class Scheduler:
     def _append(self, seq: Sequence, token: int, row_index: int, sampled: SampledTokens) -> None:
         """Add a sampled token and decide whether a token-level condition ends the sequence."""
         if token < 0:
-            self.finish(seq, "error", error="the model produced no valid token (non-finite logits: NaN or "
-                                            "infinite weights or activations?)")
+            self.finish(seq, "error", error="no valid token could be sampled: the logits are not finite (NaN or "
+                                            "infinite weights or activations?) or the probabilities function failed")
             return
         params = seq.params
         seq.token_ids.append(token)
