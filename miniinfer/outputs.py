@@ -35,6 +35,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0         # prompt tokens served by the prefix cache
     finished: bool = False             # every completion has ended
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:

@@ -239,6 +239,9 @@ def build_nav(docs: Path) -> list:
         nav.append({"Chapters": section})
     if (docs / "gpu.md").exists():
         nav.append({"Running on a GPU": "gpu.md"})
+    for title, page in (("Architecture", "architecture.md"), ("API", "api.md")):
+        if (docs / page).exists():
+            nav.append({title: page})
     if (docs / "performance.md").exists():
         nav.append({"Performance ledger": "performance.md"})
     return nav

@@ -426,8 +426,10 @@ class LLMEngine:
                 new_token_ids=new_tokens or [], stop_reason=seq.stop_reason, error=seq.error,
                 logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None))
+        first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             num_cached_tokens=request.seqs[0].num_cached_tokens, finished=final)
+                             num_cached_tokens=first.num_cached_tokens, finished=final,
+                             prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None)
 
     # -- conveniences ----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from miniinfer.engine.attention_context import PagedAttentionMetadata, PagedKVCo
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.hooks import EngineHooks
 from miniinfer.engine.scheduler import SampledTokens, StepPlan
+from miniinfer.engine.sequence import Sequence
 from miniinfer.kv_cache import kv_bytes_per_token
 
 
@@ -273,14 +274,57 @@ class ModelRunner:
         if self.decode_graphs is not None and plan.is_decode_only:
             bucket = self.decode_graphs.bucket_for(len(plan.seqs))
         inputs = self.prepare(plan, block_manager, graph_bucket=bucket)
+        prompt_rows = self._prompt_logprob_rows(plan) if bucket is None else []
         if bucket is not None:
             logits = self.decode_graphs.replay(bucket)[:len(plan.seqs)]
         else:
+            indices = inputs.logits_indices
+            if prompt_rows:
+                extra = torch.tensor([row for _, _, row in prompt_rows], dtype=indices.dtype, device=indices.device)
+                indices = torch.cat([indices, extra])
             logits = self.model(inputs.input_ids, inputs.positions, attention=self.context(inputs.metadata),
-                                logits_indices=inputs.logits_indices)
+                                logits_indices=indices)
+        prompt_logprobs = None
+        if prompt_rows:
+            logits, prompt_logits = logits[:-len(prompt_rows)], logits[-len(prompt_rows):]
+            prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_rows)
         if not plan.samples:
-            return SampledTokens([])
-        return self.sample(logits, plan)
+            return SampledTokens([], prompt_logprobs=prompt_logprobs)
+        sampled = self.sample(logits, plan)
+        sampled.prompt_logprobs = prompt_logprobs
+        return sampled
+
+    @staticmethod
+    def _prompt_logprob_rows(plan: StepPlan) -> list[tuple[Sequence, int, int]]:
+        """(sequence, prompt position predicted, packed row) for every new token of a sequence asking for
+        prompt logprobs whose logits predict another prompt token (the last prompt token's predict the
+        first output token: that is the sampling row)."""
+        rows, start = [], 0
+        for seq, num_new in zip(plan.seqs, plan.num_new_tokens):
+            if seq.prompt_logprobs is not None:
+                first = seq.num_computed_tokens
+                for position in range(first, min(first + num_new, seq.num_prompt_tokens - 1)):
+                    rows.append((seq, position + 1, start + position - first))
+            start += num_new
+        return rows
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, rows) -> dict[int, dict[int, dict[int, float]]]:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = [seq.prompt_token_ids[position] for seq, position, _ in rows]
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+        k = max(seq.params.prompt_logprobs for seq, _, _ in rows)
+        top_values, top_ids = (torch.topk(logprobs, k, dim=-1) if k > 0 else (None, None))
+        top_values = top_values.tolist() if top_values is not None else None
+        top_ids = top_ids.tolist() if top_ids is not None else None
+        result: dict[int, dict[int, dict[int, float]]] = {}
+        for index, (seq, position, _) in enumerate(rows):
+            entry = {targets[index]: chosen[index]}
+            for token_id, value in zip((top_ids or [[]] * len(rows))[index][:seq.params.prompt_logprobs],
+                                       (top_values or [[]] * len(rows))[index][:seq.params.prompt_logprobs]):
+                entry.setdefault(token_id, value)
+            result.setdefault(seq.seq_id, {})[position] = entry
+        return result
 
     def sample(self, logits: torch.Tensor, plan: StepPlan) -> SampledTokens:
         """logits [N, V] (one row per sequence in ``plan.logits_seqs``) → one token per sample row."""

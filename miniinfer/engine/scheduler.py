@@ -107,6 +107,8 @@ class SampledTokens:
     token_ids: list[int]
     logprobs: list[float] | None = None                        # the chosen tokens' logprobs
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
+    # seq_id -> {prompt position p: {token id: logprob}} for the tokens at p (predicted by position p − 1)
+    prompt_logprobs: dict[int, dict[int, dict[int, float]]] | None = None
 
 
 @dataclass
@@ -245,7 +247,8 @@ class Scheduler:
         for seq in self.waiting:
             if len(candidates) >= seats or reach >= budget:
                 break
-            if self.radix_cache is not None and not seq.block_table:
+            # Prompt logprobs need the logits of every prompt position: no cached prefix skips them.
+            if self.radix_cache is not None and not seq.block_table and seq.params.prompt_logprobs is None:
                 cached = self.radix_cache.match_prefix(seq.token_ids)
                 for block in cached:
                     self.block_manager.retain(block)  # held, so no eviction in this step can take them
@@ -333,6 +336,11 @@ class Scheduler:
         are text-level, so the engine finishes those). A row that could not be sampled (token −1) or
         whose bookkeeping raises finishes its sequence with reason ``error``; the others go on.
         """
+        if sampled.prompt_logprobs:
+            for seq in plan.seqs:
+                for position, entry in sampled.prompt_logprobs.get(seq.seq_id, {}).items():
+                    if seq.prompt_logprobs is not None and position == len(seq.prompt_logprobs):
+                        seq.prompt_logprobs.append(entry)  # (a recomputation after preemption adds nothing)
         for seq, num_new in zip(plan.seqs, plan.num_new_tokens):
             if seq.is_finished:
                 continue  # aborted while the step ran

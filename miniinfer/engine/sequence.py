@@ -56,12 +56,15 @@ class Sequence:
     num_emitted_tokens: int = 0                      # output tokens already streamed to the caller
     logprobs: list[dict[int, float]] | None = None   # per output token: {token id: logprob}, when asked
     cumulative_logprob: float = 0.0
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token (None for the first)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None and self.index == 0:
+            self.prompt_logprobs = [None]  # nothing predicts the first prompt token
 
     @property
     def num_tokens(self) -> int:
