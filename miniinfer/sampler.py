@@ -43,6 +43,7 @@ just that request.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -220,36 +221,42 @@ class SamplingBatch:
 
     def _build_penalties(self, rows: list[SamplingRow], device: torch.device) -> None:
         """Dense [M, V] occurrence counts and seen-masks for the M rows with penalties, scattered on the
-        device from flat index lists (one host->device copy each)."""
+        device from flat token lists (one host->device copy each).
+
+        Host cost: one conversion of every history token to a tensor, each step (about 20-40 ns a token);
+        an engine that keeps each sequence's tokens in a tensor could pass those instead.
+        """
         with_penalties = [i for i, r in enumerate(rows) if r.params.uses_penalties]
         if not with_penalties:
             return
         M, V = len(with_penalties), self.vocab_size
-        out_rows, out_tokens, seen_rows, seen_tokens, values = [], [], [], [], []
-        for m, i in enumerate(with_penalties):
-            row = rows[i]
-            out_tokens.extend(row.output_token_ids)
-            out_rows.extend([m] * len(row.output_token_ids))
-            if row.params.repetition_penalty != 1:  # only repetition looks at the prompt
-                seen_tokens.extend(row.prompt_token_ids)
-                seen_rows.extend([m] * len(row.prompt_token_ids))
-            p = row.params
-            values.append([p.repetition_penalty, p.frequency_penalty, p.presence_penalty])
-        for token in (*out_tokens, *seen_tokens):
-            if not 0 <= token < V:
-                raise ValueError(f"SamplingBatch.build: token id {token} outside the vocabulary of {V} tokens")
-        values_t = _to_device(values, torch.float32, device)
-        out_index = _to_device([out_rows, out_tokens], torch.int64, device).view(2, -1)
-        seen_index = _to_device([seen_rows, seen_tokens], torch.int64, device).view(2, -1)
+        outputs = [rows[i].output_token_ids for i in with_penalties]
+        # Only repetition looks at the prompt.
+        prompts = [rows[i].prompt_token_ids if rows[i].params.repetition_penalty != 1 else () for i in with_penalties]
+        out_tokens = torch.tensor(list(itertools.chain.from_iterable(outputs)), dtype=torch.int64)
+        prompt_tokens = torch.tensor(list(itertools.chain.from_iterable(prompts)), dtype=torch.int64)
+        for tokens in (out_tokens, prompt_tokens):
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
+                bad = tokens[(tokens < 0) | (tokens >= V)][0].item()
+                raise ValueError(f"SamplingBatch.build: token id {bad} outside the vocabulary of {V} tokens")
+        out_rows = torch.repeat_interleave(torch.arange(M), torch.tensor([len(t) for t in outputs], dtype=torch.int64))
+        prompt_rows = torch.repeat_interleave(torch.arange(M), torch.tensor([len(t) for t in prompts], dtype=torch.int64))
+        index = torch.stack([torch.cat([out_rows, prompt_rows]), torch.cat([out_tokens, prompt_tokens])])
+        index = index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)
+        n_out = len(out_tokens)
+        p = [rows[i].params for i in with_penalties]
+        values = _to_device([[q.repetition_penalty, q.frequency_penalty, q.presence_penalty] for q in p],
+                            torch.float32, device)
         counts = torch.zeros(M, V, dtype=torch.float32, device=device)
-        counts.index_put_((out_index[0], out_index[1]), torch.ones((), device=device).expand(out_index.shape[1]),
+        counts.index_put_((index[0, :n_out], index[1, :n_out]), torch.ones((), device=device).expand(n_out),
                           accumulate=True)
         seen = counts > 0
-        seen[seen_index[0], seen_index[1]] = True
+        # index_put_ with a device scalar (``seen[i, j] = True`` would copy a host scalar: a sync on CUDA).
+        seen.index_put_((index[0, n_out:], index[1, n_out:]), torch.ones((), dtype=torch.bool, device=device))
         self.any_penalties = True
         self.penalty_rows = _to_device(with_penalties, torch.int64, device)
         self.repetition_penalty, self.frequency_penalty, self.presence_penalty = (
-            values_t[:, 0:1], values_t[:, 1:2], values_t[:, 2:3])
+            values[:, 0:1], values[:, 1:2], values[:, 2:3])
         self.output_counts, self.seen = counts, seen
 
     def _build_bias_and_suppression(self, rows: list[SamplingRow], device: torch.device) -> None:
@@ -324,8 +331,11 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     histograms the probability mass of the tokens that still match the bits found so far by their
     next 10 bits, and picks the highest bucket whose mass, plus the mass already above it, reaches top_p.
     """
-    N = probs.shape[0]
+    N, V = probs.shape
     bits = probs.view(torch.int32)
+    # Entries that add no mass (dropped by top-k, or not matching the prefix) go to spread-out buckets:
+    # adding 0 anywhere changes nothing, and on a GPU, 150 000 atomic adds into one bucket serialise.
+    spread = torch.arange(V, device=probs.device) & (_NUM_BUCKETS - 1)
     target = top_p.unsqueeze(1)                                             # [N, 1]
     prefix = torch.zeros(N, 1, dtype=torch.int32, device=probs.device)      # the bits found so far
     above = torch.zeros(N, 1, dtype=probs.dtype, device=probs.device)       # mass strictly above them
@@ -335,6 +345,7 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
             mass = probs
         else:  # only tokens whose higher bits equal the prefix found so far take part
             mass = probs.masked_fill((bits >> (shift + _DIGIT_BITS)) != prefix, 0.0)
+        digit = torch.where(mass > 0, digit, spread)
         hist = torch.zeros(N, _NUM_BUCKETS, dtype=probs.dtype, device=probs.device).scatter_add_(1, digit, mass)
         at_or_above = hist.flip(-1).cumsum(-1).flip(-1) + above             # [N, 1024], non-increasing
         # The highest bucket that still reaches top_p (0 when none does: rounding made the total < top_p,
@@ -359,12 +370,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=probs.shape[1] - 1)  # a zero-mass row (only a bad one) would give V
 
 
-def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Stages 1-2 in place: logit_bias, suppressed tokens, penalties.  logits [N, V] float32.
-
-    Returns ``bad`` [N] bool: rows whose maximum is not finite — NaN (max propagates NaN), +inf, or
-    every token -inf — which cannot be sampled.
-    """
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """Stages 1-2 in place: logit_bias, suppressed tokens, penalties.  logits [N, V] float32."""
     if batch.any_bias:
         logits.index_put_(batch.bias_index, batch.bias_values, accumulate=True)
     if batch.any_suppressed:
@@ -372,7 +379,13 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits.index_put_(batch.suppressed_index, torch.full((), float("-inf"), device=logits.device))
     if batch.any_penalties:
         _apply_penalties(logits, batch)
-    return ~torch.isfinite(logits.amax(dim=-1))
+
+
+def _max_and_bad(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over logits [N, V]: (bad [N] bool, argmax [N] int64). A row is bad — it cannot be
+    sampled — when its maximum is not finite: NaN (max propagates NaN), +inf, or every token -inf."""
+    values, argmax = logits.max(dim=-1)
+    return ~torch.isfinite(values), argmax
 
 
 def filtered_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -400,8 +413,9 @@ def batch_probabilities(logits: torch.Tensor, batch: SamplingBatch) -> torch.Ten
     processed logits.  logits [N, V] (not modified) -> probs [N, V] float32 (one-hot for greedy rows,
     NaN for rows that cannot be sampled). For tests and speculative decoding; it synchronises nothing either."""
     logits = logits.float().clone()
-    bad = process_logits(logits, batch)
-    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), batch.vocab_size).float()
+    process_logits(logits, batch)
+    bad, argmax = _max_and_bad(logits)
+    greedy = torch.nn.functional.one_hot(argmax, batch.vocab_size).float()
     logits.masked_fill_(bad.unsqueeze(1), 0.0)
     probs = filtered_probs(logits, batch)
     probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -424,16 +438,13 @@ def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     # vLLM's default "raw" logprobs: of the model's distribution, before any processing.
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs is not None else None
 
-    bad = process_logits(logits, batch)                                           # 1-2
-    if batch.all_greedy:  # 3: no random numbers, no softmax
-        tokens = logits.argmax(dim=-1)
-    else:
+    process_logits(logits, batch)                                                 # 1-2
+    bad, tokens = _max_and_bad(logits)                                            # 3: greedy tokens
+    if not batch.all_greedy:  # an all-greedy batch needs no random numbers, no softmax
         logits.masked_fill_(bad.unsqueeze(1), 0.0)  # keep NaN out of the histograms; the row gets -1 below
-        greedy_tokens = logits.argmax(dim=-1) if batch.any_greedy else None       # 3
         probs = filtered_probs(logits, batch)                                     # 4-8
-        tokens = _inverse_cdf(probs, uniform_from_seed(batch.seeds, batch.steps))  # 9
-        if greedy_tokens is not None:
-            tokens = torch.where(batch.greedy, greedy_tokens, tokens)
+        drawn = _inverse_cdf(probs, uniform_from_seed(batch.seeds, batch.steps))  # 9
+        tokens = torch.where(batch.greedy, tokens, drawn) if batch.any_greedy else drawn
     tokens = tokens.masked_fill(bad, -1)
 
     chosen = top_ids = top_values = None

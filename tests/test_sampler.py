@@ -180,8 +180,7 @@ def test_processed_logits_equal_the_reference_exactly():
         row(SamplingParams(frequency_penalty=2.0), prompt=[1], output=[1, 1, 1, 1]),
     ]
     got = logits.clone()
-    bad = process_logits(got, SamplingBatch.build(rows, 40, "cpu"))
-    assert not bad.any()
+    process_logits(got, SamplingBatch.build(rows, 40, "cpu"))
     for i, r in enumerate(rows):
         expected = apply_penalties(apply_logit_bias(logits[i], r.params.logit_bias, r.suppressed_token_ids),
                                    r.params, r.prompt_token_ids, r.output_token_ids)
