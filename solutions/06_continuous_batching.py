@@ -356,11 +356,12 @@ check.plan_step(plan_step)
 # ## 4. Plug them in
 #
 # `EngineHooks(pack_batch=..., plan_step=...)` hands your two functions to the engine: the model
-# runner packs every step with yours and the scheduler plans every step with yours (asking about
-# the running sequences first, then about each waiting one in turn, because admitting a sequence
-# first looks up its cached prefix, which shortens what it must compute). Everything else — paged
-# KV blocks, prefix cache, sampling, streaming — is unchanged, and the outputs must be too. A small
-# budget of 24 tokens makes the engine chunk the longer prompts.
+# runner packs every step with yours, and the scheduler plans every step with yours, asking once
+# about the whole running batch and every admission candidate (each candidate's cached prefix is
+# looked up first, which shortens what it must compute). So a different policy — shortest prompt
+# first, say — really changes who is admitted. Everything else — paged KV blocks, prefix cache,
+# sampling, streaming — is unchanged, and the outputs must be too. A small budget of 24 tokens
+# makes the engine chunk the longer prompts.
 
 # %%
 hooked = LLM(device="cpu", hooks=EngineHooks(pack_batch=pack_batch, plan_step=plan_step),

@@ -3,7 +3,8 @@
 Each backend is an object with three operations, called by every layer through
 :class:`~miniinfer.engine.attention_context.PagedKVContext`:
 
-* ``write_kv(k, v, k_cache, v_cache, slot_mapping)`` — store the step's new keys and values;
+* ``write_kv(k, v, k_cache, v_cache, metadata)`` — store the step's new keys and values at
+  ``metadata.slot_mapping``;
 * ``decode(q, k_cache, v_cache, metadata, scale)`` — one query per sequence (a decode-only step);
 * ``prefill(q, k_cache, v_cache, metadata, scale)`` — packed new tokens over a cached prefix
   (prefill chunks, mixed with decodes).
@@ -53,8 +54,13 @@ class AttentionBackend:
     name = "torch"
     graph_safe = False  # reads lengths on the host (.tolist())
 
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        write_kv_torch(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k, v, k_cache, v_cache, metadata) -> None:
+        if metadata.has_padding:
+            write_kv_torch(k, v, k_cache, v_cache, metadata.slot_mapping)
+            return
+        # No padding rows: two index copies, with the int64 slots converted once for all layers.
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, metadata.slots_long, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, metadata.slots_long, v.to(v_cache.dtype))
 
     def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
         return paged_decode_attention_torch(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale)
@@ -90,8 +96,8 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
 
-    def write_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    def write_kv(self, k, v, k_cache, v_cache, metadata) -> None:
+        write_kv_triton(k, v, k_cache, v_cache, metadata.slot_mapping)
 
     def decode(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
         return paged_decode_attention_triton(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale,

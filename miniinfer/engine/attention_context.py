@@ -37,8 +37,17 @@ class PagedAttentionMetadata:
     decode_only: bool            # every sequence has exactly one new token
     max_seq_len: int             # an upper bound of seq_lens (kernels size their grids with it, no device sync)
     max_q_len: int               # most new tokens of one sequence in this step
-    # Cache of decode_gather_index: (block_size, slots, mask), built by the first layer of the step.
-    _gather: tuple | None = field(default=None, init=False, repr=False)
+    has_padding: bool = False    # some slots are -1 (CUDA-graph padding rows): known on the host
+    # Caches built by the first layer of the step and shared by the others.
+    _gather: tuple | None = field(default=None, init=False, repr=False)   # decode_gather_index
+    _slots_long: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def slots_long(self) -> torch.Tensor:
+        """slot_mapping as int64, the index type of ``index_copy_`` (converted once per step)."""
+        if self._slots_long is None:
+            self._slots_long = self.slot_mapping.long()
+        return self._slots_long
 
     def decode_gather_index(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For the "sdpa" decode path: the flat slot of every key of every sequence, ``[B, S_max]``, and
@@ -75,7 +84,7 @@ class PagedKVContext:
         """q: [T, H, D]; k, v: [T, H_kv, D] (RoPE applied) → [T, H, D]."""
         meta = self.metadata
         k_cache, v_cache = self.k_caches[layer_index], self.v_caches[layer_index]
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.backend.write_kv(k, v, k_cache, v_cache, meta)
         if meta.decode_only:
             if self.decode_hook is not None:
                 return self.decode_hook(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)

@@ -61,7 +61,8 @@ class DecodeGraphs:
         host[o[4]:o[5]] = range(size + 1)          # cu_seqlens_q: one token per row
         host[o[5]:o[6]] = range(size)              # logits_indices: every row
         runner.buffers.upload(layout.size)
-        return runner.buffers.views(layout, layout.width * runner.block_size, decode_only=True, max_q_len=1)
+        return runner.buffers.views(layout, layout.width * runner.block_size, decode_only=True, max_q_len=1,
+                                    has_padding=True)
 
     def _forward(self, inputs) -> torch.Tensor:
         runner = self.runner

@@ -133,14 +133,15 @@ class InputBuffers:
         self.device_buffer = self.host if device.type == "cpu" else torch.zeros(capacity, dtype=torch.int32,
                                                                                  device=device)
 
-    def views(self, layout: StepLayout, max_seq_len: int, decode_only: bool, max_q_len: int) -> StepInputs:
+    def views(self, layout: StepLayout, max_seq_len: int, decode_only: bool, max_q_len: int,
+              has_padding: bool = False) -> StepInputs:
         o = layout.offsets
         buf = self.device_buffer
         B = layout.num_seqs
         metadata = PagedAttentionMetadata(
             slot_mapping=buf[o[2]:o[3]], block_tables=buf[o[6]:o[6] + B * layout.width].view(B, layout.width),
             seq_lens=buf[o[3]:o[4]], cu_seqlens_q=buf[o[4]:o[5]], decode_only=decode_only,
-            max_seq_len=max_seq_len, max_q_len=max_q_len)
+            max_seq_len=max_seq_len, max_q_len=max_q_len, has_padding=has_padding)
         return StepInputs(buf[o[0]:o[1]], buf[o[1]:o[2]], buf[o[5]:o[6]], metadata)
 
     def upload(self, size: int) -> None:
@@ -260,7 +261,8 @@ class ModelRunner:
             tables[row, :len(seq.block_table)] = seq.block_table
         self.buffers.upload(layout.size)
         max_seq_len = layout.width * self.block_size if graph_bucket is not None else max(seq_lens)
-        return self.buffers.views(layout, max_seq_len, decode_only=T == B, max_q_len=max(plan.num_new_tokens))
+        return self.buffers.views(layout, max_seq_len, decode_only=T == B, max_q_len=max(plan.num_new_tokens),
+                                  has_padding=graph_bucket is not None and graph_bucket > B)
 
     # -- one step --------------------------------------------------------------------------------
 
