@@ -28,6 +28,8 @@ import numpy as np
 from common import CONTEXT, DATA_DIR, EOT, VOCAB_SIZE, read_json, tokens_path, write_json
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from miniinfer.models.bundled import CHAT_TEMPLATE  # the speaker-line chat format of the bundled models
+
 QWEN2_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                      r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
@@ -49,6 +51,7 @@ TOKENIZER_CONFIG = {
         "0": {"content": EOT, "lstrip": False, "normalized": False, "rstrip": False,
               "single_word": False, "special": True},
     },
+    "chat_template": CHAT_TEMPLATE,
 }
 
 ROUND_TRIP_SAMPLES = [
