@@ -111,6 +111,17 @@ class BlockManager:
         return bool(self._needs_copy_on_write(seq.block_table, seq.num_computed_tokens, self.block_size,
                                               self.ref_counts))
 
+    def has_room(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The common decode case, decided in O(1): the next tokens fit in the sequence's last block,
+        which it holds alone, so nothing needs allocating or copying. (With a replaced copy-on-write
+        rule we always ask it instead.)"""
+        if self._needs_copy_on_write is not needs_copy_on_write or not seq.block_table:
+            return False
+        computed, size = seq.num_computed_tokens, self.block_size
+        return (computed % size != 0 and computed + num_new_tokens <= len(seq.block_table) * size
+                and self.ref_counts[seq.block_table[-1]] == 1
+                and computed // size == len(seq.block_table) - 1)
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_blocks_needed(seq, num_new_tokens) <= self.num_free_blocks
 

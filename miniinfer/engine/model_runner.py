@@ -158,6 +158,7 @@ class ModelRunner:
         hooks = hooks or EngineHooks()
         self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
         self._decode_hook = hooks.paged_decode_attention
+        self._default_slots = hooks.slot_mapping is None
         config = model.config
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -223,8 +224,13 @@ class ModelRunner:
         input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
             values.tolist() if isinstance(values, torch.Tensor) else list(values) for values in packed)
         slots: list[int] = []
+        P = self.block_size
         for seq, num_new in zip(seqs, plan.num_new_tokens):
-            slots.extend(block_manager.slots(seq, seq.num_computed_tokens, seq.num_computed_tokens + num_new))
+            position = seq.num_computed_tokens
+            if num_new == 1 and self._default_slots:  # a decode: its one slot, inline
+                slots.append(seq.block_table[position // P] * P + position % P)
+            else:
+                slots.extend(block_manager.slots(seq, position, position + num_new))
         num_logits = len(plan.logits_seqs)
         if (len(input_ids) != len(slots) or len(positions) != len(slots) or len(cu_seqlens_q) != len(seqs) + 1
                 or len(seq_lens) != len(seqs) or len(logits_indices) != num_logits):
@@ -338,6 +344,10 @@ class ModelRunner:
         logits = logits.float()
         if self.probabilities_fn is not None:
             return self._sample_per_row(logits, plan)
+        if all(_plain_greedy(sample.seq) for sample in plan.samples):
+            # The common greedy batch: an argmax, and -1 for rows that are not finite (NaN, ±inf).
+            values, tokens = logits.max(dim=-1)
+            return SampledTokens(tokens.masked_fill_(~torch.isfinite(values), -1).tolist())
         from miniinfer.sampler import SamplingBatch, SamplingRow, sample_batch
 
         rows = []
@@ -392,6 +402,15 @@ class ModelRunner:
         for row in failed:
             tokens[row] = -1
         return SampledTokens(tokens)
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that changes the logits first (penalties, bias, suppressed stop tokens) and
+    no logprobs: the argmax of the raw logits."""
+    params = seq.params
+    return (params.greedy and params.logprobs is None and not params.logit_bias and seq.num_output_tokens
+            >= params.min_tokens and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0)
 
 
 def _as_int64(value: int) -> int:

@@ -79,15 +79,18 @@ class StepPlan:
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[SampleRow] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (source, destination) blocks
+    _logits_seqs: tuple | None = field(default=None, repr=False)
 
     @property
     def logits_seqs(self) -> list[Sequence]:
         """Sequences whose last new token's logits this step needs, in batch order."""
-        seen: list[Sequence] = []
-        for row in self.samples:
-            if not seen or seen[-1] is not row.seq:
-                seen.append(row.seq)
-        return seen
+        if self._logits_seqs is None or len(self._logits_seqs[0]) != len(self.samples):
+            seen: list[Sequence] = []
+            for row in self.samples:
+                if not seen or seen[-1] is not row.seq:
+                    seen.append(row.seq)
+            self._logits_seqs = (list(self.samples), seen)
+        return self._logits_seqs[1]
 
     @property
     def is_decode_only(self) -> bool:
@@ -280,9 +283,14 @@ class Scheduler:
         # 1. Running sequences: decodes (1 token) and unfinished chunked prefills.
         in_batch: set[int] = set()
         preempted = False
+        has_room = self.block_manager.has_room
         for seq, num_new in zip(running, running_counts):
             if num_new == 0 or seq.status is not SequenceStatus.RUNNING:
                 continue  # no budget left for it, or preempted (below) to make room for an older one
+            if has_room(seq, num_new):  # most decodes: the token fits in the last block, nothing to free
+                self._add_to_plan(plan, seq, num_new, in_batch, allocate=False)
+                budget -= num_new
+                continue
             before = self.num_preemptions
             if not self._make_room(seq, num_new, protected=in_batch):
                 preempted = True
@@ -315,8 +323,10 @@ class Scheduler:
         plan.copies = self.block_manager.take_pending_copies()
         return plan
 
-    def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, in_batch: set[int]) -> None:
-        self.block_manager.allocate(seq, num_new)
+    def _add_to_plan(self, plan: StepPlan, seq: Sequence, num_new: int, in_batch: set[int],
+                     allocate: bool = True) -> None:
+        if allocate:
+            self.block_manager.allocate(seq, num_new)
         plan.seqs.append(seq)
         plan.num_new_tokens.append(num_new)
         in_batch.add(seq.seq_id)
