@@ -206,3 +206,18 @@ def test_every_attention_backend_gives_the_same_greedy_outputs(small_model, back
     outputs = run_engine(engine, prompts, params, arrivals=[0, 1, 2])
     for index, prompt in enumerate(prompts):
         assert outputs[index] == reference_generate(small_model, prompt, params), f"{backend}, prompt {index}"
+
+
+def test_a_seeded_request_is_the_same_alone_and_in_a_batch_of_16_mixed_requests(small_model):
+    rng = random.Random(6)
+    prompts = random_prompts(rng, 16, small_model.config.vocab_size)
+    target = SamplingParams(temperature=0.9, top_p=0.8, min_p=0.05, seed=99, max_tokens=12, ignore_eos=True)
+    others = [SamplingParams(temperature=[0.0, 0.7, 1.3][i % 3], top_k=[0, 7][i % 2], seed=[None, i][i % 2],
+                             repetition_penalty=[1.0, 1.3][i % 2], presence_penalty=[0.0, 0.5][i % 3 == 0],
+                             logprobs=[None, 2][i % 2], n=1 + (i % 5 == 0), max_tokens=rng.randint(3, 12),
+                             ignore_eos=True) for i in range(15)]
+    config = EngineConfig(block_size=4, num_kv_blocks=256, max_num_batched_tokens=40)
+    alone = run_engine(LLMEngine(small_model, None, config), [prompts[0]], [target])[0]
+    together = run_engine(LLMEngine(small_model, None, config), prompts, [target] + others,
+                          arrivals=[3] + [0] * 15)  # it joins a batch already running
+    assert together[0] == alone == reference_generate(small_model, prompts[0], target)

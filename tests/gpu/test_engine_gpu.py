@@ -110,3 +110,69 @@ def test_cuda_backend_refuses_unsupported_head_dim_clearly():
     explicitly must fail with a message that says so (``auto`` picks Triton instead)."""
     with pytest.raises(ValueError, match="head dims"):
         _generate(_prompts(2, seed=3), device="cuda", dtype=torch.bfloat16, attention_backend="cuda")
+
+
+def test_every_graph_is_captured_at_start_up_and_host_hooks_keep_graphs_on():
+    from miniinfer import LLM, SamplingParams
+    from miniinfer.engine import EngineHooks
+    from miniinfer.engine.model_runner import pack_batch
+    from miniinfer.engine.scheduler import plan_step
+
+    calls = {"pack": 0, "plan": 0}
+
+    def my_pack(*args):
+        calls["pack"] += 1
+        return pack_batch(*args)
+
+    def my_plan(*args):
+        calls["plan"] += 1
+        return plan_step(*args)
+
+    llm = LLM(device="cuda", dtype=torch.float32, max_num_seqs=24, hooks=EngineHooks(pack_batch=my_pack,
+                                                                                   plan_step=my_plan))
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs is not None and sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8, 16, 24]
+    captured = dict(graphs.graphs)
+    prompts = _prompts(5, seed=6)
+    got = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                                             use_tqdm=False)]
+    assert graphs.graphs == captured, "no graph may be captured after start-up"
+    assert calls["pack"] > 0 and calls["plan"] > 0, "the host hooks ran"
+    eager = [o.token_ids for o in LLM(device="cuda", dtype=torch.float32, enforce_eager=True).generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)]
+    assert _agreement(got, eager) >= 0.99
+
+
+def test_a_decode_hook_turns_graphs_off_and_runs():
+    from miniinfer import LLM
+    from miniinfer.engine import EngineHooks
+    from miniinfer.kernels.paged_attention import paged_decode_attention_torch
+
+    calls = {"n": 0}
+
+    def my_decode(*args):
+        calls["n"] += 1
+        return paged_decode_attention_torch(*args)
+
+    llm = LLM(device="cuda", dtype=torch.float32, hooks=EngineHooks(paged_decode_attention=my_decode))
+    assert llm.engine.runner.decode_graphs is None
+    from miniinfer import SamplingParams
+
+    llm.generate(_prompts(2, seed=7), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert calls["n"] > 0
+
+
+def test_seeded_and_sampled_throughput_paths_on_gpu():
+    """A seeded request gives the same tokens alone and inside a batch of 16 mixed requests (greedy, other
+    seeds, top-k, penalties, logprobs, n=2), on the GPU with graphs."""
+    from miniinfer import LLM, SamplingParams
+
+    llm = LLM(device="cuda", dtype=torch.float32)
+    prompts = _prompts(16, seed=8)
+    target = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(prompts[0], target, use_tqdm=False)[0].token_ids
+    mixed = [target] + [SamplingParams(temperature=[0.0, 0.7, 1.2][i % 3], top_k=[0, 20][i % 2], seed=i,
+                                       repetition_penalty=[1.0, 1.2][i % 2], logprobs=[None, 2][i % 2],
+                                       n=1 + (i % 4 == 0), max_tokens=24, ignore_eos=True) for i in range(15)]
+    together = llm.generate(prompts, mixed, use_tqdm=False)
+    assert together[0].token_ids == alone
