@@ -15,7 +15,7 @@ Columns: ``build_ms`` (SamplingBatch.build on the host), ``batched_ms`` (sample_
 same call captured in a CUDA graph and replayed: what is left without kernel-launch overhead), ``per_row_ms``
 (``sampling.sample`` with a generator per row, the path the engine used before), ``speedup`` =
 per_row / batched, and the stages of the batched path timed alone: ``process_ms`` (bias + penalties),
-``top_k_ms``, ``softmax_ms``, ``top_p_ms`` (radix select + mask), ``draw_ms`` (uniforms + inverse CDF).
+``top_k_ms``, ``softmax_ms``, ``top_p_ms`` (top_p_threshold — the Triton kernel on CUDA — + mask), ``draw_ms`` (uniforms + inverse CDF).
 """
 
 from __future__ import annotations

@@ -53,15 +53,15 @@ def top_p_threshold_kernel(probs_ptr, top_p_ptr, out_ptr, stride_row, V: tl.cons
     prefix = tl.full([], 0, tl.int32)        # the digits found so far
     above = tl.full([], 0.0, tl.float64)     # the mass of the tokens strictly above them
     for level in tl.static_range(8):
-        SHIFT: tl.constexpr = 28 - 4 * level
+        shift = 28 - 4 * level  # a constexpr (level is); an annotated constexpr could not be re-bound
         acc = tl.zeros([16, BLOCK], dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             p = tl.load(base + cols, mask=cols < V, other=0.0)
             bits = p.to(tl.int32, bitcast=True)
-            digit = (bits >> SHIFT) & 15
+            digit = (bits >> shift) & 15
             if level > 0:  # only the tokens whose higher bits are the prefix take part
-                p = tl.where((bits >> (SHIFT + 4)) == prefix, p, 0.0)
+                p = tl.where((bits >> (shift + 4)) == prefix, p, 0.0)
             acc += tl.where(bins[:, None] == digit[None, :], p[None, :], 0.0)
         hist = tl.sum(acc.to(tl.float64), axis=1)                                       # [16]
         # at_or_above[b] = above + the mass of buckets >= b
