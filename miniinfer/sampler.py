@@ -333,12 +333,23 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     CPU: a sort (:func:`_top_p_threshold_sort`) for a single row, the radix select in torch otherwise
     (measured faster from 2 rows on: see the numbers above :func:`_top_p_threshold_sort`).
     """
-    if probs.is_cuda and _have_triton():
+    global _TRITON_TOP_P_ERROR
+    if probs.is_cuda and _have_triton() and _TRITON_TOP_P_ERROR is None:
         from miniinfer.kernels.top_p_triton import top_p_threshold_triton
-        return top_p_threshold_triton(probs, top_p)
+        try:
+            return top_p_threshold_triton(probs, top_p)
+        except Exception as error:  # noqa: BLE001 - a kernel that does not compile here: fall back, say so once
+            _TRITON_TOP_P_ERROR = error
+            import warnings
+
+            warnings.warn(f"top-p: the Triton kernel failed ({type(error).__name__}: {error}); using the torch "
+                          "radix select", stacklevel=2)
     if probs.device.type == "cpu" and probs.shape[0] == 1:
         return _top_p_threshold_sort(probs, top_p)
     return top_p_threshold_radix(probs, top_p)
+
+
+_TRITON_TOP_P_ERROR: Exception | None = None
 
 
 @functools.cache

@@ -160,16 +160,19 @@ def _decode_time(fn: Callable, q, k_cache, v_cache, block_tables, seq_lens, scal
 
 @functools.cache
 def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                            block_size: int) -> dict[str, float]:
+                            block_size: int, long_context: int = 32768) -> dict[str, float]:
     """Seconds per decode call of each GPU backend on this GPU, for the model's shapes.
 
-    Two workloads that bracket what a server sees — batch 1 at 2,048 tokens of context (latency) and
-    batch 64 at 1,024 (throughput) — and the sum of their times decides. Backends that cannot run
-    these inputs (the CUDA kernel takes head dims 64 and 128 only) are left out.
+    Three workloads that bracket what a server sees — batch 1 at 2,048 tokens of context (latency),
+    batch 1 at ``long_context`` tokens (a long document) and batch 64 at 1,024 (throughput). Each
+    backend's time on a workload is divided by the best one's, and the sum of these ratios decides,
+    so a backend that is 4× slower on long contexts cannot win by being a few percent faster on
+    short ones. Backends that cannot run these inputs (the CUDA kernel takes head dims 64 and 128
+    only) are left out.
     """
     generator = torch.Generator(device=device).manual_seed(0)
     workloads = []
-    for batch, context in ((1, 2048), (64, 1024)):
+    for batch, context in ((1, 2048), (1, long_context), (64, 1024)):
         blocks_per_seq = -(-context // block_size)
         num_blocks = batch * blocks_per_seq
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -182,17 +185,21 @@ def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num
     candidates = {"triton": paged_decode_attention_triton}
     if cuda_supports(workloads[0][0], workloads[0][1]) is None:
         candidates["cuda"] = paged_decode_attention_cuda
-    times: dict[str, float] = {}
+    per_workload: dict[str, list[float]] = {}
     for name, fn in candidates.items():
         try:
-            times[name] = sum(_decode_time(fn, *workload, head_dim ** -0.5) for workload in workloads)
+            per_workload[name] = [_decode_time(fn, *workload, head_dim ** -0.5) for workload in workloads]
         except Exception:  # noqa: BLE001 - e.g. the CUDA extension does not build here: not a candidate
             continue
+    if not per_workload:
+        return {}
+    best = [min(times[i] for times in per_workload.values()) for i in range(len(workloads))]
+    times = {name: sum(t / b for t, b in zip(values, best)) for name, values in per_workload.items()}
     return times
 
 
 def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, model_config, block_size: int,
-                             attention_fn: Callable | None = None) -> AttentionBackend:
+                             attention_fn: Callable | None = None, max_model_len: int = 32768) -> AttentionBackend:
     """Resolve a backend name (see the module docstring) to an object, once, at engine start-up.
 
     Raises ValueError naming the problem when the backend cannot run here (e.g. ``cuda`` on a CPU).
@@ -206,7 +213,8 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
         if not triton_available():
             return AttentionBackend()
         times = measure_decode_backends(str(device), dtype, model_config.num_attention_heads,
-                                        model_config.num_key_value_heads, model_config.head_dim, block_size)
+                                        model_config.num_key_value_heads, model_config.head_dim, block_size,
+                                        long_context=max(2048, min(32768, int(max_model_len))))
         name = min(times, key=times.get) if times else "triton"
     if name == "torch":
         return AttentionBackend()

@@ -114,13 +114,14 @@ class LLMEngine:
         if backend_name == "auto" and _has_custom_attention(model):
             backend_name = "components"  # the user's own attention function must be the one that runs
         self.backend = select_attention_backend(backend_name, self.device, self.dtype, model_config,
-                                                config.block_size, attention_fn=model.components.attention)
+                                                config.block_size, attention_fn=model.components.attention,
+                                                max_model_len=self.max_model_len)
         self.attention_backend = self.backend.name
         # Fused Triton kernels (norm + residual, RoPE, SiLU-and-multiply) on a GPU, unless the model's
         # components were replaced: then the user's functions must be the ones that run.
-        if (self.device.type == "cuda" and config.enable_fused_kernels and _uses_default_components(model)
-                and hasattr(model, "enable_fused_kernels")):
-            model.enable_fused_kernels(True)
+        if hasattr(model, "enable_fused_kernels"):
+            model.enable_fused_kernels(self.device.type == "cuda" and config.enable_fused_kernels
+                                       and _uses_default_components(model))
         use_graphs = config.enable_cuda_graphs and not config.enforce_eager
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, self.backend, hooks=hooks,
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
