@@ -180,8 +180,8 @@ for name, cfg in (("Qwen2.5-7B (GQA, 4 KV heads)", qwen7b), ("same without GQA (
 # 2. **attend**: query $i$ sits at slot $\text{start}+i$ and sees slots $0 \dots \text{start}+i$ —
 #    the causal mask of chapter 03 with the queries being the *last* $L$ of $S = \text{start}+L$ keys.
 #
-# The prefill is the case `start = 0, L = P` (the prompt); a decode step is `L = 1`, and its single
-# query sees every filled slot; chapter 06 adds chunks (`start > 0, L > 1`).
+# The prefill is the case `start = 0, L = n` (a prompt of $n$ tokens); a decode step is `L = 1`, and
+# its single query sees every filled slot; chapter 06 adds chunks (`start > 0, L > 1`).
 #
 # **Left padding.** Several prompts of different lengths can share a cache (a *static batch*,
 # the baseline of chapter 06) if the shorter ones are padded on the left, so that every row's last
@@ -256,9 +256,9 @@ check.attend_with_cache(attend_with_cache)
 # eos_token_ids)` gets an empty `KVCache` of batch 1 and a rule `next_token(logits [V]) -> int`
 # (greedy, sampling — the loop does not care). It must:
 #
-# * **prefill**: run the whole prompt once, `ids` `[1, P]` at positions `[[0, 1, …, P−1]]`, through
-#   the cache: `model(ids, positions, attention=cache)`; the logits of the last position give the
-#   first new token;
+# * **prefill**: run the whole prompt of $n$ tokens once, `ids` `[1, n]` at positions
+#   `[[0, 1, …, n−1]]`, through the cache: `model(ids, positions, attention=cache)`; the logits of the
+#   last position give the first new token;
 # * **decode**: feed back only the newest token, `[1, 1]`, at position `cache.length` (the number of
 #   tokens already cached), one step per token;
 # * stop after `max_new_tokens` tokens or right after a token in `eos_token_ids` (keep it), and

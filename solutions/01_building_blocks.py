@@ -406,8 +406,8 @@ print("---\nidentical to the reference components:", your_text == reference_text
 # The checks compare numbers, not text, for a reason: some bugs leave the text plausible. A fair
 # measure of a language model is its **loss** on text it has not seen — the average of
 # $-\log p(\text{next token})$ over the passage, in nats; lower is better. Here is the loss of the
-# model with your functions and with five plausible mistakes, each of which passes a glance at the
-# code and gives tensors of the right shape:
+# model with your functions and with five plausible mistakes (made from the package's functions),
+# each of which passes a glance at the code and gives tensors of the right shape:
 
 # %%
 def loss_on_passage(components=None) -> float:
@@ -418,14 +418,19 @@ def loss_on_passage(components=None) -> float:
     return F.cross_entropy(logits, ids[0, 1:]).item()
 
 
+# The mistakes are built from the package's functions (miniinfer.layers), not yours: the figure shows
+# what each mistake costs, whatever state your own code is in.
+from miniinfer import layers
+
 variants = {
     "reference": Components(),
     "yours": mine,
-    "RMSNorm: forgot the gain": Components(rms_norm=lambda x, w, eps: rms_norm(x, torch.ones_like(w), eps)),
-    "RMSNorm: subtracted the mean": Components(rms_norm=lambda x, w, eps: rms_norm(x - x.mean(-1, keepdim=True), w, eps)),
+    "RMSNorm: forgot the gain": Components(rms_norm=lambda x, w, eps: layers.rms_norm(x, torch.ones_like(w), eps)),
+    "RMSNorm: subtracted the mean": Components(
+        rms_norm=lambda x, w, eps: layers.rms_norm(x - x.mean(-1, keepdim=True), w, eps)),
     "SwiGLU: ReLU for SiLU": Components(swiglu=lambda gate, up: F.relu(gate) * up),
     "SwiGLU: sigmoid for SiLU": Components(swiglu=lambda gate, up: torch.sigmoid(gate) * up),
-    "SwiGLU: gate and up swapped": Components(swiglu=lambda gate, up: swiglu(up, gate)),
+    "SwiGLU: gate and up swapped": Components(swiglu=lambda gate, up: layers.swiglu(up, gate)),
 }
 losses = {name: loss_on_passage(c) for name, c in variants.items()}
 for name, loss in losses.items():

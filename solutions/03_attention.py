@@ -346,6 +346,7 @@ for prompt, e, g in zip(prompts, expected, got):
 
 # %%
 recorded: list[torch.Tensor] = []
+mask_and_softmax = (causal_mask, softmax)  # yours (the package's, below, while yours are not written yet)
 
 
 def recording_attention(q, k, v, *, causal=True, scale=None):
@@ -354,9 +355,10 @@ def recording_attention(q, k, v, *, causal=True, scale=None):
     S, G = k.shape[1], H // k.shape[2]
     k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)  # fine for a figure
     scores = torch.einsum("blhd,bshd->bhls", q, k) * (D ** -0.5 if scale is None else scale)
+    mask_fn, softmax_fn = mask_and_softmax
     if causal:
-        scores = scores.masked_fill(~causal_mask(L, S, q.device), float("-inf"))
-    weights = softmax(scores, dim=-1)
+        scores = scores.masked_fill(~mask_fn(L, S, q.device), float("-inf"))
+    weights = softmax_fn(scores, dim=-1)
     recorded.append(weights[0])
     return torch.einsum("bhls,bshd->blhd", weights, v)
 
@@ -365,8 +367,17 @@ model, tokenizer = miniinfer.load_model(model_path, components=Components(attent
 line = "ROMEO.\nBut, soft! what light through yonder window breaks?"
 ids = tokenizer.encode(line)
 recorded.clear()
-with torch.no_grad():
-    model(torch.tensor([ids]))
+try:
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+except NotImplementedError:  # exercise 3.1 or 3.2 not written yet: look at the package's weights meanwhile
+    from miniinfer import attention as package_attention
+
+    print("⏳ your softmax or causal_mask is not written yet: the figures below use the package's")
+    mask_and_softmax = (package_attention.causal_mask, package_attention.softmax)
+    recorded.clear()
+    with torch.no_grad():
+        model(torch.tensor([ids]))
 labels = [repr(tokenizer.decode([i]))[1:-1] for i in ids]  # repr shows a newline as \n
 print(f"{len(ids)} tokens, {len(recorded)} layers recorded, weights per layer: {list(recorded[0].shape)} = [H, L, S]")
 

@@ -196,6 +196,8 @@ from safetensors import safe_open
 
 from miniinfer.models.qwen2 import Qwen2ForCausalLM
 
+line = "ROMEO.\nBut, soft! what light through yonder window breaks?"
+ids = torch.tensor([tokenizer.encode(line)])
 with safe_open(str(weights_file), framework="pt") as f:
     hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
 state = fuse_hf_tensors(hf_tensors, config)
@@ -205,8 +207,6 @@ my_model.eval().requires_grad_(False)
 print(f"{len(hf_tensors)} HF tensors -> {len(state)} of ours; stored dtype {hf_tensors['model.norm.weight'].dtype}, "
       f"model dtype {next(my_model.parameters()).dtype}")
 
-line = "ROMEO.\nBut, soft! what light through yonder window breaks?"
-ids = torch.tensor([tokenizer.encode(line)])
 with torch.no_grad():
     print("same logits as miniinfer.load_model:", torch.equal(my_model(ids), model(ids)))
 

@@ -55,7 +55,9 @@ MODEL = bundled_model_path("shakespeare")
 #
 # with $s$ the bytes per number. For our 6-layer Shakespeare model in float32 that is small; for a
 # 7-billion-parameter model in bfloat16 it is around 56 KiB — a 4096-token conversation holds
-# about 230 MB of keys and values, more than 1 % of an 80 GB GPU for a single request.
+# about 230 MB (224 MiB) of keys and values, about 0.3 % of an 80 GB GPU for a single request. That
+# sounds small until you count requests: the ~65 GB the weights leave free hold fewer than 300 such
+# conversations, and a server wants to run as many at once as it can.
 
 # %%
 llm_config = LLM(MODEL, num_kv_blocks=64).config
@@ -300,6 +302,54 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 # %% tags=["check"] exercise="7.2"
 check.paged_decode_attention(paged_decode_attention)
+
+# %% [markdown]
+# ### Prefill through a block table: new tokens after a cached prefix
+#
+# A decode step adds one token per sequence. A **prefill** step adds $L$ tokens to one sequence at
+# once: a whole prompt, a chunk of one (chapter 06), or — with a prefix cache (chapter 08) — the part
+# of a prompt that follows blocks another request already computed. Say $c$ tokens of the sequence
+# are in the pool already (`num_computed_tokens`; with a prefix cache, a multiple of $P$) and the
+# new ones sit at positions $c, \dots, c+L-1$. The engine first writes the new keys and values into
+# their slots (the slot mapping of exercise 7.1), so the sequence now owns $S = c + L$ keys; then
+# new token $i$, at position $c + i$, attends to
+#
+# $$ o_{i,h} = \sum_{s=0}^{c+i} \operatorname{softmax}_s\!\Big( \text{scale}\cdot q_{i,h} \cdot
+#    k_{s,\lfloor h/G \rfloor} \Big)\, v_{s,\lfloor h/G \rfloor}: $$
+#
+# every cached key ($s < c$, gathered through the block table exactly as in a decode step) and the
+# new keys up to its own position — the causal mask of chapter 03 for queries that come *after*
+# cached keys (exercise 3.2), laid over a block table. A fresh prompt is the case $c = 0$; a decode
+# step is $L = 1$. The prefix is never recomputed, only read: that is what makes a prefix-cache hit
+# (chapter 08) or the next chunk of a long prompt cheap. The engine runs all of a step's prefills in
+# one call, their queries packed as in chapter 06 (`cu_seqlens_q`), with `seq_lens[b]` $= c_b + L_b$;
+# the torch reference is `miniinfer.kernels.paged_attention.paged_prefill_attention_torch`.
+
+# %%
+def plot_paged_prefill(P: int = 4, cached: int = 8, new: int = 5, table=(7, 2, 9, 4)) -> None:
+    """Which keys each new token sees in a paged prefill: a cached prefix plus causal new tokens."""
+    S = cached + new
+    visible = np.arange(S)[None, :] <= (cached + np.arange(new))[:, None]  # [new, S]
+    picture = np.where(visible, np.where(np.arange(S) < cached, 1, 2), 0)[:, :, None]
+    colors = np.array([[0.93, 0.93, 0.93], [0.55, 0.70, 0.90], [0.95, 0.62, 0.35]])
+    fig, ax = plt.subplots(figsize=(8, 2.9))
+    ax.imshow(colors[picture[..., 0]], aspect="auto")
+    for boundary in range(P, S, P):
+        ax.axvline(boundary - 0.5, color="black", linewidth=1.5)
+    for block in range(-(-S // P)):
+        ax.text(block * P + (min(P, S - block * P) - 1) / 2, -0.9, f"block {table[block]}", ha="center", fontsize=9)
+    ax.set_xticks(range(S), [str(s) for s in range(S)])
+    ax.set_yticks(range(new), [f"new token at {cached + i}" for i in range(new)])
+    ax.set_xlabel(f"key position s (P = {P}: position s lives in block_table[s // P], row s % P)")
+    ax.set_ylim(new - 0.5, -1.5)
+    ax.plot([], [], "s", color=colors[1], label=f"cached prefix, read only ({cached} tokens)")
+    ax.plot([], [], "s", color=colors[2], label=f"new tokens, causal among themselves ({new})")
+    ax.legend(loc="lower left", fontsize=8, framealpha=0.95)
+    ax.set_title("A paged prefill: every new token sees the whole cached prefix and the new tokens up to itself")
+    fig.tight_layout()
+
+
+plot_paged_prefill()
 
 # %% [markdown]
 # ### Plug them in

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from miniinfer import LLM, SamplingParams, bundled_model_path
+from miniinfer.course import unfinished_exercise
 from miniinfer.engine import EngineHooks
 from miniinfer.engine.block_manager import BlockManager
 from miniinfer.engine.radix_cache import RadixCache, lru_eviction_order as package_eviction_order
@@ -60,7 +61,8 @@ tokenizer = llm.tokenizer
 # Two rules keep it simple and correct:
 #
 # * **Whole blocks only.** The cache stores KV *blocks* of $P$ tokens, and a hit is a number of
-#   whole blocks: $h = P \cdot \lfloor \cdot \rfloor$. A partly filled block is never shared through
+#   whole blocks: $h = P \cdot \lfloor m / P \rfloor$, with $m$ the number of leading prompt tokens
+#   that match a cached sequence. A partly filled block is never shared through
 #   the cache, so nobody ever writes into a cached block (no copy-on-write needed).
 # * **Never the last token.** At least the last prompt token is computed, because its logits give
 #   the first new token; a lookup matches at most $n - 1$ tokens.
@@ -355,7 +357,14 @@ no_cache = LLM(MODEL, num_kv_blocks=256, enable_prefix_caching=False)
 records_plain, replies_plain = run_conversations(no_cache)
 small_pool = LLM(MODEL, num_kv_blocks=64,
                  hooks=EngineHooks(match_blocks=match_blocks, lru_eviction_order=lru_eviction_order))
-records_small, replies_small = run_conversations(small_pool)
+try:
+    records_small, replies_small = run_conversations(small_pool)
+except Exception as error:  # exercise 8.1 or 8.2 not written yet: measure with the package's functions meanwhile
+    if unfinished_exercise(error) is None:
+        raise
+    print(f"⏳ Exercise {unfinished_exercise(error)} is not written yet: this run uses the package's functions")
+    small_pool = LLM(MODEL, num_kv_blocks=64)
+    records_small, replies_small = run_conversations(small_pool)
 print("replies identical to the engine without prefix cache:", replies_small == replies_plain)
 stats = small_pool.stats()
 print({k: stats[k] for k in ("kv_blocks_total", "kv_blocks_free", "kv_blocks_cached", "num_preemptions",

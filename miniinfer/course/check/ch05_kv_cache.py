@@ -295,7 +295,7 @@ def _no_cache_generation(model, prompt, max_new_tokens, next_token, eos) -> list
 def prefill_and_decode(fn) -> int:
     """Prompts of 1 to ~40 tokens, 1 to 12 new tokens, greedy and a non-greedy choice rule, EOS stops:
     the tokens must equal generation without a cache, the first call must be the whole prompt at
-    positions 0…P−1, every later call one token at the next position, through the cache, and no call
+    positions 0…n−1, every later call one token at the next position, through the cache, and no call
     for the last token (the cache is sized exactly)."""
     from miniinfer.generate import prefill_and_decode as reference
     from miniinfer.kv_cache import KVCache
@@ -313,19 +313,19 @@ def prefill_and_decode(fn) -> int:
     cases = 0
     plans = [(1, 5), (2, 1), (7, 12), (rng.randint(3, 40), rng.randint(2, 12)), (rng.randint(3, 40), 9),
              (rng.randint(1, 20), 10)]
-    for index, (P, max_new) in enumerate(plans):
+    for index, (n, max_new) in enumerate(plans):
         for rule_name, rule in (("greedy", greedy), ("runner-up", runner_up)):
-            prompt = [rng.randrange(model.config.vocab_size) for _ in range(P)]
+            prompt = [rng.randrange(model.config.vocab_size) for _ in range(n)]
             expected = _no_cache_generation(model, prompt, max_new, rule, set())
             eos: frozenset[int] = frozenset()
             if index >= 4 and len(expected) > 2:  # an EOS somewhere in the middle
                 eos = frozenset({expected[rng.randint(1, len(expected) - 2)]})
                 expected = _no_cache_generation(model, prompt, max_new, rule, eos)
-            case = (f"prompt of {P} token(s), max_new_tokens={max_new}, next_token={rule_name}"
+            case = (f"prompt of {n} token(s), max_new_tokens={max_new}, next_token={rule_name}"
                     + (f", eos_token_ids={set(eos)}" if eos else ""))
-            ref_cache = KVCache.for_model(model, 1, P + max_new - 1)
+            ref_cache = KVCache.for_model(model, 1, n + max_new - 1)
             assert reference(model, ref_cache, prompt, max_new, rule, eos) == expected, "reference (sanity)"
-            cache = KVCache.for_model(model, 1, P + max_new - 1)    # exactly the room the loop needs
+            cache = KVCache.for_model(model, 1, n + max_new - 1)    # exactly the room the loop needs
             spy.calls.clear()
             try:
                 got = call_student(fn, spy, cache, list(prompt), max_new, rule, eos, case=case)
@@ -345,9 +345,9 @@ def prefill_and_decode(fn) -> int:
             if attention is not cache:
                 fail("the prefill did not go through the cache (attention=cache)", case=case,
                      hint="model(ids, positions, attention=cache) stores the keys and values as it goes")
-            if shape != (1, P) or positions != list(range(P)):
-                fail(f"prefill: expected input [1, {P}] at positions 0…{P - 1}, got input {list(shape)} at "
-                     f"positions {positions}", case=case, hint="the prefill runs the whole prompt once, as [1, P]")
+            if shape != (1, n) or positions != list(range(n)):
+                fail(f"prefill: expected input [1, {n}] at positions 0…{n - 1}, got input {list(shape)} at "
+                     f"positions {positions}", case=case, hint="the prefill runs the whole prompt once, as [1, n]")
             for step, (shape, positions, attention) in enumerate(calls[1:], start=1):
                 where = f"decode step {step}"
                 if attention is not cache:
@@ -357,8 +357,8 @@ def prefill_and_decode(fn) -> int:
                     fail(f"{where}: expected one new token [1, 1], got input {list(shape)}", case=case,
                          hint="with the cache, a decode step feeds only the newest token: the others' keys and "
                               "values are already stored")
-                if positions != [P + step - 1]:
-                    fail(f"{where}: expected position {P + step - 1}, got {positions}", case=case,
+                if positions != [n + step - 1]:
+                    fail(f"{where}: expected position {n + step - 1}, got {positions}", case=case,
                          hint="the new token's position is the number of tokens already cached (cache.length)")
             assert_equal(got, expected, what="generated tokens", case=case,
                          hint="stop after max_new_tokens tokens or right after an EOS token (keep the EOS); choose "
