@@ -243,11 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_chat)
 
     grade = commands.add_parser("grade", help="grade student notebooks against the canonical chapter")
-    grade.add_argument("notebooks", nargs="+", help="student .ipynb files")
-    grade.add_argument("--chapter", help="chapter name or number (default: from each notebook)")
-    grade.add_argument("--timeout", type=int, default=300, help="seconds allowed per cell (default 300)")
-    grade.add_argument("--out", help="folder for grades.csv and grades.json")
-    grade.add_argument("-v", "--verbose", action="store_true", help="print why each exercise failed")
+    from miniinfer.course.grade import add_grade_arguments
+
+    add_grade_arguments(grade)
     grade.set_defaults(run=_grade)
     return parser
 

@@ -221,3 +221,22 @@ def test_a_seeded_request_is_the_same_alone_and_in_a_batch_of_16_mixed_requests(
     together = run_engine(LLMEngine(small_model, None, config), prompts, [target] + others,
                           arrivals=[3] + [0] * 15)  # it joins a batch already running
     assert together[0] == alone == reference_generate(small_model, prompts[0], target)
+
+
+def test_auto_picks_cuda_only_when_it_is_clearly_faster_everywhere():
+    from miniinfer.engine.attention_backends import choose_decode_backend, select_attention_backend
+
+    assert choose_decode_backend({"triton": [1.0, 1.0, 1.0]}) == "triton"
+    assert choose_decode_backend({"triton": [1.2, 1.3, 1.25], "cuda": [1.0, 1.0, 1.0]}) == "cuda"
+    # a few percent faster on short contexts but 3.6x slower on a long one: Triton
+    assert choose_decode_backend({"triton": [1.03, 1.0, 1.08], "cuda": [1.0, 3.6, 1.0]}) == "triton"
+    assert choose_decode_backend({"triton": [1.05, 1.05, 1.05], "cuda": [1.0, 1.0, 1.0]}) == "triton"
+    assert choose_decode_backend({}) == "triton"
+    cpu = torch.device("cpu")
+    from miniinfer.models.config import Qwen2Config
+
+    config = Qwen2Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    assert select_attention_backend("auto", cpu, torch.float32, config, 16).name == "sdpa"
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        select_attention_backend("cuda", cpu, torch.float32, config, 16)

@@ -160,15 +160,16 @@ def _decode_time(fn: Callable, q, k_cache, v_cache, block_tables, seq_lens, scal
 
 @functools.cache
 def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
-                            block_size: int, long_context: int = 32768) -> dict[str, float]:
+                            block_size: int, long_context: int = 32768,
+                            capacity: int = 32768) -> dict[str, list[float]]:
     """Seconds per decode call of each GPU backend on this GPU, for the model's shapes.
 
     Three workloads that bracket what a server sees — batch 1 at 2,048 tokens of context (latency),
-    batch 1 at ``long_context`` tokens (a long document) and batch 64 at 1,024 (throughput). Each
-    backend's time on a workload is divided by the best one's, and the sum of these ratios decides,
-    so a backend that is 4× slower on long contexts cannot win by being a few percent faster on
-    short ones. Backends that cannot run these inputs (the CUDA kernel takes head dims 64 and 128
-    only) are left out.
+    batch 1 at ``long_context`` tokens (a long document) and batch 64 at 1,024 (throughput) — each
+    with the grid the engine's CUDA graphs use: sized for ``capacity`` keys (the block tables' full
+    width), not for the batch's actual lengths. Returns, per backend, its time on each workload
+    divided by the best backend's (1.0 = fastest). Backends that cannot run these inputs (the CUDA
+    kernel takes head dims 64 and 128 only) are left out.
     """
     generator = torch.Generator(device=device).manual_seed(0)
     workloads = []
@@ -181,21 +182,35 @@ def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num
         q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype, generator=generator)
         tables = torch.randperm(num_blocks, device=device, generator=generator).view(batch, blocks_per_seq).int()
         lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-        workloads.append((q, k_cache, v_cache, tables, lengths))
+        workloads.append((q, k_cache, v_cache, tables, lengths, max(capacity, context)))
     candidates = {"triton": paged_decode_attention_triton}
     if cuda_supports(workloads[0][0], workloads[0][1]) is None:
         candidates["cuda"] = paged_decode_attention_cuda
     per_workload: dict[str, list[float]] = {}
     for name, fn in candidates.items():
         try:
-            per_workload[name] = [_decode_time(fn, *workload, head_dim ** -0.5) for workload in workloads]
+            per_workload[name] = [_decode_time(functools.partial(fn, max_seq_len=workload[-1]), *workload[:-1],
+                                               head_dim ** -0.5) for workload in workloads]
         except Exception:  # noqa: BLE001 - e.g. the CUDA extension does not build here: not a candidate
             continue
     if not per_workload:
         return {}
     best = [min(times[i] for times in per_workload.values()) for i in range(len(workloads))]
-    times = {name: sum(t / b for t, b in zip(values, best)) for name, values in per_workload.items()}
-    return times
+    return {name: [t / b for t, b in zip(values, best)] for name, values in per_workload.items()}
+
+
+def choose_decode_backend(relative: dict[str, list[float]], margin: float = 0.9) -> str:
+    """``triton`` unless ``cuda`` is clearly faster on *every* workload (at most ``margin`` × Triton's time).
+
+    Why not simply the smaller sum: on an H200 the end-to-end engine runs (``benchmarks/results/
+    engine_throughput_h200*.json``) found the two equal at batch 1 on short contexts, CUDA 8 % ahead
+    at batch 256, and Triton 3.6× ahead at batch-1 decode over 32k tokens. A backend should win by
+    being better everywhere, not by a few percent on the common case while failing a long document.
+    """
+    triton, cuda = relative.get("triton"), relative.get("cuda")
+    if cuda is not None and (triton is None or all(c <= margin * t for c, t in zip(cuda, triton))):
+        return "cuda"
+    return "triton"
 
 
 def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, model_config, block_size: int,
@@ -212,10 +227,11 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
             return SdpaBackend()
         if not triton_available():
             return AttentionBackend()
-        times = measure_decode_backends(str(device), dtype, model_config.num_attention_heads,
-                                        model_config.num_key_value_heads, model_config.head_dim, block_size,
-                                        long_context=max(2048, min(32768, int(max_model_len))))
-        name = min(times, key=times.get) if times else "triton"
+        capacity = -(-int(max_model_len) // block_size) * block_size
+        relative = measure_decode_backends(str(device), dtype, model_config.num_attention_heads,
+                                           model_config.num_key_value_heads, model_config.head_dim, block_size,
+                                           long_context=max(2048, min(32768, capacity)), capacity=capacity)
+        name = choose_decode_backend(relative)
     if name == "torch":
         return AttentionBackend()
     if name == "sdpa":

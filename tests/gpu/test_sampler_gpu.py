@@ -74,7 +74,14 @@ def test_probabilities_and_tokens_match_the_cpu(seed):
     rows = mixed_rows(N, V, rng, step=3)
     cpu = batch_probabilities(logits, SamplingBatch.build(rows, V, "cpu"))
     gpu = batch_probabilities(logits.to(CUDA), SamplingBatch.build(rows, V, CUDA)).cpu()
-    torch.testing.assert_close(gpu, cpu, atol=1e-6, rtol=1e-4)
+    # The nucleus boundary is decided by sums of probabilities in different orders (float32 histograms on
+    # the CPU, float64 bins in the GPU kernel): a token whose cumulative mass lies within rounding of top_p
+    # may be kept on one side and dropped on the other. Such knife-edge tokens are allowed, one in 10^5 at
+    # most; everything kept on both sides must agree.
+    both = (gpu > 0) & (cpu > 0)
+    torch.testing.assert_close(gpu[both], cpu[both], atol=1e-6, rtol=1e-4)
+    edge = (gpu > 0) != (cpu > 0)
+    assert edge.sum().item() <= max(1, gpu.numel() // 100_000), edge.nonzero()[:10]
     tokens_cpu = sample_batch(logits.clone(), SamplingBatch.build(rows, V, "cpu")).token_ids
     tokens_gpu = sample_batch(logits.to(CUDA), SamplingBatch.build(rows, V, CUDA)).token_ids.cpu()
     assert (tokens_cpu == tokens_gpu).float().mean().item() >= 0.95, (tokens_cpu, tokens_gpu)
