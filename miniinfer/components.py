@@ -21,7 +21,7 @@ __all__ = ["Components"]
 
 @dataclass(frozen=True)
 class Components:
-    """The functions the model calls. Shapes in DESIGN.md §8 vocabulary."""
+    """The functions the model calls. Shapes in the book's vocabulary (B, L, S, T, H, H_kv, D, E, I, V)."""
 
     #: (x [..., E], weight [E], eps: float) -> [..., E]
     rms_norm: Callable = layers.rms_norm
