@@ -190,9 +190,9 @@ def run_continuous():
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-# Alternate the two, best of 5 rounds each, so that a busy moment of the machine hits both alike.
+# Alternate the two, best of 3 rounds each, so that a busy moment of the machine hits both alike.
 best = {run_static: float("inf"), run_continuous: float("inf")}
-for _ in range(5):
+for _ in range(3):
     for fn in best:
         start = time.perf_counter()
         fn()
@@ -218,8 +218,9 @@ if record is None:
 else:
     print(caption(record))
     for row in record["rows"]:
-        print(f"  {row['workload']:>14s}: miniinfer {row['miniinfer tok/s']:8.0f} tok/s, "
-              f"HF static batch {row['HF tok/s']:8.0f} tok/s  ({row['ratio']}×)")
+        if row.get("HF tok/s"):  # the rows with an HF baseline measured in the same run
+            print(f"  {row['row']}: miniinfer {row['tok/s']:,.0f} tok/s, HF generate {row['HF tok/s']:,.0f} "
+                  f"tok/s ({row['tok/s'] / row['HF tok/s']:.1f}×)")
 
 # %% [markdown]
 # ## 2. The flat batch
@@ -456,8 +457,8 @@ def step_times(engine_config):
 
 
 fig, ax = plt.subplots(figsize=(8, 3.2))
+step_times(configs["chunked prefill, budget 64"])               # warm-up (allocator, first calls)
 for (name, engine_config), style in zip(configs.items(), ("o-", "s-")):
-    step_times(engine_config)                                   # warm-up
     times = step_times(engine_config)
     ax.plot(times[:20], style, label=f"{name}: longest step {max(times):.0f} ms")
 ax.set_xlabel("step")
@@ -465,6 +466,158 @@ ax.set_ylabel("ms")
 ax.set_title("Step time: the gap between two tokens of the decoding requests")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8);
+
+# %% [markdown]
+# ## 6. Where a step's time goes
+#
+# Everything above decided *what* a step computes. How long it takes is a different question, and
+# the answer is not "the matrix products". One step of the engine is three calls, each owned by one
+# part:
+#
+# ```text
+# plan    = scheduler.schedule()            host: who runs, how many new tokens, KV blocks, what to sample
+# sampled = runner.run(plan)                device: one upload of the inputs, the forward, the sampler
+# updates = scheduler.commit(plan, sampled) host: counts, prefix cache, forks, stops, frees
+# ```
+#
+# followed by detokenizing and building outputs. The **host** phases are Python, a few microseconds
+# per sequence each. The **device** phase launches kernels: in eager PyTorch every operation of every
+# layer is a separate launch that costs the CPU a few microseconds, whatever the GPU then does with
+# it. A decode step of a small model does little arithmetic per kernel — one token per sequence —
+# so it can spend more time *launching* kernels than *running* them: it is **launch-bound**. The
+# engine fights that on four fronts:
+#
+# 1. **One upload.** Every integer of a step (token ids, positions, slots, lengths, block tables)
+#    goes into one pinned host buffer and reaches the GPU in one copy.
+# 2. **CUDA graphs.** At start-up the engine records one decode forward per batch-size bucket; a
+#    decode step then replays it with a single launch.
+# 3. **Fused kernels.** RMSNorm in bf16 is four elementwise kernels, RoPE seven, SwiGLU two, plus
+#    the residual adds; our Triton kernels do each in one (residual add + RMSNorm, RoPE applied in
+#    place to q and k, SiLU-and-multiply). Fewer kernels means less GPU time too: each one reads and
+#    writes its whole input.
+# 4. **A batched sampler.** One pass over the whole batch's logits instead of a Python loop over rows.
+#
+# On this CPU there are no kernel launches to save, so we only split a decode step into its phases
+# by timing each method of a live engine (the numbers vary from run to run):
+
+# %% tags=["nbval-ignore-output", "skip-grading"]
+def time_phases(engine, prompts, params, steps: int = 24) -> dict[str, float]:
+    """Milliseconds per decode step spent in each phase, by wrapping the engine's methods with clocks."""
+    spent: dict[str, float] = {}
+
+    def clocked(owner, name, phase):
+        method = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in [*engine.scheduler.running,
+                                                                           *engine.scheduler.waiting]):
+        engine.step()                                           # prefill first: we time decode steps
+    clocked(engine.scheduler, "schedule", "schedule")
+    clocked(engine.runner, "prepare", "prepare (pack + upload)")
+    clocked(engine.runner.model, "forward", "forward")
+    clocked(engine.runner, "sample", "sample")
+    clocked(engine.scheduler, "commit", "commit")
+    clocked(engine, "_process", "detokenize + outputs")
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    total = time.perf_counter() - start
+    phases = {phase: 1e3 * seconds / steps for phase, seconds in spent.items()}
+    phases["other"] = 1e3 * total / steps - sum(phases.values())
+    return phases
+
+
+decode_params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=40, ignore_eos=True)
+cpu_phases = {batch: time_phases(LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=256)),
+                                 [tokenizer.encode(s) for s in (["ROMEO.\n", "JULIET.\n"] * 8)[:batch]],
+                                 decode_params)
+              for batch in (1, 16)}
+for batch, phases in cpu_phases.items():
+    print(f"batch {batch:2d}: {sum(phases.values()):5.2f} ms per step = "
+          + ", ".join(f"{name} {ms:.2f}" for name, ms in phases.items()))
+
+# %% [markdown]
+# On a CPU the forward dominates: the host phases are a small share of a step that computes on the
+# same cores. On a GPU the picture flips. The recorded run below (`benchmarks/step_profile.py --gpu`,
+# a Qwen2.5-0.5B-shaped model in bf16) compares four engines: (a) eager and unfused — the engine
+# before this chapter's last changes; (b) eager with fused kernels; (c) CUDA graphs without fusion;
+# (d) CUDA graphs with fused kernels, the default. Left: kernels per layer of one decode forward.
+# Right: the wall time of a decode step, with the GPU's busy time inside it.
+
+# %%
+from miniinfer.course.results import caption, load_result
+
+profile = load_result("step_profile", device="cuda")
+
+
+def draw_step_profile(record):
+    rows = [row for row in record["rows"] if row.get("kernels_per_layer") is not None]
+    batches = sorted({row["batch"] for row in rows})
+    configs = list(dict.fromkeys(row["config"] for row in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    first = [next(r for r in rows if r["config"] == c and r["batch"] == batches[0]) for c in configs]
+    left.bar(range(len(configs)), [r["kernels_per_layer"] for r in first], color="#5a9bd4")
+    for x, row in enumerate(first):
+        left.text(x, row["kernels_per_layer"] + 0.3, f"{row['kernels_per_layer']:.0f}", ha="center", fontsize=8)
+    left.set_xticks(range(len(configs)), [c.split(":")[0] for c in configs])
+    left.set_ylabel("kernels per layer (decode)")
+    left.set_title("kernels per layer", fontsize=10)
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        chosen = [next(r for r in rows if r["config"] == c and r["batch"] == batch) for c in configs]
+        x = np.arange(len(configs)) + (i - (len(batches) - 1) / 2) * width
+        right.bar(x, [r["step_ms"] for r in chosen], width, color=f"C{i}", alpha=0.45,
+                  label=f"batch {batch}: step (wall)")
+        right.bar(x, [r["gpu_ms"] for r in chosen], width * 0.5, color=f"C{i}", label=f"batch {batch}: GPU busy")
+    right.set_xticks(range(len(configs)), configs, fontsize=7, rotation=12)
+    right.set_ylabel("ms per decode step")
+    right.legend(fontsize=7)
+    right.set_title("step time vs GPU time", fontsize=10)
+    fig.suptitle(caption(record), fontsize=8)
+    fig.tight_layout()
+
+
+if profile is None:
+    print("no GPU profile recorded yet: run `python benchmarks/step_profile.py --gpu` on a CUDA machine")
+else:
+    draw_step_profile(profile)
+
+# %% [markdown]
+# Where the wide bar is much taller than the narrow one, the GPU sits idle for most of the step,
+# waiting for the CPU to launch its next kernel: that is what CUDA graphs remove. An eager step's
+# time is the host's — how fast that machine's CPU launches 300 to 650 kernels — so it varies from
+# run to run (in this run the fused eager engine happened to be slower than the unfused one; an
+# earlier run on the same card measured 10.5 against 13.0 ms). Fusion cuts the kernels the GPU
+# itself runs: 26 per layer become 11, and the GPU's busy time drops by a third. What is left at
+# batch 1 is still four times the floor of reading every weight once per token: about 270 kernels
+# of a few microseconds each, most of them too small to reach the memory bandwidth. The same
+# run's end-to-end numbers (`benchmarks/engine_throughput.py --gpu`), against the hardware floor
+# where there is one:
+
+# %%
+throughput = load_result("engine_throughput", device="cuda")
+if throughput is None:
+    print("no GPU throughput recorded yet")
+else:
+    print(caption(throughput))
+    for row in throughput["rows"]:
+        details = [f"{row['tok/s']:,.0f} tok/s"]
+        if row.get("% floor") is not None:
+            details.append(f"{row['% floor']:.0f} % of the floor ({row['floor tok/s']:,.0f} tok/s)")
+        if row.get("pct_of_greedy") is not None:
+            details.append(f"{row['pct_of_greedy']:.0f} % of greedy's throughput")
+        if row.get("TTFT s") is not None and row["prompt tokens"] > 10_000:
+            details.append(f"first token after {row['TTFT s']:.2f} s")
+        print(f"  {row['row']:>24s}: " + ", ".join(details))
 
 # %% [markdown]
 # ## Summary
@@ -477,6 +630,8 @@ ax.legend(fontsize=8);
 #   same operation with different numbers of new tokens.
 # * A **token budget** bounds each step (`plan_step`): running sequences first, then the queue in
 #   order; **chunked prefill** splits a long prompt over steps so that decodes never stall behind it.
+# * A step is **plan → run → commit**. On a GPU a small model's decode is launch-bound: one upload,
+#   CUDA graphs, fused kernels and a batched sampler bring it toward the floor of reading the weights.
 #
 # **Going further** (no checks):
 #
