@@ -141,3 +141,30 @@ def write_results(name: str, title: str, device: str | torch.device, columns: li
         Path(os.environ["OUT"], path.name).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def time_per_call(call, num_sets: int, inner: int = 20, repeat: int = 15) -> tuple[float, str]:
+    """Median seconds of call(set_index), rotating input sets: CUDA-graph replays of ``inner`` calls (no
+    launch overhead in the number), else eager launches if the capture fails (and say so)."""
+    for i in range(2 * num_sets):  # compile, build, allocate (the counters, Triton's cache) outside the graph
+        call(i % num_sets)
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(num_sets):
+                call(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for j in range(inner):
+                call(j % num_sets)
+        seconds = time_cuda(graph.replay, warmup=3, repeat=repeat) / inner
+        del graph
+        return seconds, "cuda graph"
+    except Exception as error:  # noqa: BLE001 - fall back to eager launches, and say so
+        print(f"    (graph capture failed: {type(error).__name__}: {error}; timing eager launches)", flush=True)
+        torch.cuda.synchronize()
+        seconds = time_cuda(lambda: [call(j % num_sets) for j in range(inner)], warmup=2, repeat=10) / inner
+        return seconds, "eager"

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, time_cpu, time_cuda, write_results  # noqa: E402
+from benchmarks.common import print_table, time_cpu, time_cuda, time_per_call, write_results  # noqa: E402
 from miniinfer import layers, rope  # noqa: E402
 from miniinfer.kernels.fused import fused_add_rms_norm, rope_qk_inplace_at_positions, silu_and_mul  # noqa: E402
 
@@ -71,31 +71,6 @@ def count_kernels(fn) -> int | None:
     except Exception as error:  # noqa: BLE001 - a profiler problem must not stop the benchmark
         print(f"    (kernel count failed: {type(error).__name__}: {error})", flush=True)
         return None
-
-
-def time_graph(call, num_sets: int, inner: int = 20) -> tuple[float, str]:
-    """Median seconds of call(set_index): CUDA-graph replays of `inner` calls, else eager launches."""
-    for i in range(2 * num_sets):  # compile and allocate outside the graph
-        call(i % num_sets)
-    torch.cuda.synchronize()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(num_sets):
-                call(i)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for j in range(inner):
-                call(j % num_sets)
-        seconds = time_cuda(graph.replay, warmup=3, repeat=20) / inner
-        del graph
-        return seconds, "cuda graph"
-    except Exception as error:  # noqa: BLE001 - fall back to eager, and say so
-        print(f"    (graph capture failed: {type(error).__name__}: {error}; timing eager launches)", flush=True)
-        torch.cuda.synchronize()
-        return time_cuda(lambda: [call(j % num_sets) for j in range(inner)], warmup=2, repeat=10) / inner, "eager"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +130,7 @@ def bench_op(device, label, T, op, nbytes, make_inputs, unfused, fused) -> list[
         row = {"shape": label, "T": T, "op": op, "path": name}
         try:
             if device.type == "cuda":
-                seconds, _ = time_graph(lambda i, fn=fn: fn(*sets[i]), num_sets)
+                seconds, _ = time_per_call(lambda i, fn=fn: fn(*sets[i]), num_sets, repeat=20)
                 row["kernels"] = count_kernels(lambda fn=fn: fn(*sets[0]))
             else:
                 seconds = time_cpu(lambda fn=fn: fn(*sets[0]), warmup=2, repeat=10)
@@ -238,7 +213,7 @@ def bench_model(shape, dtype, context_len: int = 1024) -> list[dict]:
             row["kernels_per_forward"] = kernels
             row["kernels_per_layer"] = None if kernels is None else round(kernels / num_layers, 1)
             row["eager_us"] = time_cuda(forward, warmup=3, repeat=20) * 1e6
-            seconds, how = time_graph(lambda i: forward(), 1, inner=1)
+            seconds, how = time_per_call(lambda i: forward(), 1, inner=1, repeat=20)
             row["graph_us"] = seconds * 1e6 if how == "cuda graph" else None
             base = base or row["graph_us"]
             row["speedup"] = base / row["graph_us"] if base and row["graph_us"] else None

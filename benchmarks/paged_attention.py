@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_table, time_cpu, time_cuda, write_results  # noqa: E402
+from benchmarks.common import print_table, time_cpu, time_cuda, time_per_call, write_results  # noqa: E402
 from miniinfer.kernels.paged_attention import (  # noqa: E402
     default_partition_size,
     paged_decode_attention_cuda,
@@ -73,32 +73,6 @@ def copy_bandwidth_gbs(num_bytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     seconds = time_cuda(lambda: [dst.copy_(src) for _ in range(5)], warmup=3, repeat=15) / 5
     return 2 * num_bytes / seconds / 1e9
-
-
-def time_per_call(call, num_sets: int, inner: int = 20) -> tuple[float, str]:
-    """Median seconds of call(set_index), rotating input sets: CUDA-graph replays, else eager."""
-    for i in range(2 * num_sets):  # compile, build, allocate (the counters, Triton's cache) outside the graph
-        call(i % num_sets)
-    torch.cuda.synchronize()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for i in range(num_sets):
-                call(i)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for j in range(inner):
-                call(j % num_sets)
-        seconds = time_cuda(graph.replay, warmup=3, repeat=15) / inner
-        del graph
-        return seconds, "cuda graph"
-    except Exception as error:  # noqa: BLE001 - fall back to eager launches, and say so
-        print(f"    (graph capture failed: {type(error).__name__}: {error}; timing eager launches)", flush=True)
-        torch.cuda.synchronize()
-        seconds = time_cuda(lambda: [call(j % num_sets) for j in range(inner)], warmup=2, repeat=10) / inner
-        return seconds, "eager"
 
 
 def make_inputs(B, S, P, H, H_kv, D, num_sets, dtype, seed=0):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from engine_helpers import finish_all
 
 from miniinfer.engine import EngineConfig, LLMEngine
 from miniinfer.loader import load_model
@@ -16,15 +17,6 @@ from miniinfer.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def small_model(small_checkpoint):
     return load_model(small_checkpoint[0])[0]
-
-
-def finish(engine):
-    results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                results[output.request_id] = output
-    return results
 
 
 @torch.inference_mode()
@@ -41,7 +33,7 @@ def test_generated_token_logprobs_equal_the_plain_forward(small_model, temperatu
                             seed=5, ignore_eos=True)
     request = engine.add_request(prompt, params)
     other = engine.add_request([1, 2, 3], SamplingParams(max_tokens=7, ignore_eos=True))  # no logprobs: none returned
-    results = finish(engine)
+    results = finish_all(engine)
     out = results[request].outputs[0]
     assert results[other].outputs[0].logprobs is None
     reference = reference_logprobs(small_model, prompt + out.token_ids)
@@ -61,9 +53,9 @@ def test_prompt_logprobs_equal_the_plain_forward_even_over_chunks_and_a_cached_p
     prompt = [7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3]
     engine = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=6))
     warm = engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))  # fills the prefix cache
-    finish(engine)
+    finish_all(engine)
     request = engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, ignore_eos=True))
-    result = finish(engine)[request]
+    result = finish_all(engine)[request]
     assert warm != request
     reference = reference_logprobs(small_model, prompt)
     assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(prompt)

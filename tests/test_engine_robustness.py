@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from engine_helpers import all_blocks_free, finish_all
 
 from miniinfer import LLM, SamplingParams
 from miniinfer.components import Components
@@ -31,20 +32,6 @@ def small_model(small_checkpoint):
 @pytest.fixture(scope="module")
 def llm(checkpoint_with_tokenizer) -> LLM:
     return LLM(checkpoint_with_tokenizer[0], device="cpu", num_kv_blocks=128, block_size=4)
-
-
-def all_blocks_free(engine: LLMEngine) -> bool:
-    evictable = engine.radix_cache.num_evictable_blocks() if engine.radix_cache is not None else 0
-    return engine.block_manager.num_free_blocks + evictable == engine.num_kv_blocks and not engine.scheduler.running
-
-
-def finish_all(engine: LLMEngine) -> dict[str, object]:
-    results = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                results[output.request_id] = output
-    return results
 
 
 # -- 1. a failing request fails alone ----------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from stats import chi_square_p_value
 
 from miniinfer.sampling import (
     SamplingParams,
@@ -197,20 +198,6 @@ def test_pipeline_order_temperature_then_top_k_then_top_p():
     torch.testing.assert_close(got, expected)
     greedy = probabilities(torch.tensor([1.0, 3.0, 3.0, 0.0]), SamplingParams(temperature=0))
     assert greedy.tolist() == [0, 1, 0, 0]
-
-
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """P(X² >= observed) for counts drawn from probs (zero-probability entries must have zero counts)."""
-    assert counts[probs == 0].sum().item() == 0, "drew a token whose probability is 0"
-    nonzero = probs > 0
-    n = counts.sum().item()
-    expected = n * probs[nonzero].double()
-    assert expected.min().item() >= 5, "too few expected draws for a chi-square test"
-    statistic = ((counts[nonzero].double() - expected) ** 2 / expected).sum()
-    df = nonzero.sum().item() - 1
-    if df == 0:
-        return 1.0
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), statistic / 2).item()
 
 
 @pytest.mark.parametrize("params", [
