@@ -69,9 +69,9 @@ def make_varlen(q_lens, k_lens, H, H_kv, D, seed):
     return q, k, v, cumulative(q_lens), cumulative(k_lens)
 
 
-def make_paged(lengths, P, H_kv, D, seed):
-    """Pools [num_blocks, P, H_kv, D] and a shuffled block table [B, M] int32; sequence 1 shares sequence
-    0's full blocks (a common prefix); entries past a sequence's blocks are garbage (-1, huge ids)."""
+def make_paged(lengths, P, H_kv, D, seed, share=True):
+    """Pools [num_blocks, P, H_kv, D] and a shuffled block table [B, M] int32; when ``share`` sequence 1
+    shares sequence 0's full blocks (a common prefix); entries past a sequence's blocks are garbage."""
     gen = torch.Generator().manual_seed(seed)
     needed = [math.ceil(n / P) for n in lengths]
     num_blocks = sum(needed) + 3
@@ -81,7 +81,7 @@ def make_paged(lengths, P, H_kv, D, seed):
     for b, n in enumerate(needed):
         row = perm[cursor:cursor + n]
         cursor += n
-        if b == 1:
+        if b == 1 and share:
             shared = min(lengths[0] // P, n - 1)
             row = tables[0][:shared] + row[shared:]
         tables.append(row + [-1 if j % 2 else num_blocks + 999 for j in range(width - n)])
@@ -126,9 +126,9 @@ def test_varlen_matches_float64_oracle(backend, causal, H, H_kv, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("D", [24, 64])
+@pytest.mark.parametrize("D", [24, 64, 128])
 def test_head_dims_and_explicit_bounds(backend, D, seed):
-    """D = 64 and a padded D = 24; explicit max_seqlen_q/k (the no-sync path) and a custom scale."""
+    """D = 64, 128 and a padded D = 24; explicit max_seqlen_q/k (the no-sync path) and a custom scale."""
     q_lens, k_lens = [9, 20], [30, 20]
     q, k, v, cu_q, cu_k = make_varlen(q_lens, k_lens, 6, 2, D, seed)
     out = flash_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=0.3, backend=backend,
@@ -200,6 +200,14 @@ def test_batched_layout_and_single_sequence(backend, seed):
     torch.testing.assert_close(out.reshape(-1, H, D), packed)
     single = flash_attention(q[1], k[1], v[1], backend=backend)
     torch.testing.assert_close(single.double(), oracle(q[1], k[1], v[1], True, D ** -0.5), **TOL)
+    # [B, L, H, D] queries over paged K/V: the same keys, stored in a pool
+    k_pool, v_pool, table = make_paged([S] * B, 4, H_kv, D, seed, share=False)
+    for b in range(B):  # write sequence b's keys at its slots
+        pos = torch.arange(S)
+        k_pool[table[b].long()[pos // 4], pos % 4] = k[b]
+        v_pool[table[b].long()[pos // 4], pos % 4] = v[b]
+    paged = flash_attention(q, k_pool, v_pool, block_table=table, seq_lens=torch.full((B,), S), backend=backend)
+    torch.testing.assert_close(paged, out, **TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -212,10 +212,22 @@ def flash_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq
         return out
     if D > 256:
         raise ValueError(f"flash_attention(backend='triton'): head dim {D} > 256 is not supported")
-    # The kernel indexes rows and heads with strides; only the D dimension must be contiguous.
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attention(backend='triton'): dtype {q.dtype} is not supported (float16, bfloat16, "
+                         "float32); use backend='torch'")
+    if not q.is_cuda and not triton_interpreted():
+        raise ValueError("flash_attention(backend='triton') needs CUDA tensors (or TRITON_INTERPRET=1 on a CPU)")
+    # The kernel indexes rows and heads with strides; only the D dimension must be contiguous, and the
+    # small integer tensors are read as flat arrays.
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
+    cu_seqlens_q = cu_seqlens_q.contiguous()
+    if paged:
+        block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+        seq_lens = seq_lens.contiguous()
+    else:
+        cu_seqlens_k = cu_seqlens_k.contiguous()
     if max_seqlen_q is None:
         max_seqlen_q = _max_len(cu_seqlens_q)
     if max_seqlen_k is None:
@@ -229,6 +241,8 @@ def flash_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq
         block_n = 32 if small else 64
     if block_m & (block_m - 1) or block_n & (block_n - 1) or block_m < 16 or block_n < 16:
         raise ValueError(f"flash_attention: block_m ({block_m}) and block_n ({block_n}) must be powers of two >= 16")
+    if num_warps is None and not small and block_m >= 128:
+        num_warps = 8  # a 128-row tile: two warps per 16-row MMA slab keep the accumulator in registers
     options = {"num_warps": num_warps, "num_stages": num_stages}
     options = {name: value for name, value in options.items() if value is not None}
     if paged:
@@ -367,10 +381,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out = flash_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale)
     elif backend == "triton":
         out = flash_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale,
-                                     max_seqlen_q=max_seqlen_q,
-                                     max_seqlen_k=max_seqlen_k)
+                                     max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     else:
         out = flash_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale,
-                                         max_seqlen_q=max_seqlen_q,
-                                         max_seqlen_k=max_seqlen_k)
+                                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     return out.reshape(shape)
