@@ -110,7 +110,8 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq_lens):
             cu_seqlens_k = torch.arange(B + 1, device=q.device, dtype=torch.int32) * S
             k, v = k.reshape(B * S, *k.shape[2:]), v.reshape(B * S, *v.shape[2:])
     elif cu_seqlens_q is None:  # one sequence
-        cu_seqlens_q = torch.tensor([0, q.shape[0]], device=q.device, dtype=torch.int32)
+        # arange, not torch.tensor([0, T]): a kernel, not a copy from host memory (allowed in graph capture)
+        cu_seqlens_q = torch.arange(2, device=q.device, dtype=torch.int32) * q.shape[0]
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.device)
     B = cu_seqlens_q.shape[0] - 1
     H, D = q.shape[1], q.shape[2]
@@ -133,7 +134,7 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq_lens):
         if cu_seqlens_k is None:
             if B != 1:
                 raise ValueError(f"flash_attention: q holds B={B} sequences: give cu_seqlens_k [B + 1] for k, v")
-            cu_seqlens_k = torch.tensor([0, k.shape[0]], device=q.device, dtype=torch.int32)
+            cu_seqlens_k = torch.arange(2, device=q.device, dtype=torch.int32) * k.shape[0]
         _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, B, q.device)
     H_kv, D_k = k.shape[-2], k.shape[-1]
     if D_k != D:
