@@ -499,7 +499,8 @@ while tiny.engine.has_unfinished_requests():
 roomy_llm = LLM(MODEL, num_kv_blocks=200, enable_prefix_caching=False)
 roomy = roomy_llm.generate(story, params, use_tqdm=False)
 print("stats:", {k: v for k, v in tiny.stats().items() if k in ("kv_blocks_total", "kv_blocks_free", "num_preemptions",
-                                                                  "prompt_tokens", "prefill_tokens_computed")})
+                                                                  "prompt_tokens", "prefill_tokens_computed",
+                                                                  "recomputed_tokens")})
 print("outputs equal to a roomy pool's:", [results[str(i)] for i in range(len(story))] == [o.token_ids for o in roomy])
 print(f"engine steps: {tiny.stats()['num_steps']} with 10 blocks, {roomy_llm.stats()['num_steps']} with 200")
 
@@ -520,9 +521,11 @@ fig.tight_layout()
 # %% [markdown]
 # The pool stays nearly full the whole time — that is the point of paging — and the vertical
 # lines mark the steps where a sequence had to give its blocks back. `prefill_tokens_computed`
-# exceeds `prompt_tokens` by the prompt tokens computed again; the tokens a preempted sequence had
-# generated are recomputed too, in the same prefill. The outputs are the same; the price is time
-# (twice as many steps here, because fewer sequences fit in a step). vLLM can also *swap* a
+# counts every token computed in a prefill, so it exceeds `prompt_tokens` by everything computed a
+# second time: a preempted sequence's prompt *and* the tokens it had already generated, recomputed
+# together when it is readmitted (`recomputed_tokens` counts the generated ones; with the prefix
+# cache of chapter 08, blocks still cached would be spared — here it is off). The outputs are the
+# same; the price is time (twice as many steps here, because fewer sequences fit in a step). vLLM can also *swap* a
 # preempted sequence's blocks to CPU memory instead of dropping them; recomputing is simpler and,
 # for short sequences, often as fast.
 
