@@ -126,8 +126,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.num_kv_blocks, config.block_size, self.backend, hooks=hooks,
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
                                   max_model_len=self.max_model_len,
-                                  cuda_graph_max_batch=config.max_num_seqs if use_graphs else 0)
-        self.runner.eos_token_ids = tuple(sorted(self.eos_token_ids))
+                                  cuda_graph_max_batch=config.max_num_seqs if use_graphs else 0,
+                                  eos_token_ids=tuple(sorted(self.eos_token_ids)))
         self.runner.capture_graphs(progress=config.max_num_seqs > 64)
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()

@@ -153,7 +153,7 @@ class InputBuffers:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, backend: AttentionBackend,
                  hooks: EngineHooks | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int = 2048, cuda_graph_max_batch: int = 0, sampler_seed_fn=None):
+                 max_model_len: int = 2048, cuda_graph_max_batch: int = 0, eos_token_ids: tuple[int, ...] = ()):
         self.model = model
         hooks = hooks or EngineHooks()
         self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
@@ -165,6 +165,7 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = backend
         self.vocab_size = config.vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)  # banned while a request is below its min_tokens
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.max_model_len = max_model_len
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
@@ -318,18 +319,21 @@ class ModelRunner:
 
     @staticmethod
     def _prompt_logprobs(logits: torch.Tensor, rows) -> dict[int, dict[int, dict[int, float]]]:
+        """logits [R, V] of the ``rows`` of :meth:`_prompt_logprob_rows` -> {seq_id: {position: {token id:
+        logprob}}}: the actual prompt token's log-probability, plus the sequence's top-N alternatives."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = [seq.prompt_token_ids[position] for seq, position, _ in rows]
         chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
         k = max(seq.params.prompt_logprobs for seq, _, _ in rows)
-        top_values, top_ids = (torch.topk(logprobs, k, dim=-1) if k > 0 else (None, None))
-        top_values = top_values.tolist() if top_values is not None else None
-        top_ids = top_ids.tolist() if top_ids is not None else None
+        top = [([], [])] * len(rows)
+        if k > 0:
+            values, ids = torch.topk(logprobs, k, dim=-1)
+            top = list(zip(ids.tolist(), values.tolist()))
         result: dict[int, dict[int, dict[int, float]]] = {}
-        for index, (seq, position, _) in enumerate(rows):
-            entry = {targets[index]: chosen[index]}
-            for token_id, value in zip((top_ids or [[]] * len(rows))[index][:seq.params.prompt_logprobs],
-                                       (top_values or [[]] * len(rows))[index][:seq.params.prompt_logprobs]):
+        for (seq, position, _), target, logprob, (top_ids, top_values) in zip(rows, targets, chosen, top):
+            entry = {target: logprob}
+            wanted = seq.params.prompt_logprobs
+            for token_id, value in zip(top_ids[:wanted], top_values[:wanted]):
                 entry.setdefault(token_id, value)
             result.setdefault(seq.seq_id, {})[position] = entry
         return result
@@ -371,8 +375,6 @@ class ModelRunner:
             top = [list(zip(ids, values)) for ids, values in zip(output.top_logprob_ids.tolist(),
                                                                  output.top_logprobs.tolist())]
         return SampledTokens(token_ids, logprobs, top)
-
-    eos_token_ids: tuple[int, ...] = ()
 
     def _sample_per_row(self, logits: torch.Tensor, plan: StepPlan) -> SampledTokens:
         """The course plug-in path: the user's ``probabilities(logits [V], params) -> probs [V]`` one row at a
