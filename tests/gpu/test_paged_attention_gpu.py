@@ -18,35 +18,15 @@ pytest), which draws one seed for the whole run.
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
 
-try:
-    import pytest
-except ImportError:  # a stand-in that records parametrizations for the runner at the bottom
-    class _Mark:
-        gpu = staticmethod(lambda fn: fn)
-
-        @staticmethod
-        def skipif(*args, **kwargs):
-            return lambda fn: fn
-
-        @staticmethod
-        def parametrize(names, values):
-            def record(fn):
-                fn.__dict__.setdefault("params", []).append((names, values))
-                return fn
-            return record
-
-    class pytest:  # noqa: N801 - mimics the module
-        mark = _Mark()
+from standalone import pytest, run_file  # noqa: E402 - pytest itself when installed
 
 from miniinfer.kernels.paged_attention import (  # noqa: E402
     paged_decode_attention,
@@ -222,41 +202,5 @@ def test_write_kv_gpu(backend, seed):
     assert torch.equal(k_cache.view(-1, 2, 64), want_k) and torch.equal(v_cache.view(-1, 2, 64), want_v)
 
 
-def _run_without_pytest() -> int:
-    """Every test over the product of its parametrizations; returns the number of failures."""
-    import inspect
-    import os
-    import random
-
-    seed = int(os.environ.get("MINIINFER_TEST_SEED", random.randrange(2**31)))
-    print(f"seed={seed} (replay with MINIINFER_TEST_SEED={seed})")
-    passed = failed = 0
-    for name, fn in list(globals().items()):
-        if not name.startswith("test_") or not callable(fn):
-            continue
-        params = fn.__dict__.get("params", [])
-        names = [[n.strip() for n in spec.split(",")] for spec, _ in params]
-        for combo in itertools.product(*(values for _, values in params)):
-            kwargs = {}
-            for keys, value in zip(names, combo):
-                kwargs.update(zip(keys, value if len(keys) > 1 else (value,)))
-            if "seed" in inspect.signature(fn).parameters:
-                kwargs["seed"] = seed
-                torch.manual_seed(seed)
-            try:
-                fn(**kwargs)
-                passed += 1
-            except Exception:  # noqa: BLE001 - report and go on
-                failed += 1
-                print(f"FAILED {name} {kwargs}")
-                traceback.print_exc(limit=4)
-    print(f"{passed} passed, {failed} failed")
-    return failed
-
-
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA GPU: nothing to test")
-    if hasattr(pytest, "main"):
-        sys.exit(pytest.main([__file__, "-m", "gpu", "-q", "-p", "no:cacheprovider"]))
-    sys.exit(1 if _run_without_pytest() else 0)
+    run_file(__file__, globals())
