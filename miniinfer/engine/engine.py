@@ -322,20 +322,23 @@ class LLMEngine:
         """Text for the new tokens (stop strings), then one output per touched request that streams or
         finished."""
         touched: dict[str, Request] = {}
+        requests = self.requests
         for update in updates:
             seq = update.seq
-            request = self.requests.get(seq.request_id)
+            request = requests.get(seq.request_id)
             if request is None:
                 continue
             if update.new_seq:
                 request.seqs.append(seq)
+                # The sibling's first token was appended before it had a detokenizer: _update_text catches up.
                 self._attach_detokenizer(request, seq)
-                # The sibling's first token was appended before it had a detokenizer: catch up.
-            try:
-                self._update_text(seq, request)
-            except Exception as error:  # noqa: BLE001 - e.g. a decoding failure: this request only
-                self.scheduler.finish(seq, "error", error=f"{type(error).__name__}: {error}")
-            touched[request.request_id] = request
+            if seq.detokenizer is not None:
+                try:
+                    self._update_text(seq, request)
+                except Exception as error:  # noqa: BLE001 - e.g. a decoding failure: this request only
+                    self.scheduler.finish(seq, "error", error=f"{type(error).__name__}: {error}")
+            if request.stream or seq.is_finished:  # others have nothing to report this step
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             finished = request.finished

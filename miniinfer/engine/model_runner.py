@@ -157,6 +157,7 @@ class ModelRunner:
         self.model = model
         hooks = hooks or EngineHooks()
         self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
+        self._default_pack = hooks.pack_batch is None
         self._decode_hook = hooks.paged_decode_attention
         self._default_slots = hooks.slot_mapping is None
         config = model.config
@@ -219,11 +220,19 @@ class ModelRunner:
     def prepare(self, plan: StepPlan, block_manager: BlockManager, graph_bucket: int | None = None) -> StepInputs:
         """Pack the plan into the host buffer (padded to ``graph_bucket`` rows for a graph), upload it."""
         seqs = plan.seqs
-        packed = self._pack_batch([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
-                                  list(plan.num_new_tokens))
-        # Lists of ints (the reference); a hook may also return 1-D tensors.
-        input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
-            values.tolist() if isinstance(values, torch.Tensor) else list(values) for values in packed)
+        if self._default_pack and plan.is_decode_only:
+            # What pack_batch returns for a decode step, without its general loop: each sequence's newest
+            # token at its position, one row each, every row sampled.
+            positions = [seq.num_computed_tokens for seq in seqs]
+            input_ids = [seq.token_ids[-1] for seq in seqs]
+            seq_lens = [position + 1 for position in positions]
+            cu_seqlens_q, logits_indices = list(range(len(seqs) + 1)), list(range(len(seqs)))
+        else:
+            packed = self._pack_batch([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
+                                      list(plan.num_new_tokens))
+            # Lists of ints (the reference); a hook may also return 1-D tensors.
+            input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
+                values.tolist() if isinstance(values, torch.Tensor) else list(values) for values in packed)
         slots: list[int] = []
         P = self.block_size
         for seq, num_new in zip(seqs, plan.num_new_tokens):
@@ -410,9 +419,10 @@ def _plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that changes the logits first (penalties, bias, suppressed stop tokens) and
     no logprobs: the argmax of the raw logits."""
     params = seq.params
-    return (params.greedy and params.logprobs is None and not params.logit_bias and seq.num_output_tokens
-            >= params.min_tokens and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0)
+    return (params.greedy and params.logprobs is None and not params.logit_bias
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+            and len(seq.token_ids) - len(seq.prompt_token_ids) >= params.min_tokens)
 
 
 def _as_int64(value: int) -> int:

@@ -271,10 +271,10 @@ class Scheduler:
         config = self.config
         budget = config.max_num_batched_tokens
         # Seats: a request with n > 1 holds n of them from admission (its siblings fork later).
-        seats_free = config.max_num_seqs - self.num_seats_taken
+        seats_taken = self.num_seats_taken
         running = list(self.running)
-        candidates = self._admission_candidates(budget, max(0, seats_free))
-        extra_seats = self.num_seats_taken - len(running)
+        candidates = self._admission_candidates(budget, max(0, config.max_num_seqs - seats_taken))
+        extra_seats = seats_taken - len(running)
         counts = self._plan([seq.num_uncomputed_tokens for seq in running],
                             [seq.num_uncomputed_tokens for seq in candidates], budget,
                             config.max_num_seqs - extra_seats)
@@ -301,7 +301,8 @@ class Scheduler:
 
         # 2. Waiting sequences the plan admits, unless memory is so tight that we just preempted someone.
         admitting = not preempted
-        seats_taken = self.num_seats_taken
+        if preempted:
+            seats_taken = self.num_seats_taken  # preemptions gave seats back
         for seq, num_new in zip(candidates, waiting_counts):
             if admitting and num_new > 0 and seats_taken + seq.num_seats > config.max_num_seqs:
                 admitting = False  # first come first served: no overtaking by smaller requests
@@ -351,17 +352,19 @@ class Scheduler:
                 for position, entry in sampled.prompt_logprobs.get(seq.seq_id, {}).items():
                     if seq.prompt_logprobs is not None and position == len(seq.prompt_logprobs):
                         seq.prompt_logprobs.append(entry)  # (a recomputation after preemption adds nothing)
+        finished = SequenceStatus.FINISHED
         for seq, num_new in zip(plan.seqs, plan.num_new_tokens):
-            if seq.is_finished:
+            if seq.status is finished:
                 continue  # aborted while the step ran
-            decode = num_new == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.num_output_tokens > 0
-            if not decode:
+            # (lengths read once: this loop runs for every sequence of every step)
+            computed, num_tokens, num_prompt = seq.num_computed_tokens, len(seq.token_ids), len(seq.prompt_token_ids)
+            if not (num_new == 1 and computed + 1 == num_tokens and num_tokens > num_prompt):  # not a decode
                 self.counters["prefill_tokens_computed"] += num_new
                 # Tokens past the prompt computed again after a preemption: the price of recompute.
-                self.counters["recomputed_tokens"] += max(0, min(seq.num_computed_tokens + num_new, seq.num_tokens - 1)
-                                                          - max(seq.num_computed_tokens, seq.num_prompt_tokens))
-            seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self.counters["recomputed_tokens"] += max(0, min(computed + num_new, num_tokens - 1)
+                                                          - max(computed, num_prompt))
+            seq.num_computed_tokens = computed + num_new
+            if not seq.prompt_inserted and computed + num_new >= num_prompt:
                 self.on_prefill_complete(seq)
 
         # Forks first: a sibling shares its parent's blocks as they are now, before the parent's own
@@ -377,7 +380,7 @@ class Scheduler:
                 row.seq.forked = True
         updates: list[TokenUpdate] = []
         for row_index, (row, seq) in enumerate(zip(plan.samples, targets)):
-            if seq.is_finished:
+            if seq.status is finished:
                 continue
             token = sampled.token_ids[row_index]
             try:
@@ -416,7 +419,8 @@ class Scheduler:
                     entry.setdefault(token_id, logprob)
             seq.logprobs.append(entry)
             seq.cumulative_logprob += sampled.logprobs[row_index]
-        num_output = seq.num_output_tokens
+        num_tokens = len(seq.token_ids)
+        num_output = num_tokens - len(seq.prompt_token_ids)
         if num_output > params.min_tokens:  # the sampler suppresses stop tokens until min_tokens are out
             if not params.ignore_eos and token in self.eos_token_ids:
                 self.finish(seq, "stop", stop_reason=None)
@@ -424,7 +428,7 @@ class Scheduler:
             if params.stop_token_ids and token in params.stop_token_ids:
                 self.finish(seq, "stop", stop_reason=token)
                 return
-        if num_output >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if num_output >= params.max_tokens or num_tokens >= self.config.max_model_len:
             self.finish(seq, "length")
 
     def on_prefill_complete(self, seq: Sequence) -> None:
