@@ -21,8 +21,9 @@ synchronisation, no data-dependent shapes). The engine resolves a name to an obj
 | ``cuda`` | our CUDA kernel (``csrc/paged_attention.cu``) | Triton | yes |
 | ``components`` | the model's own attention function, per sequence (the course's plug-in) | same | no |
 
-``auto`` means ``sdpa`` on a CPU and, on a GPU, whichever of ``triton``/``cuda`` decodes faster on
-this machine for this model's shapes — measured, not assumed (:func:`measure_decode_backends`).
+``auto`` means ``sdpa`` on a CPU and, on a GPU, ``triton`` unless ``cuda`` measures clearly faster on
+this machine, for this model's shapes, on every one of three decode workloads
+(:func:`measure_decode_backends`, :func:`choose_decode_backend`).
 """
 
 from __future__ import annotations
