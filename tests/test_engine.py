@@ -240,3 +240,35 @@ def test_auto_picks_cuda_only_when_it_is_clearly_faster_everywhere():
     assert select_attention_backend("auto", cpu, torch.float32, config, 16).name == "sdpa"
     with pytest.raises(ValueError, match="CUDA GPU"):
         select_attention_backend("cuda", cpu, torch.float32, config, 16)
+
+
+def test_a_custom_plan_really_orders_admission(small_model):
+    """plan_step sees every admission candidate at once: a shortest-prompt-first policy admits the short
+    request before the long one that arrived first (the old seam asked about one candidate at a time)."""
+    from miniinfer.engine import EngineHooks
+
+    def shortest_first(running, waiting, budget, max_num_seqs, chunked):
+        plan = [min(n, budget) for n in running]
+        budget -= sum(plan)
+        admitted = [0] * len(waiting)
+        seats = max_num_seqs - len(running)
+        for index in sorted(range(len(waiting)), key=lambda i: waiting[i]):
+            if seats > 0 and waiting[index] <= budget:
+                admitted[index] = waiting[index]
+                budget -= waiting[index]
+                seats -= 1
+        return plan + admitted
+
+    config = EngineConfig(block_size=4, num_kv_blocks=128, max_num_seqs=1, max_num_batched_tokens=64,
+                          enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    orders = {}
+    for name, hooks in (("fcfs", None), ("shortest", EngineHooks(plan_step=shortest_first))):
+        engine = LLMEngine(small_model, None, config, hooks=hooks)
+        long_id = engine.add_request(list(range(1, 40)), params)
+        short_id = engine.add_request([7, 8, 9], params)
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [o.request_id for o in engine.step() if o.finished]
+        orders[name] = [{long_id: "long", short_id: "short"}[r] for r in finished]
+    assert orders == {"fcfs": ["long", "short"], "shortest": ["short", "long"]}

@@ -239,16 +239,19 @@ class Scheduler:
         return plan
 
     def _admission_candidates(self, budget: int, seats: int) -> list[Sequence]:
-        """The waiting sequences the plan may admit, with their cached prefixes looked up (and held).
+        """The waiting sequences the plan may choose from, with their cached prefixes looked up (and held).
 
-        At most ``seats`` of them, and no further than the token budget could reach even without
-        cache hits: looking up a prefix costs a walk of the tree, so we do not walk for sequences
-        that cannot run in this step anyway.
+        None when no seat is free. Otherwise the queue's head — a full batch (``max_num_seqs``, at least
+        32) — so that a policy can admit a later, shorter request before an earlier one, but no further
+        than four token budgets' worth: looking up a prefix walks the tree, and sequences that far back
+        could not run in this step under any policy that fills the budget.
         """
         candidates: list[Sequence] = []
+        if seats <= 0:
+            return candidates
         reach = 0
         for seq in self.waiting:
-            if len(candidates) >= seats or reach >= budget:
+            if len(candidates) >= max(self.config.max_num_seqs, 32) or reach >= 4 * budget:
                 break
             # Prompt logprobs need the logits of every prompt position: no cached prefix skips them.
             if self.radix_cache is not None and not seq.block_table and seq.params.prompt_logprobs is None:
