@@ -13,7 +13,6 @@ input order. ``stream`` yields results token by token as they are produced.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +20,11 @@ import torch
 
 from miniinfer.components import Components
 from miniinfer.engine import EngineConfig, EngineHooks, LLMEngine
+from miniinfer.engine.engine import is_token_id as _is_token_id
 from miniinfer.outputs import CompletionOutput, RequestOutput
 from miniinfer.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput"]
-
-
-def _is_token_id(x) -> bool:
-    """An int-like that is not a bool (numpy integers count)."""
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return not isinstance(x, bool)
 
 
 class LLM:

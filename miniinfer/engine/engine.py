@@ -41,8 +41,9 @@ from miniinfer.engine.radix_cache import RadixCache
 from miniinfer.engine.scheduler import Scheduler, SchedulerConfig, TokenUpdate
 from miniinfer.engine.sequence import Sequence
 from miniinfer.outputs import CompletionOutput, RequestOutput
-from miniinfer.sampler import derive_seed
+from miniinfer.sampler import check_token_ids, derive_seed
 from miniinfer.sampling import SamplingParams
+from miniinfer.tokenizer import check_text
 
 
 @dataclass
@@ -178,12 +179,12 @@ class LLMEngine:
                 raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
             if not prompt:
                 raise ValueError("empty prompt: give at least one token")
-            _check_text(prompt)
+            check_text(prompt)
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.dtype.is_floating_point:
             text, token_ids = None, [int(t) for t in prompt.tolist()]
         elif isinstance(prompt, (list, tuple)) or _is_numpy_int_vector(prompt):
-            if not all(_is_token_id(t) for t in prompt):
+            if not all(is_token_id(t) for t in prompt):
                 raise ValueError("a token-id prompt must be a list of ints")
             text, token_ids = None, [int(t) for t in prompt]
         else:
@@ -209,14 +210,7 @@ class LLMEngine:
         if needed > capacity:
             raise ValueError(f"the request needs up to {needed} tokens of KV cache but the pool holds {capacity} "
                              f"({self.num_kv_blocks} blocks of {self.config.block_size}); raise num_kv_blocks")
-        if params.logit_bias:
-            outside = [t for t in params.logit_bias if not 0 <= t < vocab]
-            if outside:
-                raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {vocab})")
-        if params.stop_token_ids:
-            outside = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-            if outside:
-                raise ValueError(f"stop_token_ids: token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        check_token_ids(params, vocab)  # logit_bias and stop_token_ids inside the vocabulary
         return text, token_ids
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None, *,
@@ -477,7 +471,8 @@ def _prompt_from_dict(prompt: dict):
                      f"got keys {sorted(keys)}")
 
 
-def _is_token_id(value) -> bool:
+def is_token_id(value) -> bool:
+    """An int-like that is not a bool (NumPy integers count)."""
     import operator
 
     if isinstance(value, bool):
@@ -496,11 +491,3 @@ def _is_numpy_int_vector(value) -> bool:
         return False
     return isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
 
-
-def _check_text(text: str) -> None:
-    """Text must be encodable as UTF-8: a lone surrogate (e.g. from a bad JSON escape) is not."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(f"the prompt is not valid Unicode text: {error.reason} at index {error.start} "
-                         f"({text[error.start:error.end]!r})") from None

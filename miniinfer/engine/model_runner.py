@@ -367,8 +367,7 @@ class ModelRunner:
         for sample in plan.samples:
             seq, params = sample.seq, sample.seq.params
             step = 0 if sample.is_fork else seq.num_output_tokens
-            penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-                         or params.frequency_penalty != 0.0)
+            penalised = params.uses_penalties
             suppressed = ()
             if step < params.min_tokens:
                 suppressed = tuple(params.stop_token_ids or ()) + (() if params.ignore_eos else self.eos_token_ids)
@@ -389,7 +388,7 @@ class ModelRunner:
         """The course plug-in path: the user's ``probabilities(logits [V], params) -> probs [V]`` one row at a
         time, then the batched sampler's draw (the same random stream per sequence and step), so a seeded
         request gives the same tokens with the plug-in as without it."""
-        from miniinfer.sampler import _inverse_cdf, uniform_from_seed
+        from miniinfer.sampler import _inverse_cdf, _signed64, uniform_from_seed
 
         rows, failed = [], []
         for row, sample_row in enumerate(plan.samples):
@@ -407,7 +406,7 @@ class ModelRunner:
                     probs = torch.ones_like(logits[row])
             rows.append(probs)
         probs = torch.stack(rows)
-        seeds = torch.tensor([_as_int64(s.stream_seed) for s in plan.samples], device=logits.device)
+        seeds = torch.tensor([_signed64(s.stream_seed) for s in plan.samples], device=logits.device)
         steps = torch.tensor([0 if s.is_fork else s.seq.num_output_tokens for s in plan.samples], device=logits.device)
         tokens = _inverse_cdf(probs, uniform_from_seed(seeds, steps)).clamp_(max=logits.shape[-1] - 1).tolist()
         for row in failed:
@@ -419,13 +418,5 @@ def _plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that changes the logits first (penalties, bias, suppressed stop tokens) and
     no logprobs: the argmax of the raw logits."""
     params = seq.params
-    return (params.greedy and params.logprobs is None and not params.logit_bias
-            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0
+    return (params.greedy and params.logprobs is None and not params.logit_bias and not params.uses_penalties
             and len(seq.token_ids) - len(seq.prompt_token_ids) >= params.min_tokens)
-
-
-def _as_int64(value: int) -> int:
-    """A 64-bit seed as the int64 with the same bits."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
