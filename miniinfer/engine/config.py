@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miniinfer.engine.attention_backends import ATTENTION_BACKENDS
+from miniinfer.engine.attention_backends import ATTENTION_BACKENDS, PREFILL_KERNELS
 
 
 @dataclass
@@ -20,6 +20,8 @@ class EngineConfig:
                                             # auto's choice on a CPU) | triton | cuda | components (auto picks
                                             # "components" when the model has a custom attention; on a GPU,
                                             # the faster of triton and cuda, measured at start-up)
+    prefill_kernel: str = "auto"            # the triton/cuda backends' prefill: auto (checked, then measured at
+                                            # start-up) | paged_triton | flash_triton | flash_cuda | flash_attn
     gpu_memory_utilization: float = 0.9     # fraction of the GPU's memory the engine may fill
     cpu_kv_cache_gib: float = 0.5           # KV pool budget on the CPU when num_kv_blocks is not given
     enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only), captured at start-up
@@ -45,6 +47,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.prefill_kernel not in PREFILL_KERNELS:
+            raise ValueError(f"prefill_kernel must be one of {PREFILL_KERNELS}, got {self.prefill_kernel!r}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
