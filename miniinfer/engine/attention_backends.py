@@ -24,12 +24,29 @@ synchronisation, no data-dependent shapes). The engine resolves a name to an obj
 ``auto`` means ``sdpa`` on a CPU and, on a GPU, ``triton`` unless ``cuda`` measures clearly faster on
 this machine, for this model's shapes, on every one of three decode workloads
 (:func:`measure_decode_backends`, :func:`choose_decode_backend`).
+
+The GPU backends' prefill runs one of several **prefill kernels** (``prefill_kernel=``), all reading the
+cached prefix through the block tables, so a chunk of a long prompt attends to the earlier chunks in place:
+
+| name | kernel |
+|---|---|
+| ``paged_triton`` | chapter 07's Triton kernel: one program per (query tile, sequence, query head) |
+| ``flash_triton`` | chapter 09's Triton flash kernel: a program serves a KV head's whole query group (GQA-packed) |
+| ``flash_cuda`` | chapter 09's CUDA kernel (``csrc/flash_attention.cu``: mma.sync, ldmatrix, cp.async) |
+| ``flash_attn`` | the flash-attn library (FA4 on Hopper/Blackwell, else FA2), paged through ``page_table`` |
+
+``auto`` checks each available kernel against the reference on a small paged batch (a kernel that is
+wrong here is never chosen), then times the survivors on three prefill workloads shaped like this model
+(one long prompt, a chunk over a long cached prefix, many short prompts) and keeps the fastest
+(:func:`measure_prefill_kernels`, :func:`choose_prefill_kernel`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -47,6 +64,50 @@ from miniinfer.kernels.paged_attention import (
 )
 
 ATTENTION_BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda", "components")
+PREFILL_KERNELS = ("auto", "paged_triton", "flash_triton", "flash_cuda", "flash_attn")
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill kernels: (q [T, H, D], k_cache, v_cache, metadata, scale) -> [T, H, D], causal over the paged
+# prefix + the new tokens (already written). Imports are lazy: a kernel's module loads when chosen.
+# --------------------------------------------------------------------------------------------------
+
+def _prefill_paged_triton(q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+    return paged_prefill_attention_triton(q, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
+                                          metadata.seq_lens, scale, max_q_len=metadata.max_q_len,
+                                          max_seq_len=metadata.max_seq_len)
+
+
+def _prefill_flash_triton(q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+    from miniinfer.kernels.flash_attention import flash_attention_triton
+
+    return flash_attention_triton(q, k_cache, v_cache, metadata.cu_seqlens_q, None, metadata.block_tables,
+                                  metadata.seq_lens, True, scale, max_seqlen_q=metadata.max_q_len,
+                                  max_seqlen_k=metadata.max_seq_len)
+
+
+def _prefill_flash_cuda(q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+    from miniinfer.kernels.flash_attention_cuda import flash_attention_cuda
+
+    return flash_attention_cuda(q, k_cache, v_cache, metadata.cu_seqlens_q, None, metadata.block_tables,
+                                metadata.seq_lens, True, scale, max_seqlen_q=metadata.max_q_len,
+                                max_seqlen_k=metadata.max_seq_len)
+
+
+def _prefill_flash_attn(q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+    from miniinfer.kernels.flash_attention import flash_attention_flash_attn
+
+    return flash_attention_flash_attn(q, k_cache, v_cache, metadata.cu_seqlens_q, None, metadata.block_tables,
+                                      metadata.seq_lens, True, scale, max_seqlen_q=metadata.max_q_len,
+                                      max_seqlen_k=metadata.max_seq_len)
+
+
+PREFILL_KERNEL_FUNCTIONS: dict[str, Callable] = {
+    "paged_triton": _prefill_paged_triton,
+    "flash_triton": _prefill_flash_triton,
+    "flash_cuda": _prefill_flash_cuda,
+    "flash_attn": _prefill_flash_attn,
+}
 
 
 class AttentionBackend:
@@ -92,10 +153,17 @@ class SdpaBackend(AttentionBackend):
 
 
 class TritonBackend(AttentionBackend):
-    """Our Triton kernels for all three operations; nothing synchronises with the host."""
+    """Our Triton kernels for KV writes and decode; prefill with ``prefill_kernel`` (a name of
+    :data:`PREFILL_KERNELS`, resolved at start-up). Nothing synchronises with the host."""
 
     name = "triton"
     graph_safe = True
+
+    def __init__(self, prefill_kernel: str = "paged_triton"):
+        if prefill_kernel not in PREFILL_KERNEL_FUNCTIONS:
+            raise ValueError(f"prefill_kernel must be one of {tuple(PREFILL_KERNEL_FUNCTIONS)}, got {prefill_kernel!r}")
+        self.prefill_kernel = prefill_kernel
+        self._prefill = PREFILL_KERNEL_FUNCTIONS[prefill_kernel]
 
     def write_kv(self, k, v, k_cache, v_cache, metadata) -> None:
         write_kv_triton(k, v, k_cache, v_cache, metadata.slot_mapping)
@@ -105,13 +173,15 @@ class TritonBackend(AttentionBackend):
                                              max_seq_len=metadata.max_seq_len)
 
     def prefill(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
-        return paged_prefill_attention_triton(q, k_cache, v_cache, metadata.block_tables, metadata.cu_seqlens_q,
-                                              metadata.seq_lens, scale, max_q_len=metadata.max_q_len,
-                                              max_seq_len=metadata.max_seq_len)
+        return self._prefill(q, k_cache, v_cache, metadata, scale)
+
+    def __repr__(self) -> str:
+        return f"<attention backend {self.name!r}, prefill kernel {self.prefill_kernel!r}>"
 
 
 class CudaBackend(TritonBackend):
-    """Decode with our CUDA kernel (``csrc/paged_attention.cu``); prefill and KV writes with Triton."""
+    """Decode with our CUDA kernel (``csrc/paged_attention.cu``); KV writes with Triton, prefill with
+    ``prefill_kernel``."""
 
     name = "cuda"
 
@@ -214,25 +284,190 @@ def choose_decode_backend(relative: dict[str, list[float]], margin: float = 0.9)
     return "triton"
 
 
+# --------------------------------------------------------------------------------------------------
+# Choosing the prefill kernel: correct first, then fastest
+# --------------------------------------------------------------------------------------------------
+
+class _PrefillInputs:
+    """A paged prefill batch (the metadata fields the prefill kernels read) with random K/V in the pool."""
+
+    def __init__(self, q_lens: list[int], prefix_lens: list[int], num_heads: int, num_kv_heads: int,
+                 head_dim: int, block_size: int, device: str, dtype: torch.dtype, generator: torch.Generator):
+        seq_lens = [p + n for p, n in zip(prefix_lens, q_lens)]
+        blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+        width = max(blocks_per_seq)
+        num_blocks = sum(blocks_per_seq) + 1
+        pool_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.randn(pool_shape, device=device, dtype=dtype, generator=generator)
+        self.v_cache = torch.randn(pool_shape, device=device, dtype=dtype, generator=generator)
+        # Permuted blocks: a kernel that assumes contiguous pages fails the correctness check.
+        order = torch.randperm(num_blocks, device=device, generator=generator)
+        tables = torch.zeros(len(q_lens), width, dtype=torch.int32, device=device)
+        used = 0
+        for b, count in enumerate(blocks_per_seq):
+            tables[b, :count] = order[used:used + count].int()
+            used += count
+        self.block_tables = tables
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        self.cu_seqlens_q = torch.tensor(starts, dtype=torch.int32, device=device)
+        self.q = torch.randn(starts[-1], num_heads, head_dim, device=device, dtype=dtype, generator=generator)
+        self.max_q_len = max(q_lens)
+        self.max_seq_len = width * block_size
+        self.scale = head_dim ** -0.5
+
+
+def available_prefill_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> dict[str, str]:
+    """Every prefill kernel name with why it cannot run here ("" when it can)."""
+    reasons = {name: "" for name in PREFILL_KERNEL_FUNCTIONS}
+    if not triton_available():
+        reasons["paged_triton"] = reasons["flash_triton"] = "triton is not installed"
+    if device.type != "cuda":
+        reasons["flash_cuda"] = "needs a CUDA GPU"
+        reasons["flash_attn"] = "needs a CUDA GPU"
+        return reasons
+    try:
+        from miniinfer.kernels.flash_attention_cuda import cuda_flash_supports
+
+        probe = torch.empty(1, 1, head_dim, device=device, dtype=dtype)
+        reasons["flash_cuda"] = cuda_flash_supports(probe, probe) or ""
+    except Exception as error:  # noqa: BLE001 - the module or its build is missing: not a candidate
+        reasons["flash_cuda"] = f"unavailable ({error})"
+    from miniinfer.kernels.flash_attention import FLASH_ATTN_INSTALL, flash_attn_library
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons["flash_attn"] = f"takes float16/bfloat16, the model is {dtype}"
+    elif flash_attn_library() is None:
+        reasons["flash_attn"] = f"not installed ({FLASH_ATTN_INSTALL})"
+    return reasons
+
+
+def _prefill_error(name: str, inputs: _PrefillInputs) -> float:
+    """Largest error of a prefill kernel against the float32 reference on ``inputs``."""
+    from miniinfer.kernels.paged_attention import paged_prefill_attention_torch
+
+    got = PREFILL_KERNEL_FUNCTIONS[name](inputs.q, inputs.k_cache, inputs.v_cache, inputs, inputs.scale)
+    want = paged_prefill_attention_torch(inputs.q.float(), inputs.k_cache.float(), inputs.v_cache.float(),
+                                         inputs.block_tables, inputs.cu_seqlens_q, inputs.seq_lens, inputs.scale)
+    return float((got.float() - want).abs().max())
+
+
+@functools.cache
+def measure_prefill_kernels(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                            block_size: int, max_model_len: int = 32768,
+                            candidates: tuple[str, ...] | None = None) -> dict[str, list[float] | str]:
+    """Check, then time, the prefill kernels that can run here, for the model's shapes.
+
+    Returns, per kernel, its time on each workload divided by the best kernel's (1.0 = fastest), or a
+    string saying why it was left out (cannot run here, raised, or differs from the reference). The
+    workloads: one prompt of ``min(8192, max_model_len)`` tokens; a 2,048-token chunk over a cached
+    prefix (``min(16384, max_model_len)`` keys in all); 16 prompts of 512 tokens.
+    """
+    torch_device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    reasons = available_prefill_kernels(torch_device, dtype, head_dim)
+    names = [n for n in (candidates or tuple(PREFILL_KERNEL_FUNCTIONS)) if not reasons[n]]
+    results: dict[str, list[float] | str] = {n: reasons[n] for n in (candidates or PREFILL_KERNEL_FUNCTIONS)
+                                             if reasons[n]}
+    shapes = (num_heads, num_kv_heads, head_dim, block_size, device, dtype, generator)
+    check = _PrefillInputs([77, 1, 130], [0, 45, 300], *shapes)
+    tolerance = 2e-3 if dtype == torch.float32 else 3e-2
+    survivors = []
+    for name in names:
+        try:
+            error = _prefill_error(name, check)
+        except Exception as failure:  # noqa: BLE001 - a kernel that raises is not a candidate
+            results[name] = f"raised {type(failure).__name__}: {failure}"
+            continue
+        if not error <= tolerance:
+            results[name] = f"differs from the reference by {error:.3g} (tolerance {tolerance:g})"
+            warnings.warn(f"prefill kernel {name!r} {results[name]}: not used", stacklevel=2)
+            continue
+        survivors.append(name)
+    if not survivors or torch_device.type != "cuda":
+        return {**results, **{n: [1.0] for n in survivors}}
+    long_prompt = min(8192, max_model_len)
+    total = min(16384, max_model_len)
+    chunk = min(2048, total // 2)
+    workloads = [_PrefillInputs([long_prompt], [0], *shapes),
+                 _PrefillInputs([chunk], [total - chunk], *shapes),
+                 _PrefillInputs([512] * 16, [0] * 16, *shapes)]
+    times: dict[str, list[float]] = {}
+    for name in survivors:
+        fn = PREFILL_KERNEL_FUNCTIONS[name]
+        per_workload = []
+        for inputs in workloads:
+            call = functools.partial(fn, inputs.q, inputs.k_cache, inputs.v_cache, inputs, inputs.scale)
+            call()  # compile / JIT outside the timing
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+            per_workload.append((time.perf_counter() - started) / 5)
+        times[name] = per_workload
+    best = [min(t[i] for t in times.values()) for i in range(len(workloads))]
+    return {**results, **{n: [t / b for t, b in zip(v, best)] for n, v in times.items()}}
+
+
+def choose_prefill_kernel(relative: dict[str, list[float] | str]) -> str:
+    """The kernel with the smallest geometric mean of relative times (ties: the earlier in
+    :data:`PREFILL_KERNELS`); ``paged_triton`` when nothing was measured."""
+    measured = {n: v for n, v in relative.items() if not isinstance(v, str)}
+    if not measured:
+        return "paged_triton"
+    order = list(PREFILL_KERNELS)
+    return min(measured, key=lambda n: (math.exp(sum(math.log(x) for x in measured[n]) / len(measured[n])),
+                                        order.index(n)))
+
+
+def _resolve_prefill_kernel(name: str, device: torch.device, dtype: torch.dtype, model_config, block_size: int,
+                            max_model_len: int) -> str:
+    """A prefill kernel name of :data:`PREFILL_KERNELS` → one that runs here (``auto``: measured)."""
+    if name not in PREFILL_KERNELS:
+        raise ValueError(f"prefill_kernel must be one of {PREFILL_KERNELS}, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "paged_triton"  # the Triton interpreter on a CPU: nothing to measure
+        relative = measure_prefill_kernels(str(device), dtype, model_config.num_attention_heads,
+                                           model_config.num_key_value_heads, model_config.head_dim, block_size,
+                                           max_model_len=max_model_len)
+        return choose_prefill_kernel(relative)
+    reason = available_prefill_kernels(device, dtype, model_config.head_dim)[name]
+    if reason:
+        raise ValueError(f"prefill_kernel={name!r} cannot run here: {reason}")
+    return name
+
+
 def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype, model_config, block_size: int,
-                             attention_fn: Callable | None = None, max_model_len: int = 32768) -> AttentionBackend:
+                             attention_fn: Callable | None = None, max_model_len: int = 32768,
+                             prefill_kernel: str = "auto") -> AttentionBackend:
     """Resolve a backend name (see the module docstring) to an object, once, at engine start-up.
 
+    ``prefill_kernel`` applies to the ``triton`` and ``cuda`` backends (see :data:`PREFILL_KERNELS`).
     Raises ValueError naming the problem when the backend cannot run here (e.g. ``cuda`` on a CPU).
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if prefill_kernel not in PREFILL_KERNELS:
+        raise ValueError(f"prefill_kernel must be one of {PREFILL_KERNELS}, got {prefill_kernel!r}")
     on_gpu = device.type == "cuda"
     if name == "auto":
-        if not on_gpu:
-            return SdpaBackend()
-        if not triton_available():
-            return AttentionBackend()
+        if not on_gpu or not triton_available():
+            if prefill_kernel != "auto":
+                raise ValueError(f"prefill_kernel={prefill_kernel!r} needs attention_backend 'triton' or 'cuda' "
+                                 "(on a CPU, 'auto' is 'sdpa', which prefills with its own code)")
+            return SdpaBackend() if not on_gpu else AttentionBackend()
         capacity = -(-int(max_model_len) // block_size) * block_size
         relative = measure_decode_backends(str(device), dtype, model_config.num_attention_heads,
                                            model_config.num_key_value_heads, model_config.head_dim, block_size,
                                            long_context=max(2048, min(32768, capacity)), capacity=capacity)
         name = choose_decode_backend(relative)
+    if name in ("torch", "sdpa", "components") and prefill_kernel != "auto":
+        raise ValueError(f"prefill_kernel={prefill_kernel!r} needs attention_backend 'triton' or 'cuda' "
+                         f"(the {name!r} backend prefills with its own code)")
     if name == "torch":
         return AttentionBackend()
     if name == "sdpa":
@@ -243,8 +478,9 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
         return ComponentsBackend(attention_fn)
     if not triton_available():
         raise ValueError(f"attention_backend={name!r} needs the triton package (pip install triton)")
+    prefill = _resolve_prefill_kernel(prefill_kernel, device, dtype, model_config, block_size, max_model_len)
     if name == "triton":
-        return TritonBackend()
+        return TritonBackend(prefill)
     # cuda
     if not on_gpu:
         raise ValueError("attention_backend='cuda' needs a CUDA GPU: the model is on the CPU "
@@ -261,4 +497,4 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
         _cuda_extension()
     except Exception as error:  # noqa: BLE001 - say why at start-up, not at the first step
         raise ValueError(f"attention_backend='cuda': the CUDA kernel cannot be built here: {error}") from error
-    return CudaBackend()
+    return CudaBackend(prefill)

@@ -116,8 +116,10 @@ class LLMEngine:
             backend_name = "components"  # the user's own attention function must be the one that runs
         self.backend = select_attention_backend(backend_name, self.device, self.dtype, model_config,
                                                 config.block_size, attention_fn=model.components.attention,
-                                                max_model_len=self.max_model_len)
+                                                max_model_len=self.max_model_len,
+                                                prefill_kernel=config.prefill_kernel)
         self.attention_backend = self.backend.name
+        self.prefill_kernel = getattr(self.backend, "prefill_kernel", self.backend.name)
         # Fused Triton kernels (norm + residual, RoPE, SiLU-and-multiply) on a GPU, unless the model's
         # components were replaced: then the user's functions must be the ones that run.
         if hasattr(model, "enable_fused_kernels"):
