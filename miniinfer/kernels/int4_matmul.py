@@ -1,0 +1,175 @@
+"""int4 (GPTQ layout) matmul for decode: a torch reference, our Triton kernel, our CUDA GEMV.
+
+    int4_matmul(x [M, K], qweight int32 [K/8, N], qzeros int32 [G, N/8], scales [G, N], group_size)
+        -> [M, N] in x's dtype
+
+Layout (what :class:`miniinfer.quant.GroupQuantLinear` and GPTQ checkpoints hold): input k's 4-bit
+value for output n is ``(qweight[k // 8, n] >> 4 · (k % 8)) & 15``; group ``g = k // group_size``
+has scale ``scales[g, n]`` and zero point ``(qzeros[g, n // 8] >> 4 · (n % 8)) & 15``;
+``w[n, k] = scales[g, n] · (q − zero)``.
+
+Backends: ``torch`` dequantizes the whole matrix and calls a dense matmul (any device, the reference);
+``triton`` (M any, tuned for 1 … 16; CPU through the interpreter); ``cuda`` (M = 1, fp16/bf16,
+``csrc/int4_gemv.cu``); ``auto``: on a GPU, CUDA at M = 1 when it builds, Triton up to M = 16,
+the dequantize + cuBLAS path above; on a CPU, torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miniinfer.kernels.build import CudaUnavailableError, cuda_kernels_available, load_cuda_extension
+
+__all__ = ["int4_matmul", "int4_matmul_torch", "int4_matmul_triton", "int4_gemv_cuda", "dequantize_int4",
+           "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+           group_size: int) -> tuple[int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"int4_matmul: x must be [M, K], got shape {tuple(x.shape)}")
+    M, K = x.shape
+    N = qweight.shape[1]
+    if qweight.dtype != torch.int32 or qweight.shape[0] * 8 != K:
+        raise ValueError(f"int4_matmul: qweight must be int32 [K/8, N] = [{K // 8}, N], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    G = scales.shape[0]
+    if K % group_size or G != K // group_size or scales.shape[1] != N:
+        raise ValueError(f"int4_matmul: scales must be [K/group_size, N] = [{K // group_size}, {N}], got "
+                         f"{tuple(scales.shape)}")
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (G, N // 8) or N % 8:
+        raise ValueError(f"int4_matmul: qzeros must be int32 [G, N/8] = [{G}, {N // 8}] (N a multiple of 8), "
+                         f"got {qzeros.dtype} {tuple(qzeros.shape)}")
+    return M, N, K
+
+
+def dequantize_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """-> w [K, N] in ``dtype`` (computed in float32, rounded once)."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, qweight.shape[1])  # [K, N]
+    z = ((qzeros[:, :, None] >> shifts[None, None, :]) & 15).reshape(qzeros.shape[0], -1)    # [G, N]
+    z = z.repeat_interleave(group_size, dim=0)
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    return ((q - z).float() * s).to(dtype)
+
+
+def int4_matmul_torch(x, qweight, qzeros, scales, group_size):
+    _check(x, qweight, qzeros, scales, group_size)
+    return x @ dequantize_int4(qweight, qzeros, scales, group_size, x.dtype)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def int4_matmul_triton(x, qweight, qzeros, scales, group_size, *, block_n: int | None = None,
+                       block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
+                       num_stages: int | None = None):
+    """The Triton kernel (see :mod:`miniinfer.kernels.int4_matmul_triton`). Block sizes and the K split
+    default to a rule of thumb: enough (column tile × K slice) programs to fill the GPU twice."""
+    from miniinfer.kernels.int4_matmul_triton import int4_matmul_kernel
+
+    M, N, K = _check(x, qweight, qzeros, scales, group_size)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"int4_matmul_triton: x must be float32/float16/bfloat16, got {x.dtype}")
+    x = x.contiguous()
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
+    BLOCK_M = 16
+    BLOCK_N = block_n or (128 if N >= 4096 else 64)
+    BLOCK_K = block_k or (64 if group_size % 64 == 0 else 32 if group_size % 32 == 0 else 16)
+    tiles_n = _cdiv(N, BLOCK_N)
+    if split_k is None:
+        split_k = max(1, min(_cdiv(2 * _num_sms(x.device), tiles_n), K // (4 * BLOCK_K) or 1))
+    k_per_split = _cdiv(_cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    split_k = _cdiv(K, k_per_split)
+    one_group = group_size % BLOCK_K == 0
+    partial = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
+    grid = (tiles_n, split_k, _cdiv(M, BLOCK_M))
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    int4_matmul_kernel[grid](
+        x, qweight, qzeros, scales, partial, M, N, K, group_size,
+        x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), partial.stride(0), partial.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, K_TILES=k_per_split // BLOCK_K, ONE_GROUP_PER_TILE=one_group,
+        IEEE=x.dtype == torch.float32, **options)
+    out = partial[0] if split_k == 1 else partial.sum(dim=0)
+    return out.to(x.dtype)
+
+
+_CUDA_EXTENSION = None
+
+
+def _cuda_extension():
+    global _CUDA_EXTENSION
+    if _CUDA_EXTENSION is None:
+        _CUDA_EXTENSION = load_cuda_extension("miniinfer_int4_gemv", ("int4_gemv.cu", "int4_gemv_binding.cpp"))
+    return _CUDA_EXTENSION
+
+
+def cuda_supports(x: torch.Tensor, N: int, K: int, group_size: int) -> str | None:
+    """Why the CUDA GEMV cannot take this call, or None."""
+    if not x.is_cuda:
+        return "x is not on a CUDA device"
+    if x.shape[0] != 1:
+        return f"the CUDA kernel is a GEMV (M = 1), got M = {x.shape[0]}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16/bfloat16, got {x.dtype}"
+    if N % 4 or group_size % 8 or K % group_size:
+        return "the CUDA kernel needs N % 4 == 0 and group_size a multiple of 8 dividing K"
+    return None
+
+
+def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | None = None):
+    """Our CUDA GEMV (``csrc/int4_gemv.cu``): x [1, K] fp16/bf16 -> [1, N]."""
+    M, N, K = _check(x, qweight, qzeros, scales, group_size)
+    why = cuda_supports(x, N, K, group_size)
+    if why:
+        raise ValueError(f"int4_gemv_cuda: {why}")
+    if scales.dtype != x.dtype:
+        raise ValueError(f"int4_gemv_cuda: scales ({scales.dtype}) must have x's dtype ({x.dtype})")
+    groups = K // group_size
+    if split_k is None:
+        blocks_n = _cdiv(N, 512)
+        split_k = max(1, min(groups, _cdiv(2 * _num_sms(x.device), blocks_n)))
+    groups_per_split = _cdiv(groups, split_k)
+    split_k = _cdiv(groups, groups_per_split)
+    partial = torch.empty(split_k, N, device=x.device, dtype=torch.float32)
+    _cuda_extension().int4_gemv(x.contiguous(), qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
+                                partial, group_size, groups_per_split)
+    out = partial[0] if split_k == 1 else partial.sum(dim=0)
+    return out.to(x.dtype).unsqueeze(0)
+
+
+def _pick(x: torch.Tensor, N: int, K: int, group_size: int) -> str:
+    if not x.is_cuda:
+        return "torch"
+    if cuda_supports(x, N, K, group_size) is None and cuda_kernels_available():
+        return "cuda"
+    return "triton" if x.shape[0] <= 16 else "torch"
+
+
+def int4_matmul(x, qweight, qzeros, scales, group_size, backend: str = "auto"):
+    """x [M, K] @ the int4 weight -> [M, N] (see the module docstring for the layout and backends)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"int4_matmul: backend must be one of {BACKENDS}, got {backend!r}")
+    M, N, K = _check(x, qweight, qzeros, scales, group_size)
+    if backend == "auto":
+        backend = _pick(x, N, K, group_size)
+    if backend == "cuda":
+        try:
+            return int4_gemv_cuda(x, qweight, qzeros, scales, group_size)
+        except CudaUnavailableError:
+            backend = "triton" if M <= 16 else "torch"
+    if backend == "triton":
+        return int4_matmul_triton(x, qweight, qzeros, scales, group_size)
+    return int4_matmul_torch(x, qweight, qzeros, scales, group_size)
