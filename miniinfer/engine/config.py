@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from miniinfer.engine.attention_backends import ATTENTION_BACKENDS, PREFILL_KERNELS
 
@@ -28,6 +29,12 @@ class EngineConfig:
     enforce_eager: bool = False             # vLLM's name for the opposite: never use CUDA graphs
     enable_fused_kernels: bool = True       # fused Triton norm/RoPE/SwiGLU kernels on a GPU (default components only)
     seed: int | None = None                 # seeds the random streams of requests that have no seed of their own
+    # Speculative decoding (miniinfer.speculative): None (off) | a draft checkpoint folder (same vocabulary) |
+    # "ngram" (prompt lookup) | "self" (the target's first layers); guesses per step: an int or "auto"
+    # (adaptive, from the running acceptance rate and the measured draft/target cost)
+    speculative_model: str | None = None
+    num_speculative_tokens: int | str = 4
+    speculative_tree: int | None = None     # token-tree speculation of this width (not in the engine yet: raises)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -51,6 +58,17 @@ class EngineConfig:
             raise ValueError(f"prefill_kernel must be one of {PREFILL_KERNELS}, got {self.prefill_kernel!r}")
         if not (0.0 < self.gpu_memory_utilization <= 1.0):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.speculative_model is not None and not isinstance(self.speculative_model, (str, Path)):
+            raise ValueError(f"speculative_model must be None, a checkpoint path, 'ngram' or 'self', "
+                             f"got {self.speculative_model!r}")
+        if self.num_speculative_tokens != "auto" and (isinstance(self.num_speculative_tokens, bool)
+                                                      or not isinstance(self.num_speculative_tokens, int)
+                                                      or not 1 <= self.num_speculative_tokens <= 64):
+            raise ValueError(f"num_speculative_tokens must be an integer in 1 … 64 or 'auto', "
+                             f"got {self.num_speculative_tokens!r}")
+        if self.speculative_tree is not None:
+            raise ValueError("speculative_tree: tree speculation runs in miniinfer.speculative.tree (torch "
+                             "reference), not yet inside the engine; use chain speculation (speculative_tree=None)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")

@@ -132,11 +132,20 @@ class LLMEngine:
                                   cuda_graph_max_batch=config.max_num_seqs if use_graphs else 0,
                                   eos_token_ids=tuple(sorted(self.eos_token_ids)))
         self.runner.capture_graphs(progress=config.max_num_seqs > 64)
+        self.speculator = self._build_speculator() if config.speculative_model is not None else None
+        self.runner.speculator = self.speculator
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # final outputs of aborted requests
         self.counters = dict(prompt_tokens=0, num_steps=0, num_requests_finished=0, num_requests_failed=0,
                              num_requests_aborted=0)
+
+    def _build_speculator(self):
+        """Speculative decoding (chapter 10): the proposer named by ``speculative_model``, a decoder around it."""
+        from miniinfer.speculative import build_speculative_decoder
+
+        return build_speculative_decoder(self, self.config.speculative_model, self.config.num_speculative_tokens,
+                                         accept_fn=self.hooks.accept_draft)
 
     def _eos_token_ids(self) -> set[int]:
         """Token ids that end a sequence: the tokenizer's (which merges the checkpoint's configs), else config.json's."""
@@ -307,11 +316,15 @@ class LLMEngine:
                                f"free blocks {self.block_manager.num_free_blocks}/{self.num_kv_blocks}")
         self.counters["num_steps"] += 1
         try:
+            if self.speculator is not None:  # guesses for decoding sequences, verified by this step's forward
+                self.speculator.extend(plan, self.scheduler)
             sampled = self.runner.run(plan, self.block_manager)
         except Exception as error:  # noqa: BLE001 - fail this step's requests, keep the engine alive
             failed = self.scheduler.fail(plan, error)
             return outputs + self._finish_requests({seq.request_id for seq in failed})
         updates = self.scheduler.commit(plan, sampled)
+        if self.speculator is not None:
+            self.speculator.after_commit(plan, sampled)
         return outputs + self._process(updates)
 
     def _process(self, updates: list[TokenUpdate]) -> list[RequestOutput]:
@@ -454,6 +467,7 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             **self.counters,
             **self.scheduler.counters,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }
 
 

@@ -45,6 +45,12 @@ class EngineHooks:
     #: (``scheduler.plan_step``; used by ``Scheduler.schedule``)
     plan_step: Callable | None = None
 
+    # chapter 10
+    #: (p [B, K+1, V], q [B, K, V], draft [B, K] int64, num_draft [B], u_accept [B, K], u_sample [B]) ->
+    #: (num_accepted [B], next_token [B]): speculative decoding's acceptance rule
+    #: (``speculative.acceptance.accept_draft``; used by ``SpeculativeDecoder``)
+    accept_draft: Callable | None = None
+
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             if value is not None and not callable(value):

@@ -178,6 +178,7 @@ class ModelRunner:
         graph_capacity = StepLayout(max_num_seqs, max_num_seqs, max_num_seqs, self.max_blocks_per_seq).size
         self.buffers = InputBuffers(max(eager_capacity, graph_capacity), self.device)
         self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
+        self.speculator = None  # a miniinfer.speculative.SpeculativeDecoder, set by the engine
         # The course's sampler plug-in (Components.probabilities) runs per row, in Python.
         from miniinfer.components import Components
 
@@ -228,7 +229,11 @@ class ModelRunner:
             seq_lens = [position + 1 for position in positions]
             cu_seqlens_q, logits_indices = list(range(len(seqs) + 1)), list(range(len(seqs)))
         else:
-            packed = self._pack_batch([seq.token_ids for seq in seqs], [seq.num_computed_tokens for seq in seqs],
+            token_ids = [seq.token_ids for seq in seqs]
+            if plan.draft_tokens is not None:  # a speculative verify: each sequence's guesses follow its tokens
+                token_ids = [tokens + guesses if guesses else tokens
+                             for tokens, guesses in zip(token_ids, plan.draft_tokens)]
+            packed = self._pack_batch(token_ids, [seq.num_computed_tokens for seq in seqs],
                                       list(plan.num_new_tokens))
             # Lists of ints (the reference); a hook may also return 1-D tensors.
             input_ids, positions, cu_seqlens_q, seq_lens, logits_indices = (
@@ -249,6 +254,8 @@ class ModelRunner:
                              f"logits_indices for {len(seqs)} sequences with {len(slots)} new tokens, "
                              f"{num_logits} of which sample")
         B, T = len(seqs), len(input_ids)
+        if plan.draft_tokens is not None:  # logits at every verified position (see SpeculativeDecoder)
+            logits_indices = self.speculator.logits_rows(plan, cu_seqlens_q)
         if graph_bucket is not None:
             pad = graph_bucket - B
             # Padding rows: token 0 at position 0, no K/V stored (slot −1), nothing attended (length 0).
@@ -293,6 +300,10 @@ class ModelRunner:
             bucket = self.decode_graphs.bucket_for(len(plan.seqs))
         inputs = self.prepare(plan, block_manager, graph_bucket=bucket)
         prompt_rows = self._prompt_logprob_rows(plan) if bucket is None else []
+        if plan.draft_tokens is not None:  # speculative verify: eager, the acceptance rule instead of the sampler
+            logits = self.model(inputs.input_ids, inputs.positions, attention=self.context(inputs.metadata),
+                                logits_indices=inputs.logits_indices)
+            return self.speculator.verify(logits, plan, self.sample)
         if bucket is not None:
             logits = self.decode_graphs.replay(bucket)[:len(plan.seqs)]
         else:

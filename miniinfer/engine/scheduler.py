@@ -79,6 +79,10 @@ class StepPlan:
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[SampleRow] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (source, destination) blocks
+    # Speculative decoding (miniinfer.speculative): per sequence, the guessed tokens it verifies in this
+    # step (its num_new_tokens is then 1 + len(guesses)) and the distributions they came from (None: one-hot).
+    draft_tokens: list[list[int]] | None = None
+    draft_probs: list | None = None
     _logits_seqs: tuple | None = field(default=None, repr=False)
 
     @property
@@ -112,6 +116,8 @@ class SampledTokens:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
     # seq_id -> {prompt position p: {token id: logprob}} for the tokens at p (predicted by position p − 1)
     prompt_logprobs: dict[int, dict[int, dict[int, float]]] | None = None
+    # Speculative rows: the accepted guesses that come before token_ids[i] (None: the row did not speculate)
+    spec_tokens: list[list[int] | None] | None = None
 
 
 @dataclass
@@ -356,11 +362,15 @@ class Scheduler:
                     if seq.prompt_logprobs is not None and position == len(seq.prompt_logprobs):
                         seq.prompt_logprobs.append(entry)  # (a recomputation after preemption adds nothing)
         finished = SequenceStatus.FINISHED
-        for seq, num_new in zip(plan.seqs, plan.num_new_tokens):
+        drafts = plan.draft_tokens
+        for b, (seq, num_new) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
             if seq.status is finished:
                 continue  # aborted while the step ran
             # (lengths read once: this loop runs for every sequence of every step)
             computed, num_tokens, num_prompt = seq.num_computed_tokens, len(seq.token_ids), len(seq.prompt_token_ids)
+            if drafts is not None and drafts[b]:  # a speculative verify: a decode (rolled back below)
+                seq.num_computed_tokens = computed + num_new
+                continue
             if not (num_new == 1 and computed + 1 == num_tokens and num_tokens > num_prompt):  # not a decode
                 self.counters["prefill_tokens_computed"] += num_new
                 # Tokens past the prompt computed again after a preemption: the price of recompute.
@@ -387,7 +397,12 @@ class Scheduler:
                 continue
             token = sampled.token_ids[row_index]
             try:
-                self._append(seq, token, row_index, sampled)
+                if sampled.spec_tokens is not None and sampled.spec_tokens[row_index] is not None:
+                    num_guesses = len(plan.draft_tokens[plan.seqs.index(row.seq)])
+                    self._append_speculative(seq, sampled.spec_tokens[row_index], token, row_index, sampled,
+                                             num_guesses)
+                else:
+                    self._append(seq, token, row_index, sampled)
             except Exception as error:  # noqa: BLE001 - one sequence's failure must not stop the others
                 self.finish(seq, "error", error=f"{type(error).__name__}: {error}")
             updates.append(TokenUpdate(seq, token, new_seq=row.is_fork))
@@ -405,6 +420,21 @@ class Scheduler:
         self.block_manager.fork(parent, child)
         self.running.append(child)
         return child
+
+    def _append_speculative(self, seq: Sequence, accepted: list[int], token: int, row_index: int,
+                            sampled: SampledTokens, num_guesses: int) -> None:
+        """A verified row: roll the computed count back past the rejected guesses (their K/V stay in
+        slots nobody reads; whole blocks past the kept tokens go back to the pool), then append the
+        accepted guesses and the token after them, stopping where a stop condition hits."""
+        seq.num_computed_tokens -= num_guesses - len(accepted)
+        keep = -(-seq.num_computed_tokens // self.block_manager.block_size)
+        for block in reversed(seq.block_table[keep:]):
+            self.block_manager.release(block)
+        del seq.block_table[keep:]
+        for new_token in [*accepted, token]:
+            self._append(seq, new_token, row_index, sampled)
+            if seq.is_finished:
+                break
 
     def _append(self, seq: Sequence, token: int, row_index: int, sampled: SampledTokens) -> None:
         """Add a sampled token and decide whether a token-level condition ends the sequence."""

@@ -1,0 +1,57 @@
+"""Speculative decoding (chapter 10): guess a few tokens cheaply, verify them all in one target forward.
+
+| module | one idea |
+|---|---|
+| :mod:`~miniinfer.speculative.acceptance` | the acceptance / resample rule, E(α, γ) |
+| :mod:`~miniinfer.speculative.proposers` | draft model, n-gram prompt lookup, layer-skipping self-draft |
+| :mod:`~miniinfer.speculative.adaptive` | choosing γ and the proposer from measured acceptance × cost |
+| :mod:`~miniinfer.speculative.tree` | token trees: the tree attention mask, longest accepted path, SpecInfer's rule |
+| :mod:`~miniinfer.speculative.decoder` | speculation as an engine step: propose → verify → commit with rollback |
+
+``LLM(path, speculative_model="ngram" | "self" | draft_path, num_speculative_tokens=4 | "auto")``.
+"""
+
+from __future__ import annotations
+
+from miniinfer.speculative.acceptance import accept_draft, expected_tokens_per_step, residual_distribution
+from miniinfer.speculative.adaptive import AdaptiveGamma, best_gamma, select_proposer, speedup
+from miniinfer.speculative.decoder import SpeculativeDecoder
+from miniinfer.speculative.proposers import (
+    DraftModelProposer,
+    LayerSkipModel,
+    NgramProposer,
+    Proposal,
+    Proposer,
+    self_draft_model,
+)
+
+__all__ = ["accept_draft", "expected_tokens_per_step", "residual_distribution", "AdaptiveGamma", "best_gamma",
+           "select_proposer", "speedup", "SpeculativeDecoder", "DraftModelProposer", "LayerSkipModel",
+           "NgramProposer", "Proposal", "Proposer", "self_draft_model", "build_proposer", "build_speculative_decoder"]
+
+
+def build_proposer(engine, speculative_model) -> Proposer:
+    """The proposer for ``speculative_model`` ("ngram", "self", or a draft checkpoint folder), sized like
+    the engine (a draft gets a KV pool of as many tokens as the engine's)."""
+    if speculative_model == "ngram":
+        return NgramProposer()
+    config = engine.config
+    options = dict(num_blocks=engine.num_kv_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+                   max_num_batched_tokens=engine.max_num_batched_tokens, max_model_len=engine.max_model_len,
+                   backend=engine.backend if engine.backend.name != "components" else None)
+    if speculative_model == "self":
+        return DraftModelProposer(self_draft_model(engine.model), name="self", **options)
+    from miniinfer.loader import load_model
+
+    draft, _ = load_model(speculative_model, dtype=engine.dtype, device=engine.device,
+                          max_model_len=engine.max_model_len)
+    if draft.config.vocab_size != engine.model.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                         f"target's ({engine.model.config.vocab_size}): they must share a tokenizer")
+    return DraftModelProposer(draft, name="draft", **options)
+
+
+def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=4, accept_fn=None
+                              ) -> SpeculativeDecoder:
+    return SpeculativeDecoder(build_proposer(engine, speculative_model), num_speculative_tokens,
+                              accept_fn=accept_fn, max_model_len=engine.max_model_len)

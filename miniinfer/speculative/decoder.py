@@ -1,0 +1,270 @@
+"""Speculation as a kind of engine step: propose → verify → commit with KV rollback.
+
+The engine's step stays three calls; speculation adds to the plan and reads the logits::
+
+    plan = scheduler.schedule()
+    speculator.extend(plan, scheduler)            # guesses for decoding sequences: each now computes
+                                                  # 1 + k tokens (its last token and k guesses), with slots
+    sampled = runner.run(plan, block_manager)     # one forward; logits at every verified position;
+                                                  # speculator.verify applies the acceptance rule
+    updates = scheduler.commit(plan, sampled)     # appends accepted guesses + one token, rolls the
+                                                  # computed count back past rejected guesses, frees
+                                                  # their whole blocks
+    speculator.after_commit(plan, sampled)        # counters, adaptive γ, forget finished sequences
+
+A verify step is an ordinary prefill chunk for the attention kernels: ``1 + k`` new tokens over a
+cached paged prefix with causal alignment at the bottom right. Rejected guesses' K/V stay in their
+slots past the sequence's computed count, where nothing reads them and the next step overwrites
+them.
+
+Which sequences speculate: decoding ones (one new token, past the prompt) whose sampling needs
+nothing but the distribution of each position — no penalties, logit bias, logprobs, stop strings,
+or unmet ``min_tokens`` — in steps without forks (``n > 1``) or prompt logprobs. Everything else in
+the same batch decodes or prefills as usual.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from miniinfer.engine.scheduler import SampledTokens, StepPlan
+from miniinfer.engine.sequence import Sequence
+from miniinfer.sampler import (
+    SamplingBatch,
+    SamplingRow,
+    _signed64,
+    batch_probabilities,
+    derive_seed,
+    uniform_from_seed,
+)
+from miniinfer.speculative.acceptance import accept_draft
+from miniinfer.speculative.adaptive import AdaptiveGamma
+from miniinfer.speculative.proposers import Proposer
+
+__all__ = ["SpeculativeDecoder", "ACCEPT_STREAM"]
+
+ACCEPT_STREAM = 0x5EC0  # derive_seed(stream_seed, ACCEPT_STREAM): the uniforms of the acceptance tests
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """The request's next-token distribution depends on its logits alone (see the module docstring)."""
+    p = seq.params
+    return (not p.uses_penalties and not p.logit_bias and p.logprobs is None and not p.stop_strings
+            and seq.num_output_tokens >= p.min_tokens and (p.n == 1 or seq.forked))
+
+
+class SpeculativeDecoder:
+    """Owns a proposer, the choice of γ (fixed, or ``"auto"``: :class:`AdaptiveGamma`), the acceptance
+    rule (``accept_fn``, default :func:`~miniinfer.speculative.acceptance.accept_draft`: the course's
+    plug-in replaces it) and the counters."""
+
+    def __init__(self, proposer: Proposer, num_speculative_tokens: int | str = 4, accept_fn=None,
+                 max_gamma: int = 8, max_model_len: int = 1 << 30):
+        if num_speculative_tokens == "auto":
+            self.adaptive: AdaptiveGamma | None = AdaptiveGamma(max_gamma=max_gamma)
+            self.fixed_gamma = None
+        else:
+            if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
+                    or num_speculative_tokens < 1:
+                raise ValueError(f"num_speculative_tokens must be a positive integer or 'auto', "
+                                 f"got {num_speculative_tokens!r}")
+            self.adaptive, self.fixed_gamma = None, num_speculative_tokens
+        self.proposer = proposer
+        self.accept_fn = accept_fn or accept_draft
+        self.custom_rule = accept_fn is not None
+        self.max_model_len = max_model_len
+        self.counters = dict(spec_steps=0, spec_verified_seqs=0, spec_draft_tokens=0, spec_accepted_tokens=0,
+                             spec_emitted_tokens=0)
+        self.gamma_history: list[int] = []
+        self._draft_seconds = 0.0
+        self._verify_start = 0.0
+
+    @property
+    def gamma(self) -> int:
+        return self.fixed_gamma if self.adaptive is None else self.adaptive.gamma
+
+    # -- 1. propose ------------------------------------------------------------------------------
+
+    def extend(self, plan: StepPlan, scheduler) -> None:
+        """Add guesses to the plan's decoding sequences and give them slots (never by evicting or
+        preempting: a sequence that does not fit guesses fewer tokens, or none)."""
+        plan.draft_tokens = plan.draft_probs = None
+        if len(plan.samples) != len(plan.seqs) and any(row.is_fork for row in plan.samples):
+            return
+        if any(seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
+               for seq in plan.seqs):
+            return
+        gamma = self.gamma
+        candidates, wanted = [], []
+        sampled_ids = {id(row.seq) for row in plan.samples}
+        for b, (seq, num_new) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
+            if (num_new != 1 or seq.num_computed_tokens + 1 != seq.num_tokens or seq.num_output_tokens == 0
+                    or id(seq) not in sampled_ids or not can_speculate(seq)):
+                continue
+            limit = min(gamma, seq.params.max_tokens - seq.num_output_tokens - 1,
+                        self.max_model_len - seq.num_tokens - 1)
+            if limit > 0:
+                candidates.append(b)
+                wanted.append(limit)
+        if not candidates:
+            return
+        start = time.perf_counter()
+        proposals = self.proposer.propose([plan.seqs[b] for b in candidates], wanted)
+        self._draft_seconds = time.perf_counter() - start
+        manager = scheduler.block_manager
+        budget = scheduler.config.max_num_batched_tokens - sum(plan.num_new_tokens)
+        draft_tokens: list[list[int]] = [[] for _ in plan.seqs]
+        draft_probs: list[torch.Tensor | None] = [None for _ in plan.seqs]
+        for b, limit, proposal in zip(candidates, wanted, proposals):
+            seq = plan.seqs[b]
+            k = min(len(proposal.tokens), limit, budget)
+            while k > 0 and not manager.can_allocate(seq, 1 + k):
+                k -= 1
+            if k <= 0:
+                continue
+            manager.allocate(seq, 1 + k)
+            plan.num_new_tokens[b] = 1 + k
+            budget -= k
+            draft_tokens[b] = list(proposal.tokens[:k])
+            draft_probs[b] = proposal.probs[:k] if proposal.probs is not None else None
+        plan.copies = plan.copies + manager.take_pending_copies()
+        if any(draft_tokens):
+            plan.draft_tokens, plan.draft_probs = draft_tokens, draft_probs
+            self._verify_start = time.perf_counter()
+
+    # -- 2. verify (called by the model runner with the logits of every verified position) ----------
+
+    def logits_rows(self, plan: StepPlan, cu_seqlens_q: list[int]) -> list[int]:
+        """Packed rows whose logits the verify step needs: every new token of a speculating sequence,
+        the last one of any other sequence that samples."""
+        sampled_ids = {id(row.seq) for row in plan.samples}
+        rows = []
+        for b, seq in enumerate(plan.seqs):
+            if plan.draft_tokens[b]:
+                rows.extend(range(cu_seqlens_q[b], cu_seqlens_q[b + 1]))
+            elif id(seq) in sampled_ids:
+                rows.append(cu_seqlens_q[b + 1] - 1)
+        return rows
+
+    def verify(self, logits: torch.Tensor, plan: StepPlan, sample_plain) -> SampledTokens:
+        """logits [R, V] in the order of :meth:`logits_rows` -> one token per sample row, plus the accepted
+        guesses before it (``spec_tokens``). ``sample_plain(logits, plan)`` is the ordinary sampler, for
+        the rows that did not speculate."""
+        logits = logits.float()
+        draft_of = {id(seq): (tokens, probs) for seq, tokens, probs in
+                    zip(plan.seqs, plan.draft_tokens, plan.draft_probs)}
+        spec_rows, spec_logits, plain_rows, plain_logits = [], [], [], []
+        offset = 0
+        for i, row in enumerate(plan.samples):
+            tokens, _ = draft_of[id(row.seq)]
+            if tokens:
+                spec_rows.append(i)
+                spec_logits.append(logits[offset:offset + len(tokens) + 1])
+                offset += len(tokens) + 1
+            else:
+                plain_rows.append(i)
+                plain_logits.append(logits[offset:offset + 1])
+                offset += 1
+        token_ids = [-1] * len(plan.samples)
+        spec_tokens: list[list[int] | None] = [None] * len(plan.samples)
+        if plain_rows:
+            sub = StepPlan(samples=[plan.samples[i] for i in plain_rows])
+            plain = sample_plain(torch.cat(plain_logits), sub)
+            for i, token in zip(plain_rows, plain.token_ids):
+                token_ids[i] = token
+        if spec_rows:
+            rows = [plan.samples[i] for i in spec_rows]
+            drafts = [draft_of[id(row.seq)] for row in rows]
+            num_accepted, next_tokens = self._accept(rows, drafts, spec_logits)
+            for i, (tokens, _), a, token in zip(spec_rows, drafts, num_accepted, next_tokens):
+                spec_tokens[i] = list(tokens[:a]) if token >= 0 else []
+                token_ids[i] = token
+        return SampledTokens(token_ids, spec_tokens=spec_tokens)
+
+    def _accept(self, rows, drafts, spec_logits: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        device = spec_logits[0].device
+        if not self.custom_rule and all(row.seq.params.greedy for row in rows):
+            # Greedy: a guess survives iff it is the target's argmax; the next token is the argmax after
+            # the last survivor. (What accept_draft computes for one-hot p and q, without building them.)
+            num_accepted, next_tokens = [], []
+            for (tokens, _), logits in zip(drafts, spec_logits):
+                values, best = logits.max(dim=-1)
+                best = best.masked_fill(~torch.isfinite(values), -1).tolist()
+                a = 0
+                while a < len(tokens) and best[a] == tokens[a]:
+                    a += 1
+                num_accepted.append(a)
+                next_tokens.append(best[a])
+            return num_accepted, next_tokens
+        R, K, V = len(rows), max(len(t) for t, _ in drafts), spec_logits[0].shape[-1]
+        sampling_rows = []
+        for row, (tokens, _) in zip(rows, drafts):
+            step = row.seq.num_output_tokens
+            sampling_rows.extend(SamplingRow(row.seq.params, row.stream_seed, step + j, (), ())
+                                 for j in range(len(tokens) + 1))
+        flat = batch_probabilities(torch.cat(spec_logits), SamplingBatch.build(sampling_rows, V, device))
+        p = torch.zeros(R, K + 1, V, device=device)
+        q = torch.zeros(R, K, V, device=device)
+        draft = torch.zeros(R, K, dtype=torch.long, device=device)
+        bad = []
+        offset = 0
+        for r, (tokens, probs) in enumerate(drafts):
+            k = len(tokens)
+            block = flat[offset:offset + k + 1]
+            offset += k + 1
+            bad.append(not bool(torch.isfinite(block).all()))
+            p[r, :k + 1] = torch.nan_to_num(block, nan=0.0)
+            draft[r, :k] = torch.tensor(tokens, device=device)
+            if probs is not None:
+                q[r, :k] = probs.to(device)
+            else:
+                q[r, torch.arange(k, device=device), draft[r, :k]] = 1.0
+        num_draft = torch.tensor([len(t) for t, _ in drafts], device=device)
+        streams = [row.stream_seed for row in rows]
+        steps = torch.tensor([row.seq.num_output_tokens for row in rows], device=device)
+        accept_seeds = torch.tensor([_signed64(derive_seed(s, ACCEPT_STREAM)) for s in streams], device=device)
+        u_accept = uniform_from_seed(accept_seeds[:, None].expand(R, K).reshape(-1),
+                                     (steps[:, None] + torch.arange(K, device=device)).reshape(-1)).view(R, K)
+        u_sample = uniform_from_seed(torch.tensor([_signed64(s) for s in streams], device=device), steps)
+        num_accepted, next_tokens = self.accept_fn(p, q, draft, num_draft, u_accept, u_sample)
+        num_accepted = [int(a) for a in torch.as_tensor(num_accepted).tolist()]
+        next_tokens = [int(t) for t in torch.as_tensor(next_tokens).tolist()]
+        for r in range(R):
+            if bad[r]:
+                num_accepted[r], next_tokens[r] = 0, -1
+            num_accepted[r] = max(0, min(num_accepted[r], len(drafts[r][0])))
+        return num_accepted, next_tokens
+
+    # -- 3. after the commit ---------------------------------------------------------------------
+
+    def after_commit(self, plan: StepPlan, sampled: SampledTokens) -> None:
+        if plan.draft_tokens is not None:
+            verify_seconds = time.perf_counter() - self._verify_start
+            proposed = sum(len(t) for t in plan.draft_tokens)
+            accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
+            verified = sum(1 for t in plan.draft_tokens if t)
+            c = self.counters
+            c["spec_steps"] += 1
+            c["spec_verified_seqs"] += verified
+            c["spec_draft_tokens"] += proposed
+            c["spec_accepted_tokens"] += accepted
+            c["spec_emitted_tokens"] += accepted + verified
+            if self.adaptive is not None:
+                self.adaptive.observe(proposed, accepted, self._draft_seconds, verify_seconds,
+                                      draft_steps=max(len(t) for t in plan.draft_tokens))
+            self.gamma_history.append(self.gamma)
+        for seq in plan.seqs:
+            if seq.is_finished:
+                self.proposer.release(seq)
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        verified = c["spec_verified_seqs"]
+        c["spec_mean_accepted_length"] = c["spec_accepted_tokens"] / verified if verified else 0.0
+        c["spec_tokens_per_verify"] = c["spec_emitted_tokens"] / verified if verified else 0.0
+        c["spec_acceptance_rate"] = c["spec_accepted_tokens"] / c["spec_draft_tokens"] if c["spec_draft_tokens"] else 0.0
+        c["spec_gamma"] = self.gamma
+        c["spec_proposer"] = self.proposer.name
+        return c
