@@ -1,4 +1,4 @@
-"""The ``miniinfer`` command (also ``python -m miniinfer``): ``generate``, ``chat``, ``grade``.
+"""The ``miniinfer`` command (also ``python -m miniinfer``): ``generate``, ``chat``, ``grade``, ``serve``.
 
     miniinfer generate --prompt "ROMEO." --max-tokens 64
     echo "What news, my lord?" | miniinfer chat
@@ -190,6 +190,12 @@ def _grade(args) -> int:
     return grade.main(args)
 
 
+def _serve(args) -> int:
+    from miniinfer.server.serve import run
+
+    return run(args)
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 
@@ -247,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_grade_arguments(grade)
     grade.set_defaults(run=_grade)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and gRPC)")
+    from miniinfer.server.serve import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -1,0 +1,431 @@
+"""The bridge between asyncio request handlers and the engine: one engine loop in its own thread.
+
+    engine = AsyncEngine(llm.engine, max_waiting=64)
+    engine.start()
+    stream = await engine.submit(prompt, params)      # raises QueueFull / ValueError at once
+    async for output in stream:                       # RequestOutputs, token by token
+        ...
+    await engine.shutdown(drain_timeout=10)
+
+Why a thread: ``LLMEngine.step()`` is plain blocking Python + torch (milliseconds to seconds). Run on
+the event loop it would freeze every other client's socket for that long; in its own thread, the
+event loop keeps accepting requests and writing tokens while the engine computes (torch releases the
+GIL inside its kernels).
+
+The engine is not thread-safe, so **only the engine thread touches it**. Handlers talk to it through
+a command list (add, abort) guarded by a lock; the engine thread answers through each request's own
+``asyncio.Queue``, filled with ``loop.call_soon_threadsafe`` (the only safe way to wake an event loop
+from another thread). New requests join the running batch at the next step (continuous batching).
+
+Admission is bounded: at most ``max_waiting`` requests may wait for their first step; one more raises
+:class:`QueueFull` (the HTTP layer answers 503 with ``Retry-After``) instead of letting latency grow
+without limit. A request whose consumer goes away (client disconnect, timeout, cancelled task) is
+aborted, which frees its KV blocks at once. An exception in one request's processing fails that
+request only; the loop itself never dies of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from miniinfer.engine.sequence import SequenceStatus
+from miniinfer.outputs import RequestOutput
+from miniinfer.sampling import SamplingParams
+
+__all__ = ["AsyncEngine", "QueueFull", "EngineStopped", "RequestTimeout", "RequestTiming"]
+
+log = logging.getLogger("miniinfer.server.engine")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: try again later (HTTP 503 + Retry-After)."""
+
+    def __init__(self, num_waiting: int, retry_after: int):
+        super().__init__(f"the server is overloaded: {num_waiting} requests are already waiting; retry later")
+        self.retry_after = retry_after
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down (or its loop died): no new requests."""
+
+
+class RequestTimeout(Exception):
+    """The request ran past its deadline and was aborted."""
+
+
+@dataclass
+class RequestTiming:
+    """Wall-clock times of one request (``time.perf_counter`` seconds), filled as it goes."""
+
+    arrival: float
+    scheduled: float | None = None      # first step that computed any of its tokens
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated_tokens: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled is None else self.scheduled - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+_DONE = object()  # end of a request's stream
+
+
+class _Tracked:
+    """What the engine thread knows about one request it serves."""
+
+    __slots__ = ("request_id", "queue", "loop", "timing", "stream")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, timing: RequestTiming):
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loop = loop
+        self.timing = timing
+        self.stream: RequestStream | None = None
+
+
+class RequestStream:
+    """The consumer's end of one request: ``async for output in stream``; ``abort()`` to drop it.
+
+    Iteration ends after the final output. Leaving the loop early (``break``, an exception, a
+    cancelled task, a timeout) aborts the request — ``aclose`` runs in a ``finally`` of the caller
+    (or use ``async with``)."""
+
+    def __init__(self, engine: AsyncEngine, tracked: _Tracked, timeout: float | None):
+        self.engine = engine
+        self.request_id = tracked.request_id
+        self.timing = tracked.timing
+        self._tracked = tracked
+        self._deadline = None if timeout is None else tracked.timing.arrival + timeout
+        self.finished = False
+        self.final: RequestOutput | None = None
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._next()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                    self.final = item
+                yield item
+        finally:
+            if not self.finished:
+                self.abort()
+
+    async def _next(self):
+        queue = self._tracked.queue
+        if self._deadline is None:
+            return await queue.get()
+        remaining = self._deadline - time.perf_counter()
+        try:
+            if remaining <= 0:
+                return queue.get_nowait()
+            return await asyncio.wait_for(queue.get(), remaining)
+        except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            self.abort(reason="timeout")
+            self.finished = True
+            raise RequestTimeout(f"request {self.request_id} ran past its timeout and was aborted") from None
+
+    def abort(self, reason: str = "abort") -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id, reason=reason)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+
+class AsyncEngine:
+    """Run an :class:`~miniinfer.engine.LLMEngine` in a background thread for asyncio callers.
+
+    ``max_waiting``: requests that may wait for their first step (more: :class:`QueueFull`);
+    ``request_timeout``: default seconds a request may take end to end (None: no limit);
+    ``on_step``: called in the engine thread after every step with ``(engine, step seconds)``;
+    ``on_finish``: called in the engine thread as ``(request id, final output, timing, reason)``
+    (reason: the finish reason, or ``timeout`` for a request aborted by its deadline).
+    """
+
+    def __init__(self, engine, *, max_waiting: int = 256, request_timeout: float | None = None,
+                 on_step: Callable | None = None, on_finish: Callable | None = None):
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.request_timeout = request_timeout
+        self.on_step = on_step
+        self.on_finish = on_finish
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._commands: list[tuple] = []       # ("add", tracked, prompt, params) | ("abort", id, reason)
+        self._tracked: dict[str, _Tracked] = {}  # requests the engine thread serves (engine-thread only)
+        self._num_pending_adds = 0             # submitted, not yet handed to the engine (under _lock)
+        self._num_engine_waiting = 0           # the scheduler's waiting queue, as the engine thread saw it
+        self._abort_reasons: dict[str, str] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
+        self.stats_snapshot: dict = {}
+        self.num_steps = 0
+        self.dead: BaseException | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.stats_snapshot = self.engine.stats()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="miniinfer-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return self._num_pending_adds + self._num_engine_waiting
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._tracked) + self._num_pending_adds
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting requests; let in-flight ones finish for up to ``drain_timeout`` seconds, then
+        abort the rest (their consumers see finish reason ``abort``) and stop the thread."""
+        self._accepting = False
+        deadline = time.perf_counter() + drain_timeout
+        while self.num_in_flight and time.perf_counter() < deadline and self.is_running:
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # -- the asyncio side ----------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None,
+                     timeout: float | None = None) -> RequestStream:
+        """Validate and queue one request; return its stream. Raises ``ValueError`` (bad prompt or
+        parameters: nothing was queued), :class:`QueueFull` or :class:`EngineStopped`."""
+        if not self._accepting or not self.is_running:
+            raise EngineStopped("the server is shutting down" if self._thread is not None else "engine not started")
+        # Validation reads only the engine's configuration and the (thread-safe) tokenizer: done here,
+        # so that a bad request gets its 400 at once, and the engine thread receives token ids.
+        text, token_ids = self.engine.validate_prompt(prompt, params)
+        request_id = request_id or self.new_request_id()
+        timing = RequestTiming(arrival=time.perf_counter(), num_prompt_tokens=len(token_ids))
+        tracked = _Tracked(request_id, asyncio.get_running_loop(), timing)
+        with self._lock:
+            waiting = self._num_pending_adds + self._num_engine_waiting
+            if waiting >= self.max_waiting:
+                raise QueueFull(waiting, retry_after=self._retry_after())
+            self._num_pending_adds += 1
+            self._commands.append(("add", tracked, text if text is not None else token_ids, token_ids, params))
+        self._wake.set()
+        tracked.stream = RequestStream(self, tracked, self.request_timeout if timeout is None else timeout)
+        return tracked.stream
+
+    def _retry_after(self) -> int:
+        """Seconds a rejected client should wait: about the time the queue takes to move (at least 1)."""
+        steps = max(1, self.num_steps)
+        step_time = self.stats_snapshot.get("_busy_seconds", 0.0) / steps
+        return max(1, min(60, round(step_time * 16)))
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Thread-safe: abort a request (frees its KV blocks at the engine's next iteration)."""
+        with self._lock:
+            self._commands.append(("abort", request_id, reason))
+        self._wake.set()
+
+    # -- the engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        busy = 0.0
+        while True:
+            self._apply_commands()
+            engine = self.engine
+            if self._stopping:
+                for request_id in list(self._tracked):
+                    engine.abort_request(request_id)
+                self._abort_reasons.update({r: "abort" for r in self._tracked})
+                self._deliver_all(engine.step() if engine.has_unfinished_requests() else [])
+                for tracked in list(self._tracked.values()):
+                    self._send(tracked, EngineStopped("the server shut down before this request finished"))
+                self._tracked.clear()
+                return
+            if not engine.has_unfinished_requests():
+                self._publish_stats(busy)
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            start = time.perf_counter()
+            try:
+                outputs = engine.step()
+            except Exception as error:  # noqa: BLE001 - a step the engine could not contain: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(error)
+                continue
+            now = time.perf_counter()
+            busy += now - start
+            self.num_steps += 1
+            self._deliver_all(outputs, now, start)
+            self._mark_scheduled(start)
+            self._publish_stats(busy)
+            if self.on_step is not None:
+                try:
+                    self.on_step(engine, now - start)
+                except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                    log.exception("on_step callback failed")
+
+    def _apply_commands(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+        engine = self.engine
+        for command in commands:
+            if command[0] == "add":
+                _, tracked, prompt, token_ids, params = command
+                with self._lock:
+                    self._num_pending_adds -= 1
+                if tracked.request_id in self._abort_reasons:  # aborted before it reached the engine
+                    continue
+                try:
+                    # Token ids already validated on submission: no second tokenization here.
+                    engine.add_request(token_ids, params, request_id=tracked.request_id, stream=True)
+                except Exception as error:  # noqa: BLE001 - e.g. a duplicate request id: this request only
+                    self._send(tracked, error)
+                    continue
+                request = engine.requests.get(tracked.request_id)
+                if request is not None and isinstance(prompt, str):
+                    request.prompt = prompt
+                self._tracked[tracked.request_id] = tracked
+            else:
+                _, request_id, reason = command
+                if request_id in self._tracked:
+                    self._abort_reasons[request_id] = reason
+                    engine.abort_request(request_id)  # its final output comes out of the next step
+                else:
+                    self._abort_reasons[request_id] = reason  # still among this batch's adds, or gone
+        with self._lock:
+            self._num_engine_waiting = len(engine.scheduler.waiting)
+        # Forget abort marks of requests that never arrive (already finished): keep the dict small.
+        if len(self._abort_reasons) > 4096:
+            self._abort_reasons = {r: v for r, v in self._abort_reasons.items() if r in self._tracked}
+
+    def _mark_scheduled(self, step_start: float) -> None:
+        """Requests whose first tokens were computed in the step that started at ``step_start``."""
+        requests = self.engine.requests
+        for request_id, tracked in self._tracked.items():
+            timing = tracked.timing
+            if timing.scheduled is None:
+                request = requests.get(request_id)
+                if request is not None and request.seqs and (
+                        request.seqs[0].status is not SequenceStatus.WAITING or request.seqs[0].num_computed_tokens):
+                    timing.scheduled = max(step_start, timing.arrival)
+                    timing.num_cached_tokens = request.seqs[0].num_cached_tokens
+
+    def _deliver_all(self, outputs: list[RequestOutput], now: float | None = None,
+                     step_start: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        step_start = now if step_start is None else step_start
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue
+            try:
+                self._account(tracked, output, now, step_start)
+            except Exception:  # noqa: BLE001 - bookkeeping must not lose the output
+                log.exception("timing bookkeeping failed for %s", output.request_id)
+            self._send(tracked, output)
+            if output.finished:
+                del self._tracked[output.request_id]
+                reason = self._abort_reasons.pop(output.request_id, None)
+                self._finished(tracked, output, reason)
+
+    def _account(self, tracked: _Tracked, output: RequestOutput, now: float, step_start: float) -> None:
+        timing = tracked.timing
+        new_tokens = sum(len(c.new_token_ids) for c in output.outputs)
+        if new_tokens:
+            if timing.scheduled is None:  # its whole prefill ran in this step
+                timing.scheduled = max(step_start, timing.arrival)
+            if timing.first_token is None:
+                timing.first_token = now
+            else:
+                timing.inter_token_latencies.append(now - timing.last_token)
+            timing.last_token = now
+        timing.num_cached_tokens = max(timing.num_cached_tokens, output.num_cached_tokens)
+        timing.num_generated_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if output.finished:
+            timing.finished = now
+
+    def _finished(self, tracked: _Tracked, output: RequestOutput, abort_reason: str | None) -> None:
+        if self.on_finish is None:
+            return
+        reasons = {c.finish_reason for c in output.outputs}
+        reason = abort_reason if abort_reason and "abort" in reasons else (
+            "error" if "error" in reasons else output.outputs[0].finish_reason or "abort")
+        try:
+            self.on_finish(tracked.request_id, output, tracked.timing, reason)
+        except Exception:  # noqa: BLE001
+            log.exception("on_finish callback failed")
+
+    def _send(self, tracked: _Tracked, item) -> None:
+        try:
+            tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            pass
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, tracked in list(self._tracked.items()):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001
+                pass
+            self._send(tracked, RuntimeError(f"engine step failed: {type(error).__name__}: {error}"))
+            del self._tracked[request_id]
+
+    def _publish_stats(self, busy: float) -> None:
+        try:
+            stats = self.engine.stats()
+        except Exception:  # noqa: BLE001
+            return
+        stats["_busy_seconds"] = busy
+        stats["num_tracked"] = len(self._tracked)
+        self.stats_snapshot = stats

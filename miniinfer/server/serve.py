@@ -1,0 +1,120 @@
+"""``miniinfer serve``: load a model, start the engine thread, serve HTTP (and gRPC) until SIGTERM/SIGINT.
+
+    miniinfer serve --port 8000 --max-waiting 64 --request-timeout 120
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "shakespeare", "prompt": "ROMEO.\\n", "max_tokens": 32}'
+
+This module's argument list imports nothing heavy (``miniinfer --help`` stays fast); ``run`` imports
+FastAPI, uvicorn and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["add_serve_arguments", "run", "build_state"]
+
+log = logging.getLogger("miniinfer.server")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint folder, hub id, or a bundled model's name (default: the "
+                                        "bundled shakespeare model)")
+    parser.add_argument("--served-model-name", help="the name clients use in 'model' (default: the folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 "
+                                                            "for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="also serve gRPC (miniinfer.v1.Generator + grpc.health.v1) on this port (default: off)")
+    parser.add_argument("--max-waiting", type=int, default=256,
+                        help="requests that may wait for a seat; more get 503 with Retry-After (default 256)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds a request may take end to end before it is aborted (default: no limit)")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish before they are "
+                             "aborted (default 10)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                        help="JSON-lines logs on stderr at this level (default info)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one step (default 256)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
+    parser.add_argument("--seed", type=int, default=None, help="seeds requests that carry no seed of their own")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks (also MINIINFER_DEBUG=1)")
+
+
+def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
+                request_timeout: float | None = None, shutdown_timeout: float = 0.0):
+    """The shared server state around an :class:`~miniinfer.LLM`: engine thread bridge, metrics, tracer."""
+    from miniinfer.server.api import ServerState
+    from miniinfer.server.async_engine import AsyncEngine
+    from miniinfer.server.metrics import ServerMetrics
+    from miniinfer.server.tracing import Tracer
+
+    holder = {}
+
+    def stats():
+        engine = holder.get("engine")
+        if engine is None:
+            return {}
+        return {**engine.stats_snapshot, "num_pending": engine._num_pending_adds}
+
+    metrics = ServerMetrics(model_name, stats_source=stats)
+    engine = AsyncEngine(llm.engine, max_waiting=max_waiting, request_timeout=request_timeout,
+                         on_finish=lambda request_id, output, timing, reason: metrics.observe_finished(timing, reason))
+    holder["engine"] = engine
+    defaults = dict(llm.generation_defaults)
+    chat_stop = None
+    if bundled:
+        from miniinfer.models.bundled import CHAT_STOP
+
+        chat_stop = list(CHAT_STOP)  # the bundled models have no end-of-turn token: a reply ends at a blank line
+    return ServerState(engine=engine, tokenizer=llm.tokenizer, model_name=model_name,
+                       max_model_len=llm.engine.max_model_len, defaults=defaults, chat_stop=chat_stop,
+                       metrics=metrics, tracer=Tracer(), shutdown_drain_timeout=shutdown_timeout)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from miniinfer.cli import _is_bundled, _model_path
+    from miniinfer.llm import LLM
+    from miniinfer.server.api import create_app
+    from miniinfer.server.logs import configure_logging
+
+    configure_logging(args.log_level)
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    path = _model_path(args.model)
+    options = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                                     num_kv_blocks=args.num_kv_blocks).items() if v is not None}
+    llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)
+    name = args.served_model_name or Path(str(path)).name
+    state = build_state(llm, model_name=name, bundled=_is_bundled(path), max_waiting=args.max_waiting,
+                        request_timeout=args.request_timeout, shutdown_timeout=0.0)
+    app = create_app(state)
+    grpc_server = None
+    if args.grpc_port is not None:
+        from miniinfer.server.grpc_server import start_grpc_server
+
+        grpc_server = start_grpc_server(state, args.host, args.grpc_port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    log.info("serving", extra={"fields": {"model": name, "host": args.host, "port": args.port,
+                                          "grpc_port": args.grpc_port, "device": str(llm.engine.device),
+                                          "max_model_len": llm.engine.max_model_len,
+                                          "kv_blocks": llm.engine.num_kv_blocks}})
+    try:
+        server.run()
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1.0).wait()
+    return 0
