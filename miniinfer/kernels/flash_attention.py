@@ -22,11 +22,14 @@ Backends (``backend=``):
 * ``"triton"`` — our forward kernel (:mod:`miniinfer.kernels.flash_attention_triton`), dense or paged,
   varlen, causal, GQA-packed (a program serves all G query heads of one KV head, so each K/V tile is
   loaded once per group); fp16/bf16 (fp32 math) on a GPU, fp32 in the CPU interpreter.
+* ``"cuda"`` — our CUDA kernel (:mod:`miniinfer.kernels.flash_attention_cuda`, ``csrc/flash_attention.cu``):
+  mma.sync + ldmatrix + cp.async, FA2-style, dense or paged, varlen, causal, GQA-packed; fp16/bf16,
+  head dims 64 and 128, CUDA tensors only (built on first use).
 * ``"flash_attn"`` — the flash-attn library: FA4 (``flash_attn.cute``, ``pip install flash-attn-4``,
   Hopper/Blackwell) when importable, else FA2 (``flash_attn``); fp16/bf16 CUDA tensors only.
 * ``"auto"`` — Triton on CUDA tensors, torch otherwise.
 
-Host syncs: the Triton and flash_attn paths size their grids from ``max_seqlen_q`` / ``max_seqlen_k``
+Host syncs: the Triton, CUDA and flash_attn paths size their grids from ``max_seqlen_q`` / ``max_seqlen_k``
 (upper bounds of the query / key lengths, which the caller usually knows); when absent they are computed
 with one ``.item()`` each (for paged K/V, ``max_seqlen_k`` defaults to the block table's capacity
 ``M * P``, no sync). Pass both to keep a call free of syncs (e.g. under CUDA graph capture).
@@ -43,7 +46,7 @@ from miniinfer.kernels.online_softmax import blocked_attention
 
 __all__ = ["flash_attention", "BACKENDS"]
 
-BACKENDS = ("auto", "torch", "triton", "flash_attn")
+BACKENDS = ("auto", "torch", "triton", "cuda", "flash_attn")
 FLASH_ATTN_INSTALL = "pip install flash-attn-4 (FA4, Hopper/Blackwell) or flash-attn (FA2)"
 
 # Tile sizes of the torch reference: small enough to show the tiling, large enough not to crawl.
@@ -383,6 +386,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     elif backend == "triton":
         out = flash_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale,
                                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    elif backend == "cuda":
+        from miniinfer.kernels.flash_attention_cuda import flash_attention_cuda
+
+        out = flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale,
+                                   max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     else:
         out = flash_attention_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, *tables, causal, scale,
                                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
