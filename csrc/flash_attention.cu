@@ -479,12 +479,21 @@ cudaError_t launch(const Params& params, int H_kv, int B, int num_m_tiles, cudaS
     constexpr int kSmem = (kBlockM + 4 * kBlockN) * D * static_cast<int>(sizeof(T));
     auto kernel = flash_attention_kernel<T, D, kPaged>;
     // More than 48 KiB of dynamic shared memory must be asked for; and prefer the largest shared-memory
-    // carveout so that two 80 KiB CTAs fit on one SM.
-    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    // carveout so that two 80 KiB CTAs fit on one SM. Once per device and kernel (a bit per device):
+    // later launches, e.g. inside CUDA-graph capture, make no attribute calls.
+    static unsigned long long configured = 0;
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
     if (status != cudaSuccess) return status;
-    status = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                  static_cast<int>(cudaSharedmemCarveoutMaxShared));
-    if (status != cudaSuccess) return status;
+    const unsigned long long bit = 1ull << (device & 63);
+    if (!(configured & bit)) {
+        status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        if (status != cudaSuccess) return status;
+        status = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      static_cast<int>(cudaSharedmemCarveoutMaxShared));
+        if (status != cudaSuccess) return status;
+        configured |= bit;  // (a benign race between host threads: both would set the same values)
+    }
     const dim3 grid(H_kv, B, num_m_tiles);
     kernel<<<grid, kThreads, kSmem, stream>>>(params);
     return cudaGetLastError();

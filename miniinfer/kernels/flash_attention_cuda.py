@@ -49,8 +49,6 @@ def cuda_flash_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
     paged pool ``[num_blocks, P, H_kv, D]``), or None when it can. Looks at shapes and dtypes only."""
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         return "q and k must be tensors"
-    if not q.is_cuda or not k.is_cuda:
-        return f"the CUDA kernel needs CUDA tensors (q on {q.device}, k on {k.device})"
     if q.dtype not in CUDA_FLASH_DTYPES or k.dtype != q.dtype:
         return f"the CUDA kernel supports float16 and bfloat16 (q {q.dtype}, k {k.dtype})"
     D = q.shape[-1]
@@ -60,6 +58,8 @@ def cuda_flash_supports(q: torch.Tensor, k: torch.Tensor) -> str | None:
         P = k.shape[1]
         if P <= 0 or P & (P - 1):
             return f"the CUDA kernel needs a power-of-two page size, got P={P}"
+    if not q.is_cuda or not k.is_cuda:
+        return f"the CUDA kernel needs CUDA tensors (q on {q.device}, k on {k.device})"
     problem = cuda_build_problem()
     if problem:
         return f"the CUDA kernel cannot be built here: {problem}"
@@ -82,9 +82,6 @@ def flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq_l
     accepted for the common signature and unused (the kernel reads each sequence's key count on the
     device). ``out``: an optional caller-owned ``[T, H, D]`` output.
     """
-    problem = cuda_flash_supports(q, k)
-    if problem:
-        raise ValueError(f"{_FN}: {problem}; use backend='triton' or 'torch'")
     if q.dim() != 3:
         raise ValueError(f"{_FN}: q must be packed [T, H, D], got shape {tuple(q.shape)}")
     paged = block_table is not None
@@ -92,6 +89,12 @@ def flash_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seq_l
         raise ValueError(f"{_FN}: paged K/V needs both block_table [B, M] and seq_lens [B]")
     if paged == (cu_seqlens_k is not None):
         raise ValueError(f"{_FN}: give cu_seqlens_k (packed K/V) or block_table + seq_lens (paged), exactly one")
+    if k.dim() != (4 if paged else 3) or v.shape != k.shape:
+        raise ValueError(f"{_FN}: k, v must be {'[num_blocks, P, H_kv, D]' if paged else '[S_total, H_kv, D]'} "
+                         f"of one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    problem = cuda_flash_supports(q, k)
+    if problem:
+        raise ValueError(f"{_FN}: {problem}; use backend='triton' or 'torch'")
     del max_seqlen_k
     # cp.async copies 16-byte pieces: copy the (rare) odd layouts rather than fail.
     q, k, v = (t if _rows_ok(t) else t.contiguous() for t in (q, k, v))
