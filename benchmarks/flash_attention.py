@@ -217,6 +217,11 @@ def varlen_part(backends: list[str], device: str, num_prompts: int, max_len: int
 # engine TTFT
 # --------------------------------------------------------------------------------------------------
 
+def random_tokens(seed: int, vocab: int, count: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(count)]
+
+
 def ttft(engine, prompt: list[int], params) -> tuple[float, list[int] | None]:
     """Seconds from add_request to the end of a one-token request (its prefill), and that token."""
     torch.cuda.synchronize()
@@ -262,7 +267,7 @@ def engine_part(prompt_len: int, repeat: int, num_layers: int | None) -> list[di
             row["chunk"] = engine.max_num_batched_tokens
 
             ttft(engine, [rng.randrange(vocab) for _ in range(prompt_len)], params)  # warm-up: every chunk shape compiles
-            prompt = [random.Random(11).randrange(vocab) for _ in range(prompt_len)]
+            prompt = random_tokens(11, vocab, prompt_len)
             times = []
             for _ in range(repeat):
                 if engine.radix_cache is not None:
@@ -279,6 +284,39 @@ def engine_part(prompt_len: int, repeat: int, num_layers: int | None) -> list[di
         rows.append(row)
         print(row, flush=True)
         torch.cuda.empty_cache()
+    # Where the time goes: the best kernel with one 32k-token chunk (a single step), and a profile.
+    timed = [r for r in rows if "TTFT s" in r and r["backend"] != "auto"]
+    if timed:
+        best = min(timed, key=lambda r: r["TTFT s"])["backend"]
+        row = {"part": "engine", "backend": f"{best}, one chunk", "B": 1, "H": model.config.num_attention_heads,
+               "H_kv": model.config.num_key_value_heads, "S": prompt_len, "D": model.config.head_dim, "causal": True}
+        try:
+            engine = LLMEngine(model, None, EngineConfig(attention_backend="triton", prefill_kernel=best,
+                                                         max_num_seqs=1, max_model_len=max_len, enforce_eager=True,
+                                                         max_num_batched_tokens=max_len))
+            row["chunk"] = engine.max_num_batched_tokens
+            ttft(engine, [rng.randrange(vocab) for _ in range(prompt_len)], params)
+            times = []
+            for _ in range(repeat):
+                engine.radix_cache.clear()
+                times.append(ttft(engine, random_tokens(11, vocab, prompt_len), params)[0])
+            row["TTFT s"] = round(min(times), 4)
+            row["ms"] = round(min(times) * 1e3, 1)
+            engine.radix_cache.clear()
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                ttft(engine, random_tokens(12, vocab, prompt_len), params)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            print(table, flush=True)
+            row["profile_top"] = [(e.key[:60], round(e.device_time_total / 1e3, 2)) for e in
+                                  sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
+            del engine
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            traceback.print_exc()
+        rows.append(row)
+        print(row, flush=True)
     reference = first_tokens.get("paged_triton")
     for row in rows:
         if row["backend"] in first_tokens and reference is not None:

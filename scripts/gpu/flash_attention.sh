@@ -25,7 +25,7 @@ install_fa4() {
   local wheel="$WHL/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl"
   cat "$WHL"/cu13.part.* > "$wheel"
   echo "$(cat "$WHL"/cu13.sha256)  $wheel" | sha256sum -c - || return 1
-  pip install --no-deps --no-index "$WHL"/*.whl 2>&1 | tail -3
+  python3 -m pip install --no-deps --no-index "$WHL"/*.whl 2>&1 | tail -3
   python3 -c "import flash_attn.cute as f; print('flash_attn.cute', getattr(f, '__version__', '?'))"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -65,7 +65,8 @@ def test_prompt_logprobs_agree_across_prefill_kernels_head_dim_128(kernel):
 
     _skip_unless_available(kernel, torch.bfloat16, 128)
     model = _random_model()
-    prompt = [random.Random(5).randrange(4096) for _ in range(1200)]
+    rng = random.Random(5)
+    prompt = [rng.randrange(4096) for _ in range(1200)]
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, ignore_eos=True)
     logprobs = {}
     for name in ("paged_triton", kernel):
@@ -78,6 +79,9 @@ def test_prompt_logprobs_agree_across_prefill_kernels_head_dim_128(kernel):
             for output in engine.step():
                 if output.finished:
                     final = output
+        assert final is not None and final.prompt_logprobs is not None, f"{name}: no prompt logprobs"
+        assert len(final.prompt_logprobs) == len(prompt), \
+            f"{name}: {len(final.prompt_logprobs)} prompt logprobs for {len(prompt)} prompt tokens"
         values = [next(iter(d.values())) for d in final.prompt_logprobs[1:]]
         logprobs[name] = torch.tensor([v if isinstance(v, float) else v.logprob for v in values])
     difference = float((logprobs[kernel] - logprobs["paged_triton"]).abs().max())
