@@ -1,0 +1,332 @@
+"""``miniinfer serve`` as a real subprocess, driven by the official ``openai`` client and raw HTTP.
+
+One server per module (started once, ~3 s); every test leaves it idle (no request in flight, no KV
+block held), which the tests check through ``/debug/engine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from miniinfer.server.testing import ServerProcess  # noqa: E402
+
+MODEL = "shakespeare"
+PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo,", "HAMLET.\nTo be", "KING.\nWhat news"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64", "--seed", "0")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The same model offline: what the server must reproduce (greedy)."""
+    from miniinfer import LLM, SamplingParams
+
+    llm = LLM(device="cpu")
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    return {p: o.text for p, o in zip(PROMPTS, outs)}
+
+
+@pytest.fixture(autouse=True)
+def leaves_server_idle(request):
+    yield
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").wait_idle()
+
+
+def post(server, path, body, headers=None):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=data, headers={"Content-Type": "application/json", **(headers or {})},
+                      timeout=30)
+
+
+# -- the happy paths ----------------------------------------------------------------------------------
+
+
+def test_models_health_and_greedy_completion_matches_offline(server, client, offline):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and out.choices[0].text == offline[PROMPTS[0]]
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 12
+
+
+def test_chat_completion_uses_the_chat_template(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What news?"}],
+                                         max_tokens=20, temperature=0)
+    choice = out.choices[0]
+    assert out.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content and "\n\n" not in choice.message.content  # the bundled models' turn end
+    assert choice.finish_reason in ("stop", "length")
+    # max_completion_tokens is the newer name
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak."}],
+                                         max_completion_tokens=3, temperature=0, stop=["zzz"])
+    assert out.usage.completion_tokens <= 3
+
+
+def test_streaming_completion_with_usage_equals_non_streaming(client, offline):
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == offline[PROMPTS[1]]
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_streaming_chat_deltas_and_raw_sse_framing(server, client):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Who is there?"}], "max_tokens": 8,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    streamed = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads)
+    whole = client.chat.completions.create(**{k: v for k, v in body.items() if k != "stream"})
+    assert streamed == whole.choices[0].message.content
+
+
+def test_n_completions_stop_and_seed(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10, n=3, temperature=1.0, seed=7)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert 3 <= out.usage.completion_tokens <= 30
+    again = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10, n=3, temperature=1.0, seed=7)
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    # stop strings end the text and are cut from it
+    full = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == full[:full.index(stop)]
+    # n > 1 streaming: every index streams and ends once
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=6, n=2, stream=True,
+                                            seed=3))
+    ends = [choice.index for c in chunks for choice in c.choices if choice.finish_reason]
+    assert sorted(ends) == [0, 1]
+
+
+def test_logprobs_both_forms(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == out.choices[0].text
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and len(top) == 3
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hail!"}],
+                                         max_tokens=4, logprobs=True, top_logprobs=2, temperature=0)
+    content = out.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert math.isfinite(entry.logprob)
+
+
+# -- bad input: a 4xx with OpenAI's error object, never a 5xx ---------------------------------------------
+
+BAD_BODIES = [
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 2}, "top_p"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 10**6}, "n"),
+    ({"prompt": "x", "top_k": -5}, "top_k"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -9}, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "logprobs": 99}, "logprobs"),
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 1000}}, "logit_bias"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),
+    ({"prompt": "ROMEO " * 2000}, "prompt"),
+    ({}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_BODIES, ids=[f"{p}-{i}" for i, (_, p) in enumerate(BAD_BODIES)])
+def test_bad_completion_parameters_are_400_naming_the_field(server, body, param):
+    response = post(server, "/v1/completions", {"model": MODEL, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+BAD_CHATS = [
+    {"messages": []},
+    {"messages": "hi"},
+    {"messages": [{"role": "wizard", "content": "hi"}]},
+    {"messages": [{"role": "user"}]},
+    {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50},
+    {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+    {"messages": [{"role": "user", "content": "hi " * 3000}]},
+]
+
+
+@pytest.mark.parametrize("body", BAD_CHATS, ids=range(len(BAD_CHATS)))
+def test_bad_chat_requests_are_400(server, body):
+    response = post(server, "/v1/chat/completions", {"model": MODEL, **body})
+    assert response.status_code == 400, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_non_finite_numbers_malformed_json_and_wrong_routes(server):
+    for raw in (b'{"model": "shakespeare", "prompt": "x", "temperature": NaN}',
+                b'{"model": "shakespeare", "prompt": "x", "top_p": Infinity}',
+                b'{"model": "shakespeare", "prompt": "x",', b"not json", b"[1, 2]", b"\xff\xfe"):
+        response = post(server, "/v1/completions", raw)
+        assert response.status_code == 400, (raw, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    form = httpx.post(server.url + "/v1/completions", data={"prompt": "x"})
+    assert form.status_code == 400 and "Content-Type" in form.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert "error" in httpx.get(server.url + "/v1/nothing").json()
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
+    assert post(server, "/v1/completions", b"x" * (9 * 2**20)).status_code == 413
+
+
+def test_openai_exception_types_and_unknown_fields(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-17", prompt="x", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 3000}],
+                                       max_tokens=2)
+    assert info.value.code == "context_length_exceeded"
+    # unknown fields are ignored, as OpenAI and vLLM do; user is accepted
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=2, user="alice",
+                                    extra_body={"no_such_field": [1, 2], "ignore_eos": True})
+    assert out.usage.completion_tokens == 2
+
+
+# -- faults, load, observability ---------------------------------------------------------------------------
+
+
+def test_abandoned_streams_free_their_kv_blocks(server):
+    before = _metric(server, 'miniinfer_request_success_total{finished_reason="abort",model_name="shakespeare"}')
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 500, "ignore_eos": True, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+            next(response.iter_lines())  # one chunk, then hang up mid-stream
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+    stats = server.wait_idle()
+    assert stats["kv_blocks_used"] == 0
+    assert _metric(server, 'miniinfer_request_success_total{finished_reason="abort",model_name="shakespeare"}') \
+        >= before + 4
+    assert _metric(server, 'miniinfer_kv_blocks_used{model_name="shakespeare"}') == 0
+
+
+def test_concurrent_clients_all_get_their_own_answer(server, offline):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+        async def one(i):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            if i % 2:
+                out = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+                return prompt, out.choices[0].text
+            stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                                     stream=True)
+            return prompt, "".join([c.choices[0].text async for c in stream if c.choices])
+
+        results = await asyncio.gather(*(one(i) for i in range(32)))
+        await client.close()
+        return results
+
+    start = time.perf_counter()
+    results = asyncio.run(main())
+    assert all(text == offline[prompt] for prompt, text in results), results
+    print(f"32 concurrent clients: {time.perf_counter() - start:.2f} s")
+
+
+def test_traceparent_is_continued_and_returned(server):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
+                    headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    version, returned_trace, span, flags = response.headers["traceparent"].split("-")
+    assert returned_trace == trace_id and span != "00f067aa0ba902b7" and len(span) == 16
+    fresh = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
+                 headers={"traceparent": "garbage"}).headers["traceparent"]
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", fresh) and trace_id not in fresh
+    log = server.read_log()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{") and trace_id in line]
+    assert lines and lines[-1]["msg"] == "request finished" and lines[-1]["completion_tokens"] == 1
+    assert lines[-1]["route"] == "/v1/completions" and lines[-1]["ttft_s"] is not None
+
+
+def test_metrics_exposition(server):
+    long_prompt = "ROMEO.\n" + "Good morrow, cousin, what news from the court? " * 4
+    for _ in range(2):  # the second one finds the first one's prompt blocks in the prefix cache
+        post(server, "/v1/completions", {"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("miniinfer_time_to_first_token_seconds_bucket", "miniinfer_inter_token_latency_seconds_bucket",
+                 "miniinfer_e2e_request_latency_seconds_bucket", "miniinfer_request_queue_time_seconds_bucket",
+                 "miniinfer_num_requests_running", "miniinfer_num_requests_waiting", "miniinfer_kv_cache_usage_ratio",
+                 "miniinfer_prompt_tokens_total", "miniinfer_generation_tokens_total",
+                 "miniinfer_prefix_cache_hit_tokens_total", "miniinfer_num_preemptions_total",
+                 "miniinfer_request_success_total"):
+        assert name in text, name
+    assert _metric(server, 'miniinfer_generation_tokens_total{model_name="shakespeare"}') > 0
+    assert _metric(server, 'miniinfer_prefix_cache_hit_tokens_total{model_name="shakespeare"}') > 0  # repeats
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus')")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _metric(server, series: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
