@@ -1,0 +1,251 @@
+"""Speculative decoding: the acceptance rule is exact, the engine's speculative steps change nothing
+greedy decoding produces (every proposer, batched, prefix-cached, preempted), sampled speculation
+draws from the target's distribution, rejected guesses' blocks go back, adaptive γ moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import all_blocks_free, finish_all
+from stats import chi_square_p_value
+
+from miniinfer.engine import EngineConfig, EngineHooks, LLMEngine
+from miniinfer.loader import load_model
+from miniinfer.models.bundled import bundled_model_path
+from miniinfer.sampling import SamplingParams, probabilities
+from miniinfer.speculative import (
+    AdaptiveGamma,
+    accept_draft,
+    best_gamma,
+    expected_tokens_per_step,
+    residual_distribution,
+    select_proposer,
+)
+from miniinfer.speculative.proposers import ngram_lookup
+
+DRAFT = str(bundled_model_path("shakespeare-draft"))
+PROPOSERS = ["ngram", "self", DRAFT]
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.set_num_threads(1)
+    return load_model(bundled_model_path("shakespeare"), device="cpu")
+
+
+def make_engine(target, **options) -> LLMEngine:
+    model, tokenizer = target
+    options.setdefault("num_kv_blocks", 128)
+    return LLMEngine(model, tokenizer, EngineConfig(**options))
+
+
+def generate(engine, prompts, params) -> list[list[int]]:
+    ids = [engine.add_request(p, params, stream=False) for p in prompts]
+    results = finish_all(engine)
+    return [results[i].outputs[0].token_ids for i in ids]
+
+
+# -- the rule --------------------------------------------------------------------------------------
+
+def _random_dist(V, generator, sparsity=0.3):
+    p = torch.rand(V, generator=generator) ** 3
+    p[torch.rand(V, generator=generator) < sparsity] = 0
+    p[int(torch.randint(V, (1,), generator=generator))] += 0.1
+    return p / p.sum()
+
+
+def test_acceptance_rule_output_is_the_target_distribution(seed):
+    """Every draw of the first emitted token, over many uniforms, is distributed as p (chi-square), and
+    the closed form q·min(1, p/q) + (1 − β)·residual equals p exactly."""
+    g = torch.Generator().manual_seed(seed)
+    V, N, K = 7, 40000, 2
+    p1, q1 = _random_dist(V, g), _random_dist(V, g)
+    beta = torch.minimum(p1, q1).sum()
+    exact = q1 * torch.minimum(torch.ones(V), p1 / q1.clamp(min=1e-30)) * (q1 > 0) + (1 - beta) * residual_distribution(p1, q1)
+    torch.testing.assert_close(exact, p1, atol=1e-6, rtol=0)
+    p = torch.stack([p1, _random_dist(V, g), _random_dist(V, g)]).expand(N, K + 1, V)
+    q = torch.stack([q1, _random_dist(V, g)]).expand(N, K, V)
+    draft = torch.stack([torch.multinomial(q[0, j], N, replacement=True, generator=g) for j in range(K)], dim=1)
+    num_accepted, token = accept_draft(p, q, draft, torch.full((N,), K), torch.rand(N, K, generator=g),
+                                       torch.rand(N, generator=g))
+    first = torch.where(num_accepted > 0, draft[:, 0], token)
+    assert chi_square_p_value(torch.bincount(first, minlength=V).float(), p1) > 1e-4
+    # The second emitted token, among rows that accepted the first guess, follows p_2 as well.
+    rows = num_accepted >= 1
+    second = torch.where(num_accepted[rows] > 1, draft[rows, 1], token[rows])
+    assert chi_square_p_value(torch.bincount(second, minlength=V).float(), p[0, 1]) > 1e-4
+    # A deterministic proposer (one-hot q, as n-gram lookup): the guess is kept with probability p(x).
+    guess = int(torch.multinomial(p1, 1, generator=g))
+    one_hot = torch.nn.functional.one_hot(torch.tensor(guess), V).float()
+    num_accepted, token = accept_draft(p[:, :2], one_hot.expand(N, 1, V), torch.full((N, 1), guess),
+                                       torch.ones(N, dtype=torch.long), torch.rand(N, 1, generator=g),
+                                       torch.rand(N, generator=g))
+    first = torch.where(num_accepted > 0, torch.full((N,), guess), token)
+    assert chi_square_p_value(torch.bincount(first, minlength=V).float(), p1) > 1e-4
+
+
+def test_acceptance_rule_greedy_and_edge_cases():
+    V = 5
+    p = torch.nn.functional.one_hot(torch.tensor([[2, 4, 1]]), V).float()    # argmaxes 2, 4, 1
+    q = torch.nn.functional.one_hot(torch.tensor([[2, 3]]), V).float()
+    n, t = accept_draft(p, q, torch.tensor([[2, 3]]), torch.tensor([2]), torch.rand(1, 2), torch.rand(1))
+    assert (n.item(), t.item()) == (1, 4)   # the first guess is the argmax; the second is not: argmax instead
+    n, t = accept_draft(p, q, torch.tensor([[2, 4]]), torch.tensor([2]), torch.rand(1, 2), torch.rand(1))
+    assert (n.item(), t.item()) == (2, 1)   # all accepted: the bonus token
+    n, t = accept_draft(p, q, torch.tensor([[2, 4]]), torch.tensor([0]), torch.rand(1, 2), torch.rand(1))
+    assert (n.item(), t.item()) == (0, 2)   # no guesses: a plain draw from p_1
+
+
+def test_expected_tokens_formula_and_gamma_choice():
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert expected_tokens_per_step(0.5, 2) == pytest.approx(1.75)
+    g = torch.Generator().manual_seed(0)
+    alpha, gamma = 0.7, 5
+    accepted = (torch.rand(200000, gamma, generator=g) < alpha).long().cumprod(1).sum(1)
+    assert (accepted + 1).float().mean().item() == pytest.approx(expected_tokens_per_step(alpha, gamma), rel=0.01)
+    assert best_gamma(0.95, 0.01) == 8 and best_gamma(0.1, 0.5) == 0
+    assert select_proposer({"ngram": (0.3, 0.0), "draft": (0.8, 0.05), "slow": (0.9, 2.0)})[0] == "draft"
+
+
+def test_adaptive_gamma_follows_the_acceptance_rate():
+    adaptive = AdaptiveGamma(max_gamma=8, cost_ratio=0.05)
+    for _ in range(40):
+        adaptive.observe(8, 8)
+    high = adaptive.gamma
+    for _ in range(40):
+        adaptive.observe(8, 1)
+    low = adaptive.gamma
+    assert high >= 6 and low <= 2, (high, low)
+
+
+def test_ngram_lookup():
+    assert ngram_lookup([1, 2, 3, 4, 9, 1, 2, 3], 2) == [4, 9]
+    assert ngram_lookup([5, 6, 7], 3) == []
+    assert ngram_lookup([1, 2, 1, 3, 1], 2) == [3, 1]   # the latest earlier occurrence of [1]
+
+
+# -- in the engine ---------------------------------------------------------------------------------
+
+PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo! wherefore art thou Romeo?",
+           "KING HENRY:\nOnce more unto the breach, dear friends, once more;", "ROMEO:", "To be, or not to be"]
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(target):
+    engine = make_engine(target, speculative_model=None)
+    return generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24))
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS, ids=["ngram", "self", "draft"])
+def test_greedy_speculation_is_token_for_token_greedy(target, greedy_reference, proposer):
+    engine = make_engine(target, speculative_model=proposer, num_speculative_tokens=3)
+    assert generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24)) == greedy_reference
+    # Again: now the prompts (and the earlier outputs' blocks) come from the prefix cache.
+    assert generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24)) == greedy_reference
+    stats = engine.stats()
+    assert stats["spec_draft_tokens"] > 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert all_blocks_free(engine)
+    if proposer != "ngram":  # the draft's own pool is empty again too
+        manager = engine.speculator.proposer.block_manager
+        assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_greedy_speculation_with_preemption_and_auto_gamma(target, greedy_reference):
+    """A pool too small for every sequence at once: preemption, recomputation, guesses cut to what fits."""
+    # (Prefix caching off: with it on, pools this small can wedge the plain engine too — the admission
+    # window pins every candidate's cached prefix, so nothing is evictable; reported to the lead.)
+    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens="auto", num_kv_blocks=12,
+                         block_size=4, enable_prefix_caching=False)
+    assert generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24)) == greedy_reference
+    stats = engine.stats()
+    assert stats["num_preemptions"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert all_blocks_free(engine)
+
+
+def test_mixed_batch_speculates_only_where_it_may(target):
+    """Penalties, logprobs and stop strings decode plainly beside speculating requests; outputs match."""
+    params = [SamplingParams(temperature=0.0, max_tokens=12), SamplingParams(temperature=0.0, max_tokens=12,
+                                                                              repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=12, logprobs=2), SamplingParams(temperature=0.0,
+                                                                                         max_tokens=12, stop=["e"])]
+    outputs = {}
+    for spec in (None, "ngram"):
+        engine = make_engine(target, speculative_model=spec)
+        ids = [engine.add_request(PROMPTS[1], p, stream=False) for p in params]
+        results = finish_all(engine)
+        outputs[spec] = [(results[i].outputs[0].token_ids, results[i].outputs[0].text) for i in ids]
+        assert all_blocks_free(engine)
+    assert outputs[None] == outputs["ngram"]
+
+
+def test_student_acceptance_rule_drives_the_engine(target, greedy_reference):
+    calls = []
+
+    def rule(*args):
+        calls.append(args[0].shape)
+        return accept_draft(*args)
+
+    model, tokenizer = target
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, speculative_model="ngram"),
+                       hooks=EngineHooks(accept_draft=rule))
+    assert generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24)) == greedy_reference
+    assert calls
+
+
+def test_sampled_speculation_matches_the_target_distribution(target):
+    """Joint distribution of the first three generated tokens (the 2nd and 3rd come from verify steps:
+    a guess or a resample, then a guess, resample or bonus) under top_k=2, over 800 seeds, against the
+    target's exact probabilities (8 categories). The draft model's q differs from p, so rejections happen."""
+    model, _ = target
+    prompt = "ROMEO: O Romeo, Romeo, Romeo, Romeo, Romeo"
+    k, n = 2, 800
+    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=2, num_kv_blocks=512)
+    ids = [engine.add_request(prompt, SamplingParams(temperature=1.0, top_k=k, max_tokens=4, seed=s), stream=False)
+           for s in range(n)]
+    results = finish_all(engine)
+    stats = engine.stats()
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"] and all_blocks_free(engine)
+    triples = [tuple(results[i].outputs[0].token_ids[:3]) for i in ids]
+    base = engine.tokenizer.encode(prompt)
+    params = SamplingParams(temperature=1.0, top_k=k)
+    with torch.inference_mode():
+        def dist(prefix):
+            return probabilities(model(torch.tensor([base + list(prefix)]))[0, -1].float(), params)
+        p0 = dist(())
+        support = [int(t) for t in torch.nonzero(p0).flatten()]
+        exact, keys = [], []
+        for t0 in support:
+            p1 = dist((t0,))
+            for t1 in [int(t) for t in torch.nonzero(p1).flatten()]:
+                p2 = dist((t0, t1))
+                for t2 in [int(t) for t in torch.nonzero(p2).flatten()]:
+                    keys.append((t0, t1, t2))
+                    exact.append(float(p0[t0] * p1[t1] * p2[t2]))
+    index = {key: i for i, key in enumerate(keys)}
+    assert all(t in index for t in triples), "a triple outside the target's support"
+    counts = torch.bincount(torch.tensor([index[t] for t in triples]), minlength=len(keys)).float()
+    assert chi_square_p_value(counts, torch.tensor(exact)) > 1e-4
+
+
+def test_rejected_guesses_release_their_blocks(target):
+    """After every step, a speculating sequence holds just the blocks of its computed tokens."""
+    engine = make_engine(target, speculative_model="self", num_speculative_tokens=6, block_size=2)
+    engine.add_request(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=30))
+    rejected_some = False
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) == -(-seq.num_computed_tokens // 2)
+        stats = engine.stats()
+        rejected_some |= stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert rejected_some and all_blocks_free(engine)
+
+
+def test_options_are_validated(target, small_checkpoint):
+    for bad in (dict(num_speculative_tokens=0), dict(num_speculative_tokens="many"), dict(speculative_model=3)):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_engine(target, speculative_model=str(small_checkpoint[0]))
+
