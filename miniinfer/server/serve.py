@@ -77,6 +77,23 @@ def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
                        metrics=metrics, tracer=Tracer(), shutdown_drain_timeout=shutdown_timeout)
 
 
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # SIGTERM/SIGINT asked for a graceful shutdown and got one: exit 0 instead of re-raising the
+                # signal (uvicorn's default, which would end the process with 143 or 130).
+                self._captured_signals.clear()
+
+    return Server
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -107,7 +124,7 @@ def run(args) -> int:
         grpc_server = start_grpc_server(state, args.host, args.grpc_port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     log.info("serving", extra={"fields": {"model": name, "host": args.host, "port": args.port,
                                           "grpc_port": args.grpc_port, "device": str(llm.engine.device),
                                           "max_model_len": llm.engine.max_model_len,

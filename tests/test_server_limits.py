@@ -1,0 +1,202 @@
+"""Admission, timeouts, failure isolation and graceful shutdown of the server.
+
+A deliberately tight server (2 sequences per step, 2 waiting requests at most) as a subprocess, plus
+in-process tests of :class:`~miniinfer.server.async_engine.AsyncEngine` around a real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from miniinfer.server.testing import ServerProcess  # noqa: E402
+
+MODEL = "shakespeare"
+LONG = {"model": MODEL, "prompt": "ROMEO.\n", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = ServerProcess("--max-num-seqs", "2", "--max-waiting", "2", "--shutdown-timeout", "20",
+                           "--request-timeout", "60")
+    yield server
+    server.stop()
+
+
+class Streamer(threading.Thread):
+    """A streaming client in a thread: reads until told to hang up (or the stream ends)."""
+
+    def __init__(self, url: str, body: dict):
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.hang_up = threading.Event()
+        self.status = None
+        self.events: list[str] = []
+
+    def run(self):
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=60) as response:
+            self.status = response.status_code
+            for line in response.iter_lines():
+                if line:
+                    self.events.append(line)
+                if self.hang_up.is_set():
+                    return
+
+
+def test_full_queue_is_503_with_retry_after_then_recovers(server):
+    streamers = [Streamer(server.url, LONG) for _ in range(4)]  # 2 run, 2 wait
+    try:
+        for count, s in enumerate(streamers, 1):
+            s.start()
+            deadline = time.monotonic() + 20
+            while True:  # one at a time: the first two must be running before the next two queue
+                stats = server.engine_stats()
+                if stats["num_in_flight"] >= count and stats["num_waiting_total"] <= max(0, count - 2):
+                    break
+                assert time.monotonic() < deadline and s.status in (None, 200), (stats, s.status, s.events)
+                time.sleep(0.02)
+        response = httpx.post(server.url + "/v1/completions", json={**LONG, "stream": False}, timeout=10)
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "overloaded"
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        assert info.value.status_code == 503
+        assert httpx.get(server.url + "/health").status_code == 200  # overloaded, not unhealthy
+        rejected = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+                    if line.startswith("miniinfer_requests_rejected_total")]
+        assert float(rejected[0].split()[-1]) >= 2
+    finally:
+        for s in streamers:
+            s.hang_up.set()
+        for s in streamers:
+            s.join(30)
+    server.wait_idle()
+    ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_request_timeout_aborts_and_frees_blocks(server):
+    body = {**LONG, "stream": False, "timeout": 0.3}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+    with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "timeout": 0.3}, timeout=30) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == "timeout"
+    server.wait_idle()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'miniinfer_request_success_total{finished_reason="timeout",model_name="shakespeare"} 2.0' in metrics
+
+
+def test_graceful_shutdown_drains_in_flight_streams(server):
+    streamer = Streamer(server.url, {**LONG, "max_tokens": 40})
+    streamer.start()
+    deadline = time.monotonic() + 20
+    while len(streamer.events) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    server.process.send_signal(2)  # SIGINT, as Ctrl-C; SIGTERM takes the same path
+    streamer.join(30)
+    assert streamer.events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in streamer.events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # it ran to the end, not aborted
+    assert server.process.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
+
+
+# -- the async engine in-process: one request's failure is its own --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from miniinfer import LLM
+
+    return LLM(device="cpu", max_num_seqs=8)
+
+
+def test_a_failing_request_fails_alone(llm):
+    from miniinfer import SamplingParams
+    from miniinfer.server.async_engine import AsyncEngine
+
+    engine = llm.engine
+    original = engine._update_text
+
+    def update_text(seq, request):  # a bug that strikes one request's bookkeeping only
+        if request.request_id == "bad":
+            raise RuntimeError("boom")
+        return original(seq, request)
+
+    engine._update_text = update_text
+    finished = []
+    bridge = AsyncEngine(engine, max_waiting=8, on_finish=lambda *args: finished.append(args[3]))
+
+    async def main():
+        bridge.start()
+        params = SamplingParams(temperature=0, max_tokens=8)
+        streams = [await bridge.submit("ROMEO.\n", params, request_id=r) for r in ("good-1", "bad", "good-2")]
+
+        async def final(stream):
+            async for _ in stream:
+                pass
+            return stream.final
+
+        outs = await asyncio.gather(*(final(s) for s in streams))
+        await bridge.shutdown()
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        engine._update_text = original
+    reasons = [o.outputs[0].finish_reason for o in outs]
+    assert reasons == ["length", "error", "length"] and "boom" in outs[1].outputs[0].error
+    assert outs[0].outputs[0].text == outs[2].outputs[0].text
+    assert sorted(finished) == ["error", "length", "length"]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(llm):
+    from miniinfer import SamplingParams
+    from miniinfer.server.async_engine import AsyncEngine
+
+    engine = llm.engine
+    original = engine.step
+    calls = {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the device fell over")
+        return original()
+
+    engine.step = step
+    bridge = AsyncEngine(engine, max_waiting=8)
+
+    async def main():
+        bridge.start()
+        params = SamplingParams(temperature=0, max_tokens=4)
+        first = await bridge.submit("ROMEO.\n", params)
+        with pytest.raises(RuntimeError, match="fell over"):
+            async for _ in first:
+                pass
+        second = await bridge.submit("JULIET.\n", params)
+        texts = [o async for o in second]
+        await bridge.shutdown()
+        return texts
+
+    try:
+        outputs = asyncio.run(main())
+    finally:
+        del engine.step
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests()
