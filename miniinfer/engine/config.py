@@ -68,7 +68,8 @@ class EngineConfig:
                              f"got {self.num_speculative_tokens!r}")
         if self.speculative_tree is not None:
             raise ValueError("speculative_tree: tree speculation runs in miniinfer.speculative.tree (torch "
-                             "reference), not yet inside the engine; use chain speculation (speculative_tree=None)")
+                             "reference, plain forward), not yet inside the engine; use chain speculation "
+                             "(speculative_tree=None)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
