@@ -564,6 +564,9 @@ student_llm = LLM(MODEL, num_kv_blocks=64, max_num_batched_tokens=20,
                   components=Components(attention=tiled_attention))
 print("attention backends:", default_llm.engine.attention_backend, "→", student_llm.engine.attention_backend)
 got_outputs = student_llm.generate(prompts, greedy, use_tqdm=False)
+failed = [out.outputs[0].error for out in got_outputs if out.outputs[0].finish_reason == "error"]
+if failed:  # the engine ends a request whose step raised, and runs on: say why here
+    raise RuntimeError(f"a request failed inside the engine: {failed[0]}")
 for prompt, e, g in zip(prompts, expected_outputs, got_outputs):
     print(f"--- identical token ids: {e.token_ids == g.token_ids}")
     print(prompt.split("\n")[0], "…" + g.text)
