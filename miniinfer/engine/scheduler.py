@@ -426,11 +426,15 @@ class Scheduler:
         """A verified row: roll the computed count back past the rejected guesses (their K/V stay in
         slots nobody reads; whole blocks past the kept tokens go back to the pool), then append the
         accepted guesses and the token after them, stopping where a stop condition hits."""
-        seq.num_computed_tokens -= num_guesses - len(accepted)
-        keep = -(-seq.num_computed_tokens // self.block_manager.block_size)
-        for block in reversed(seq.block_table[keep:]):
+        from miniinfer.speculative.rollback import rollback_blocks
+
+        # (commit set the count to before + 1 + guesses; the rollback starts from before the step)
+        before = seq.num_computed_tokens - 1 - num_guesses
+        seq.num_computed_tokens, kept, released = rollback_blocks(seq.block_table, before, num_guesses,
+                                                                  len(accepted), self.block_manager.block_size)
+        for block in reversed(released):
             self.block_manager.release(block)
-        del seq.block_table[keep:]
+        seq.block_table = list(kept)
         for new_token in [*accepted, token]:
             self._append(seq, new_token, row_index, sampled)
             if seq.is_finished:

@@ -1,0 +1,168 @@
+"""Speculative decoding on the bundled models: tokens/s and accepted tokens per target step, against
+plain decoding, for each proposer and γ — greedy and sampled, batch 1 and batch 16, and an n-gram
+friendly workload (the output quotes the prompt). Plus tree vs chain at equal numbers of guesses.
+
+    python benchmarks/speculative.py                  # CPU, writes results/speculative_cpu.json
+    python benchmarks/speculative.py --quick          # fewer configurations, shorter outputs
+    python benchmarks/speculative.py --gpu            # on a CUDA machine: results/speculative_<card>.json
+
+Columns: ``tok/s`` generated tokens per second of wall time (best of ``--repeat`` runs; the engine is
+built and warmed up first), ``speedup`` against plain decoding of the same workload in the same run,
+``tokens/verify`` tokens emitted per verified sequence per target forward (1 + accepted guesses;
+the number the theory E(α, γ) predicts), ``mean accepted`` accepted guesses per verify, ``α``
+accepted / proposed guesses. Greedy outputs are checked to equal plain greedy decoding.
+
+The tree rows (``tree w×d``: the draft's top-w first tokens, each continued greedily to depth d, verified
+with the tree attention mask in one target forward) come from the torch reference
+(:mod:`miniinfer.speculative.tree`, a plain forward without a KV cache), so they report tokens per target
+forward only, not wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import print_table, write_results  # noqa: E402
+from miniinfer.engine import EngineConfig, LLMEngine  # noqa: E402
+from miniinfer.loader import load_model  # noqa: E402
+from miniinfer.models.bundled import bundled_model_path  # noqa: E402
+from miniinfer.sampling import SamplingParams  # noqa: E402
+
+DRAFT = str(bundled_model_path("shakespeare-draft"))
+OPENINGS = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n", "KING HENRY V:\nOnce more unto the breach",
+            "HAMLET:\nTo be, or not to be", "MACBETH:\n", "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+            "PORTIA:\nThe quality of mercy", "OTHELLO:\n", "LADY MACBETH:\nOut, damned spot!", "PROSPERO:\n",
+            "KING LEAR:\nBlow, winds", "BRUTUS:\n", "MARK ANTONY:\nFriends, Romans, countrymen", "IAGO:\n",
+            "VIOLA:\n", "PUCK:\nIf we shadows have offended"]
+QUOTE = ("Two households, both alike in dignity,\nIn fair Verona, where we lay our scene,\n"
+         "From ancient grudge break to new mutiny,\nWhere civil blood makes civil hands unclean.\n")
+COLUMNS = ["workload", "sampling", "batch", "proposer", "gamma", "tok/s", "speedup", "tokens/verify",
+           "mean accepted", "alpha", "final gamma", "greedy ok"]
+
+
+def run(model, tokenizer, prompts, params, device, repeat, **spec) -> tuple[float, list[list[int]], dict]:
+    """Best tokens/s over ``repeat`` runs of the whole batch (a fresh engine, warmed up on one request)."""
+    best, outputs, stats = 0.0, None, None
+    for _ in range(repeat):
+        engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=512, enable_prefix_caching=False, **spec))
+        engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
+        while engine.has_unfinished_requests():
+            engine.step()
+        if engine.speculator is not None:  # the warm-up does not count
+            engine.speculator.counters = dict.fromkeys(engine.speculator.counters, 0)
+        ids = [engine.add_request(p, params, stream=False) for p in prompts]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        results = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        outs = [results[i].outputs[0].token_ids for i in ids]
+        rate = sum(len(o) for o in outs) / seconds
+        if rate > best:
+            best, outputs, stats = rate, outs, engine.stats()
+    return best, outputs, stats
+
+
+def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
+    from miniinfer.speculative.tree import build_tree, draft_tree, tree_logits, verify_tree_greedy
+
+    rows = []
+    for label, width, depth in (("chain 1x4", 1, 4), ("tree 2x2", 2, 2), ("chain 1x6", 1, 6), ("tree 2x3", 2, 3),
+                                ("tree 3x2", 3, 2), ("chain 1x8", 1, 8), ("tree 4x2", 4, 2)):
+        emitted = steps = guesses = 0
+        for prompt in prompts:
+            tokens = tokenizer.encode(prompt)
+            start = len(tokens)
+            while len(tokens) - start < num_tokens:
+                tree = draft_tree(draft, tokens, width, depth) if width > 1 else None
+                if tree is None:  # a chain is a one-branch tree
+                    with torch.inference_mode():
+                        chain = list(tokens)
+                        for _ in range(depth):
+                            chain.append(int(draft(torch.tensor([chain]))[0, -1].argmax()))
+                    tree = build_tree(tokens[-1], [chain[len(tokens):]])
+                path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
+                tokens += [tree.tokens[n] for n in path] + [token]
+                emitted += len(path) + 1
+                steps += 1
+                guesses += tree.num_guesses
+        rows.append({"workload": "shakespeare", "sampling": "greedy", "batch": 1, "proposer": f"draft {label}",
+                     "gamma": width * depth, "tokens/verify": emitted / steps, "mean accepted": emitted / steps - 1,
+                     "alpha": None, "guesses/verify": guesses / steps})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="run on CUDA (the lead's run); default: CPU")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--notes", default="")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(bundled_model_path("shakespeare"), device=device)
+    gammas = [2, 4] if args.quick else [2, 4, 6]
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
+    workloads = [("shakespeare", "greedy", OPENINGS[:1], greedy,
+                  [("ngram", 4), ("self", 2), ("self", 4)] + [(DRAFT, g) for g in gammas] + [(DRAFT, "auto")]),
+                 ("shakespeare", "sampled", OPENINGS[:1], sampled, [("ngram", 4), (DRAFT, 4), (DRAFT, "auto")]),
+                 ("quote", "greedy", [QUOTE + QUOTE + QUOTE[:40]], greedy,
+                  [("ngram", 4), ("ngram", 8), ("ngram", "auto"), (DRAFT, 4)]),
+                 ("shakespeare", "greedy", OPENINGS[:16], greedy, [("ngram", 4), (DRAFT, 4), (DRAFT, "auto")]),
+                 ("shakespeare", "sampled", OPENINGS[:16], sampled, [(DRAFT, 4)])]
+    if args.quick:
+        workloads = [w[:4] + ([s for s in w[4] if s[1] != 6][:3],) for w in workloads[:4]]
+    rows = []
+    for name, mode, prompts, params, configs in workloads:
+        base_rate, base_out, _ = run(model, tokenizer, prompts, params, device, args.repeat)
+        rows.append({"workload": name, "sampling": mode, "batch": len(prompts), "proposer": "none", "gamma": 0,
+                     "tok/s": base_rate, "speedup": 1.0, "tokens/verify": 1.0})
+        print(f"{name} {mode} batch {len(prompts)}: plain {base_rate:.1f} tok/s", flush=True)
+        for proposer, gamma in configs:
+            rate, out, stats = run(model, tokenizer, prompts, params, device, args.repeat,
+                                   speculative_model=proposer, num_speculative_tokens=gamma)
+            rows.append({"workload": name, "sampling": mode, "batch": len(prompts),
+                         "proposer": "draft" if proposer == DRAFT else proposer, "gamma": gamma, "tok/s": rate,
+                         "speedup": rate / base_rate, "tokens/verify": stats["spec_tokens_per_verify"],
+                         "mean accepted": stats["spec_mean_accepted_length"], "alpha": stats["spec_acceptance_rate"],
+                         "final gamma": stats["spec_gamma"],
+                         "greedy ok": (out == base_out) if mode == "greedy" else None})
+            print(f"  {rows[-1]['proposer']} γ={gamma}: {rate:.1f} tok/s ×{rate / base_rate:.2f}, "
+                  f"{stats['spec_tokens_per_verify']:.2f} tokens/verify", flush=True)
+    draft, _ = load_model(DRAFT, device=device)
+    tree = tree_rows(model, tokenizer, draft, OPENINGS[:4] if not args.quick else OPENINGS[:2],
+                     args.max_tokens // 2)
+    print_table(COLUMNS, rows)
+    print_table(["proposer", "gamma", "guesses/verify", "tokens/verify"], tree)
+    best = max((r for r in rows if r["batch"] == 1 and r["sampling"] == "greedy" and r["workload"] == "shakespeare"),
+               key=lambda r: r["tok/s"])
+    summary = {"best_batch1_greedy": {k: best.get(k) for k in ("proposer", "gamma", "tok/s", "speedup",
+                                                                 "tokens/verify")},
+               "all_greedy_outputs_identical": all(r.get("greedy ok") in (None, True) for r in rows)}
+    write_results("speculative", "Speculative decoding: proposers and γ vs plain decoding (bundled models)", device,
+                  COLUMNS, rows + tree, summary=summary,
+                  notes="tree rows: torch reference verification (tokens per target forward only). " + args.notes,
+                  out=args.out)
+
+
+if __name__ == "__main__":
+    main()
