@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from miniinfer.server.testing import ServerProcess  # noqa: E402
+from miniinfer.server.testing import ServerProcess, free_port  # noqa: E402
 
 MODEL = "shakespeare"
 PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo,", "HAMLET.\nTo be", "KING.\nWhat news"]
@@ -29,7 +29,9 @@ PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo,", "HAMLET.\nTo be", "KING.\nWhat news"
 
 @pytest.fixture(scope="module")
 def server():
-    server = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64", "--seed", "0")
+    grpc_port = free_port()
+    server = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64", "--seed", "0", "--grpc-port", str(grpc_port))
+    server.grpc_target = f"127.0.0.1:{grpc_port}"
     yield server
     server.stop()
 
@@ -330,3 +332,44 @@ def _metric(server, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+# -- gRPC beside HTTP, on the same engine ---------------------------------------------------------------
+
+
+def test_grpc_unary_streaming_errors_and_cancel(server, offline):
+    grpc = pytest.importorskip("grpc")
+    from miniinfer.server.grpc_client import GeneratorClient
+
+    with GeneratorClient(server.grpc_target) as client:
+        assert client.health() == "SERVING" and client.health("miniinfer.v1.Generator") == "SERVING"
+        out = client.generate(PROMPTS[0], max_tokens=12, temperature=0, logprobs=2, timeout=30)
+        assert out.finished and out.completions[0].text == offline[PROMPTS[0]]
+        assert out.completion_tokens == 12 and out.completions[0].finish_reason == "length"
+        assert len(out.completions[0].logprobs) == 12 and len(out.completions[0].logprobs[0].top) >= 2
+        messages = list(client.generate_stream(PROMPTS[1], max_tokens=12, temperature=0, timeout=30))
+        assert "".join(m.completions[0].text for m in messages) == offline[PROMPTS[1]]
+        assert messages[-1].finished and messages[-1].completion_tokens == 12
+        ids = client.generate([5, 6, 7], max_tokens=3, n=2, seed=1, timeout=30)
+        assert sorted(c.index for c in ids.completions) == [0, 1]
+        for bad in ({"temperature": 5.0}, {"top_p": 0.0}, {"max_tokens": 10**6}):
+            with pytest.raises(grpc.RpcError) as info:
+                client.generate("x", timeout=30, **bad)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(PROMPTS[0], max_tokens=500, ignore_eos=True, timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stream = client.generate_stream(PROMPTS[0], max_tokens=500, ignore_eos=True, timeout=30)
+        next(stream)
+        stream.cancel()  # the client hangs up: the request is aborted, its blocks freed
+    server.wait_idle()
+    text = httpx.get(server.url + "/metrics").text
+    assert 'miniinfer_grpc_requests_total{method="Generate",status="OK"}' in text
+
+
+def test_grpc_descriptor_is_generated_from_the_proto():
+    pytest.importorskip("grpc_tools")
+    from miniinfer.server import grpc_codegen
+    from miniinfer.server.proto.descriptor import FILE_DESCRIPTOR
+
+    assert FILE_DESCRIPTOR == grpc_codegen.descriptor_bytes(), "run python -m miniinfer.server.grpc_codegen"

@@ -53,6 +53,8 @@ class ServerState:
     tracer: Tracer = field(default_factory=Tracer)
     created: int = field(default_factory=lambda: int(time.time()))
     shutdown_drain_timeout: float = 0.0
+    grpc_address: tuple[str, int] | None = None         # (host, port): serve gRPC beside HTTP
+    grpc_port: int | None = None                        # the bound gRPC port, once started
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -270,7 +272,15 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(app):
         state.engine.start()
         log.info("engine started", extra={"fields": {"model": state.model_name}})
+        grpc_server = None
+        if state.grpc_address is not None:
+            from miniinfer.server.grpc_server import start_grpc_server
+
+            grpc_server, health, state.grpc_port = await start_grpc_server(state, *state.grpc_address)
         yield
+        if grpc_server is not None:
+            await health.enter_graceful_shutdown()
+            await grpc_server.stop(grace=5.0)  # uvicorn has drained HTTP already; in-flight gRPC calls get 5 s
         await state.engine.shutdown(drain_timeout=state.shutdown_drain_timeout)
         log.info("engine stopped")
 

@@ -116,12 +116,9 @@ def run(args) -> int:
     name = args.served_model_name or Path(str(path)).name
     state = build_state(llm, model_name=name, bundled=_is_bundled(path), max_waiting=args.max_waiting,
                         request_timeout=args.request_timeout, shutdown_timeout=0.0)
-    app = create_app(state)
-    grpc_server = None
     if args.grpc_port is not None:
-        from miniinfer.server.grpc_server import start_grpc_server
-
-        grpc_server = start_grpc_server(state, args.host, args.grpc_port)
+        state.grpc_address = (args.host, args.grpc_port)  # started in the app's lifespan, on uvicorn's loop
+    app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
     server = _server_class()(config)
@@ -129,9 +126,5 @@ def run(args) -> int:
                                           "grpc_port": args.grpc_port, "device": str(llm.engine.device),
                                           "max_model_len": llm.engine.max_model_len,
                                           "kv_blocks": llm.engine.num_kv_blocks}})
-    try:
-        server.run()
-    finally:
-        if grpc_server is not None:
-            grpc_server.stop(grace=1.0).wait()
+    server.run()
     return 0
