@@ -200,3 +200,42 @@ def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(llm):
         del engine.step
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests()
+
+
+# -- tracing: W3C traceparent and OpenTelemetry spans ------------------------------------------------------
+
+
+def test_traceparent_parsing():
+    from miniinfer.server.tracing import parse_traceparent
+
+    context = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert context.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and context.parent_span_id == "00f067aa0ba902b7"
+    assert context.traceparent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and context.span_id != "00f067aa0ba902b7"
+    for bad in (None, "", "00-xyz", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01"):
+        fresh = parse_traceparent(bad)
+        assert fresh.parent_span_id is None and len(fresh.trace_id) == 32 and fresh.trace_id != "0" * 32
+
+
+def test_opentelemetry_spans_for_queue_prefill_decode():
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from miniinfer.server.async_engine import RequestTiming
+    from miniinfer.server.tracing import Tracer, parse_traceparent
+
+    exporter = InMemorySpanExporter()
+    tracer = Tracer(exporter=exporter)
+    context = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    timing = RequestTiming(arrival=10.0, scheduled=10.5, first_token=11.0, last_token=12.0, finished=12.0)
+    tracer.record(context, "/v1/completions", timing, {"miniinfer.request_id": "r"})
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) == {"/v1/completions", "queue", "prefill", "decode"}
+    root = spans["/v1/completions"]
+    assert format(root.context.trace_id, "032x") == context.trace_id
+    assert format(root.context.span_id, "016x") == context.span_id  # the id the response header announced
+    assert format(root.parent.span_id, "016x") == "00f067aa0ba902b7"
+    for name in ("queue", "prefill", "decode"):
+        assert spans[name].parent.span_id == root.context.span_id
+    assert (spans["queue"].end_time - spans["queue"].start_time) == pytest.approx(0.5e9, rel=1e-6)
+    assert not Tracer().enabled  # no exporter configured: a no-op

@@ -58,15 +58,20 @@ def parse_traceparent(header: str | None) -> TraceContext:
 class Tracer:
     """Writes a request's spans to OpenTelemetry when it is configured; a no-op otherwise."""
 
-    def __init__(self, service_name: str = "miniinfer"):
+    def __init__(self, service_name: str = "miniinfer", exporter=None):
+        """``exporter``: an OpenTelemetry span exporter to use (tests pass an in-memory one); without it,
+        the environment decides (see the module's docstring)."""
         self._tracer = None
+        self._ids = _PresetIds()
+        if exporter is not None:
+            self._tracer = _make_tracer(service_name, self._ids, exporter)
+            return
         if not (os.environ.get("OTEL_TRACES_EXPORTER") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
                 or os.environ.get("MINIINFER_OTEL_CONSOLE")):
             return
         if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "none":
             return
         try:
-            self._ids = _PresetIds()
             self._tracer = _make_tracer(service_name, self._ids)
         except Exception as error:  # noqa: BLE001 - tracing is optional: say why, serve anyway
             log.warning("OpenTelemetry tracing not enabled: %s", error)
@@ -144,12 +149,17 @@ class _PresetIds:
         return int(secrets.token_hex(8), 16)
 
 
-def _make_tracer(service_name: str, ids):
+def _make_tracer(service_name: str, ids, exporter=None):
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}), id_generator=ids)
+    if exporter is not None:
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return provider.get_tracer("miniinfer.server")
     if os.environ.get("MINIINFER_OTEL_CONSOLE"):
         exporter = ConsoleSpanExporter()
     else:
