@@ -373,3 +373,53 @@ def test_grpc_descriptor_is_generated_from_the_proto():
     from miniinfer.server.proto.descriptor import FILE_DESCRIPTOR
 
     assert FILE_DESCRIPTOR == grpc_codegen.descriptor_bytes(), "run python -m miniinfer.server.grpc_codegen"
+
+
+# -- a real Prometheus scrapes the server; every dashboard query returns data ---------------------------
+
+
+def test_prometheus_scrapes_and_every_dashboard_query_returns_data(server, client, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (Debian package 'prometheus')")
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "deploy/prometheus/prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [server.url.removeprefix("http://")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prometheus = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+    try:
+        def query(expr):
+            response = httpx.get(api, params={"query": expr}, timeout=5)
+            assert response.status_code == 200, (expr, response.text)
+            return response.json()["data"]["result"]
+
+        deadline = time.monotonic() + 30
+        while True:  # until a few scrapes have landed, with traffic in between
+            try:
+                if len(query("miniinfer_engine_steps_total[30s]")[0]["values"]) >= 4:
+                    break
+            except (httpx.HTTPError, IndexError, KeyError):
+                pass
+            client.completions.create(model=MODEL, prompt=PROMPTS[0] * 3, max_tokens=4)
+            assert time.monotonic() < deadline and prometheus.poll() is None, "Prometheus did not scrape the server"
+            time.sleep(0.5)
+        dashboard = json.loads((root / "deploy/grafana/miniinfer-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        assert len(exprs) >= 12
+        for expr in exprs:
+            if "gpu" in expr:
+                continue  # GPU series exist on GPU servers only
+            concrete = expr.replace("$__rate_interval", "20s").replace('"$job"', '".*"')
+            assert query(concrete), f"no data for {concrete}"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
