@@ -4,6 +4,8 @@ draws from the target's distribution, rejected guesses' blocks go back, adaptive
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from engine_helpers import all_blocks_free, finish_all
@@ -310,3 +312,25 @@ def test_multi_candidate_rule_is_exact(seed):
             _, token = multi_candidate_accept(p, candidates, qs, u[:2], u[2])
             counts[token] += 1
         assert chi_square_p_value(counts, p) > 1e-4, mode
+
+
+def test_batched_verify_attention_matches_the_paged_reference(seed):
+    """Short chunks over cached prefixes (and a decode row), GQA, against the reference prefill."""
+    from miniinfer.engine.attention_context import PagedAttentionMetadata
+    from miniinfer.kernels.paged_attention import paged_prefill_attention_torch
+    from miniinfer.speculative.verify_attention import batched_verify_attention
+
+    g = torch.Generator().manual_seed(seed)
+    P, H, H_kv, D, num_blocks = 4, 6, 2, 8, 40
+    k_cache, v_cache = torch.randn(num_blocks, P, H_kv, D, generator=g), torch.randn(num_blocks, P, H_kv, D, generator=g)
+    seq_lens, q_lens = [9, 3, 17, 1], [5, 1, 4, 1]
+    width = max(-(-s // P) for s in seq_lens)
+    tables = torch.randperm(num_blocks, generator=g)[:len(seq_lens) * width].view(len(seq_lens), width).int()
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), H, D, generator=g)
+    meta = PagedAttentionMetadata(slot_mapping=torch.zeros(len(q), dtype=torch.int32), block_tables=tables,
+                                  seq_lens=torch.tensor(seq_lens, dtype=torch.int32), cu_seqlens_q=cu,
+                                  decode_only=False, max_seq_len=max(seq_lens), max_q_len=max(q_lens))
+    expected = paged_prefill_attention_torch(q, k_cache, v_cache, tables, cu, meta.seq_lens, 0.3)
+    torch.testing.assert_close(batched_verify_attention(q, k_cache, v_cache, meta, 0.3), expected,
+                               atol=1e-5, rtol=1e-5)

@@ -136,6 +136,15 @@ class SpeculativeDecoder:
 
     # -- 2. verify (called by the model runner with the logits of every verified position) ----------
 
+    def attention_context(self, runner, metadata):
+        """The verify forward's attention: the engine's backend, with the batched verify attention for
+        short chunks on the reference / sdpa backends (their prefill loops over sequences)."""
+        from miniinfer.engine.attention_context import PagedKVContext
+        from miniinfer.speculative.verify_attention import wrap_backend
+
+        return PagedKVContext(runner.k_caches, runner.v_caches, metadata, wrap_backend(runner.backend),
+                              decode_hook=runner._decode_hook)
+
     def logits_rows(self, plan: StepPlan, cu_seqlens_q: list[int]) -> list[int]:
         """Packed rows whose logits the verify step needs: every new token of a speculating sequence,
         the last one of any other sequence that samples."""

@@ -143,6 +143,9 @@ class DraftModelProposer(Proposer):
             backend = select_attention_backend("auto" if parameter.device.type == "cpu" else "triton",
                                                parameter.device, parameter.dtype, model.config, block_size,
                                                max_model_len=max_model_len)
+        from miniinfer.speculative.verify_attention import wrap_backend
+
+        backend = wrap_backend(backend)  # catch-up chunks of a few tokens: batched, not per sequence
         self.block_manager = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, backend, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,

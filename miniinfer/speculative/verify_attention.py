@@ -1,0 +1,90 @@
+"""Attention for verify steps: a few new tokens per sequence over a cached paged prefix, batched.
+
+A verify step is a prefill chunk (1 + k queries per sequence, causal at the bottom right), so every
+backend's prefill kernel computes it correctly. On a CPU, though, the engine's prefill is the readable
+reference, a Python loop over sequences — fine for one long prompt, slow for 16 sequences of 5 tokens.
+:func:`batched_verify_attention` does the whole batch in one torch SDPA call instead: queries padded to
+the step's longest (a handful of rows), keys gathered through the block tables once per step (shared by
+all layers), and a mask that is causal within each sequence's new tokens — the same place a tree mask
+would go. :class:`VerifyBackend` wraps the engine's backend to use it for short verify steps only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from miniinfer.engine.attention_context import PagedAttentionMetadata
+
+__all__ = ["batched_verify_attention", "VerifyBackend", "wrap_backend", "MAX_VERIFY_QUERIES"]
+
+MAX_VERIFY_QUERIES = 16  # longer chunks (a prompt in the same step) go to the backend's own prefill
+
+
+def _layout(metadata: PagedAttentionMetadata, block_size: int, device):
+    """Per step, built by the first layer: query rows [B, L], their validity, the key mask [B, 1, L, S]."""
+    cached = getattr(metadata, "_verify_layout", None)
+    if cached is not None:
+        return cached
+    L = metadata.max_q_len
+    starts = metadata.cu_seqlens_q[:-1].long()
+    q_lens = metadata.cu_seqlens_q[1:].long() - starts
+    offsets = torch.arange(L, device=device)
+    valid = offsets[None, :] < q_lens[:, None]                                       # [B, L]
+    rows = (starts[:, None] + offsets[None, :]).masked_fill(~valid, 0)              # [B, L]
+    slots, _ = metadata.decode_gather_index(block_size)                              # [B, S]
+    seq_lens = metadata.seq_lens.long()
+    q_pos = seq_lens[:, None] - q_lens[:, None] + offsets[None, :]                   # [B, L]
+    k_pos = torch.arange(slots.shape[1], device=device)
+    allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    allowed |= ~valid[:, :, None]  # padding queries see everything (their output is dropped): no NaN rows
+    layout = (rows, valid, slots, allowed.unsqueeze(1))
+    metadata._verify_layout = layout
+    return layout
+
+
+def batched_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             metadata: PagedAttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, H, D] packed by ``cu_seqlens_q``; caches [N, P, H_kv, D] -> [T, H, D]."""
+    T, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    rows, valid, slots, allowed = _layout(metadata, k_cache.shape[1], q.device)
+    qb = q[rows].transpose(1, 2)                                                     # [B, H, L, D]
+    k = k_cache.view(-1, H_kv, D)[slots].transpose(1, 2)                             # [B, H_kv, S, D]
+    v = v_cache.view(-1, H_kv, D)[slots].transpose(1, 2)
+    if H != H_kv:
+        k = k.repeat_interleave(H // H_kv, dim=1)
+        v = v.repeat_interleave(H // H_kv, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
+                                                           scale=scale)
+    return out.transpose(1, 2)[valid]                                                # [T, H, D]
+
+
+class VerifyBackend:
+    """The engine's backend, with :func:`batched_verify_attention` as the prefill of short chunks."""
+
+    def __init__(self, base):
+        self.base = base
+        self.name = f"{base.name}+verify"
+        self.graph_safe = base.graph_safe
+
+    def write_kv(self, k, v, k_cache, v_cache, metadata) -> None:
+        self.base.write_kv(k, v, k_cache, v_cache, metadata)
+
+    def decode(self, q, k_cache, v_cache, metadata, scale):
+        return self.base.decode(q, k_cache, v_cache, metadata, scale)
+
+    def prefill(self, q, k_cache, v_cache, metadata, scale):
+        if metadata.max_q_len <= MAX_VERIFY_QUERIES:
+            return batched_verify_attention(q, k_cache, v_cache, metadata, scale)
+        return self.base.prefill(q, k_cache, v_cache, metadata, scale)
+
+
+def wrap_backend(backend):
+    """:class:`VerifyBackend` around the ``torch`` and ``sdpa`` backends (cached on the backend); others —
+    Triton and CUDA kernels, the course's ``components`` attention — are used as they are."""
+    if backend.name not in ("torch", "sdpa"):
+        return backend
+    wrapped = getattr(backend, "_verify_backend", None)
+    if wrapped is None:
+        wrapped = backend._verify_backend = VerifyBackend(backend)
+    return wrapped
