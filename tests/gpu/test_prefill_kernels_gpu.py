@@ -55,7 +55,8 @@ def _random_model(head_dim: int = 128):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config)
-    return model.to(dtype=torch.bfloat16).requires_grad_(False).eval()
+    # .to(device=...) as well: it moves the RoPE tables, which are plain attributes, not buffers
+    return model.to(device="cuda", dtype=torch.bfloat16).requires_grad_(False).eval()
 
 
 @pytest.mark.parametrize("kernel", KERNELS[1:])
@@ -80,6 +81,7 @@ def test_prompt_logprobs_agree_across_prefill_kernels_head_dim_128(kernel):
                 if output.finished:
                     final = output
         assert final is not None and final.prompt_logprobs is not None, f"{name}: no prompt logprobs"
+        assert final.outputs[0].finish_reason != "error", f"{name}: {final.outputs[0]}"
         assert len(final.prompt_logprobs) == len(prompt), \
             f"{name}: {len(final.prompt_logprobs)} prompt logprobs for {len(prompt)} prompt tokens"
         values = [next(iter(d.values())) for d in final.prompt_logprobs[1:]]
