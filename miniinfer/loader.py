@@ -283,6 +283,13 @@ def load_model(path: str | Path, *, dtype=None, device=None, components: Compone
     folder = resolve_model_path(path)
     config = Qwen2Config.from_folder(folder, max_model_len=max_model_len)
 
+    from miniinfer.quant.checkpoint import load_gptq_model, quantization_config
+
+    if quantization_config(folder) is not None:  # a pre-quantized (GPTQ) checkpoint: chapter 11
+        model = load_gptq_model(folder, config, dtype=dtype, device=device, components=components)
+        tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+        return model, tokenizer
+
     tensors = _read_safetensors(_safetensors_files(folder))
     _check_tensors(tensors, config, folder)
     state = {name: t.to(device=device, dtype=dtype) for name, t in fuse_hf_tensors(tensors, config).items()}
