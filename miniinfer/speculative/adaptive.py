@@ -47,6 +47,8 @@ class AdaptiveGamma:
     alpha: float = 0.7
     cost_ratio: float = 0.1
     decay: float = 0.9
+    _seen_alpha: bool = False
+    _seen_cost: bool = False
 
     @property
     def gamma(self) -> int:
@@ -57,12 +59,16 @@ class AdaptiveGamma:
         """Fold one step in: how many guesses were proposed and accepted (summed over the batch), and
         optionally the time the proposer took for its ``draft_steps`` guesses per sequence (one batched
         draft forward each) and the time of the verify step."""
+        # The first measurement replaces the prior; later ones are averaged in.
         if num_proposed > 0:
             rate = num_accepted / num_proposed
-            self.alpha = self.decay * self.alpha + (1 - self.decay) * rate
+            self.alpha = rate if not self._seen_alpha else self.decay * self.alpha + (1 - self.decay) * rate
+            self._seen_alpha = True
         if draft_seconds is not None and target_seconds and draft_steps > 0:
             ratio = draft_seconds / target_seconds / draft_steps
-            self.cost_ratio = self.decay * self.cost_ratio + (1 - self.decay) * ratio
+            self.cost_ratio = (ratio if not self._seen_cost
+                               else self.decay * self.cost_ratio + (1 - self.decay) * ratio)
+            self._seen_cost = True
 
 
 def select_proposer(measurements: dict[str, tuple[float, float]], max_gamma: int = 8) -> tuple[str, int, float]:

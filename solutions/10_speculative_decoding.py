@@ -1,0 +1,389 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 10 — Speculative decoding: guess cheaply, verify in one pass
+#
+# **What you will build.** Decoding produces one token per forward of the model, and each forward
+# reads every weight. *Speculative decoding* (Leviathan et al. 2023; Chen et al. 2023) lets a cheap
+# **proposer** guess the next γ tokens, then runs the **target** model once over all of them and
+# keeps the longest prefix of guesses the target agrees with — plus one more token from the target
+# itself. With the right acceptance rule the output is **exactly** what the target alone would have
+# produced: token for token when greedy, in distribution when sampling. You will write that rule,
+# the expected number of tokens per target step, the KV-cache rollback of rejected guesses and the
+# attention mask of **tree** speculation, plug your rule into the engine, and compare theory with
+# measurement.
+#
+# **What you need.** Chapter 04's sampling, chapter 06's engine step (plan → run → commit) and
+# chapter 07's paged KV blocks: a verify step is nothing but a prefill chunk of γ + 1 tokens over a
+# cached prefix. The package code is `miniinfer/speculative/`.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from miniinfer import LLM, SamplingParams, bundled_model_path
+from miniinfer.engine import EngineHooks
+from miniinfer.speculative.acceptance import draw_from
+
+torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady when the cores are shared
+MODEL = bundled_model_path("shakespeare")              # the target: 6 layers, 4.4 M parameters
+DRAFT = str(bundled_model_path("shakespeare-draft"))   # the draft: 2 layers, 0.6 M parameters, same tokenizer
+llm = LLM(MODEL, num_kv_blocks=256)
+model, tokenizer = llm.model, llm.tokenizer
+
+# %% [markdown]
+# ## 1. Why verifying γ tokens costs about as much as decoding one
+#
+# A decode step multiplies every weight matrix by *one* activation vector: the time goes into
+# reading the weights (on a GPU, from HBM), not into arithmetic. Feeding the model L tokens at once
+# reads the same weights once and does L times the arithmetic, which is nearly free until the
+# matmuls become compute-bound. So the target can score L = γ + 1 positions — the last real token
+# and γ guesses — for little more than the price of one. Here is the time of one forward over L
+# tokens of our target on this CPU (on a GPU the curve is flatter still).
+
+# %% tags=["nbval-ignore-output"]
+def forward_seconds(L: int, repeat: int = 20) -> float:
+    ids = torch.tensor([tokenizer.encode("ROMEO: O Romeo, Romeo! wherefore art thou Romeo? Deny thy father")[:L]])
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+lengths = [1, 2, 3, 5, 8, 12]
+seconds = [forward_seconds(L) for L in lengths]
+fig, ax = plt.subplots(figsize=(5, 2.6))
+ax.plot(lengths, [s / seconds[0] for s in seconds], "o-", label="measured")
+ax.plot(lengths, lengths, "--", color="grey", label="L × one token")
+ax.set_xlabel("tokens in one forward (L)")
+ax.set_ylabel("time / time of L = 1")
+ax.legend()
+fig.tight_layout()
+print("L=5 costs", round(seconds[3] / seconds[0], 2), "× L=1")
+
+# %% [markdown]
+# ## 2. The acceptance rule
+#
+# The proposer drew guesses $x_1, \dots, x_\gamma$, guess $j$ from its distribution $q_j$. The target's
+# forward gives $p_1, \dots, p_{\gamma+1}$: $p_j$ is the target's distribution for position $j$ (after
+# the real tokens and guesses $x_{<j}$). Going left to right:
+#
+# * accept $x_j$ with probability $\min\bigl(1, \; p_j(x_j) / q_j(x_j)\bigr)$;
+# * at the first rejection, emit a token drawn from the **residual**
+#   $r_j = \dfrac{\max(p_j - q_j, 0)}{\sum \max(p_j - q_j, 0)}$ and stop;
+# * if all γ are accepted, emit a **bonus** token from $p_{\gamma+1}$ (the forward computed it anyway).
+#
+# **Why the output follows $p$ exactly.** Write $\beta = \sum_x \min(p(x), q(x))$, the probability of
+# accepting. Token $x$ comes out either as an accepted guess — probability $q(x)\min(1, p(x)/q(x)) =
+# \min(p(x), q(x))$ — or as a resample after a rejection — probability $(1-\beta)\,r(x)$. Since
+# $\sum_x \max(p - q, 0) = \sum_x (p - \min(p, q)) = 1 - \beta$, the second term is $\max(p(x) - q(x), 0)$,
+# and $\min(p, q) + \max(p - q, 0) = p$. Every position after an accepted one is the same argument
+# with the longer prefix. For a **greedy** request $p$ is one-hot on the argmax: a guess survives iff
+# it *is* the argmax, and the residual is the argmax itself — greedy output is unchanged.
+#
+# **Exercise 10.1.** Write the rule for a batch of $B$ sequences with at most $K$ guesses each
+# (`num_draft[b]` of them are real). The random numbers are given, so the result is reproducible:
+# accept guess $j$ of row $b$ iff `u_accept[b, j] * q(x_j) < p(x_j)` (no division: $q(x_j) > 0$ for a
+# drawn guess), and draw the emitted token with `draw_from(probs[B, V], u_sample[B])` (an inverse-CDF
+# draw that accepts unnormalised rows). Return `(num_accepted [B], next_token [B])`.
+
+# %% tags=["exercise"] exercise="10.1"
+def accept_draft(p, q, draft, num_draft, u_accept, u_sample):
+    """p [B, K+1, V], q [B, K, V], draft [B, K], num_draft [B], u_accept [B, K], u_sample [B]
+    -> (num_accepted [B], next_token [B])."""
+    ### BEGIN SOLUTION
+    B, K1, V = p.shape
+    K = K1 - 1
+    rows = torch.arange(B)
+    num_accepted = torch.zeros(B, dtype=torch.long)
+    if K > 0:
+        index = draft.clamp(0, V - 1).unsqueeze(-1)
+        p_x = p[:, :K].gather(-1, index).squeeze(-1)
+        q_x = q.gather(-1, index).squeeze(-1)
+        accepted = (u_accept * q_x < p_x) & (torch.arange(K)[None, :] < num_draft[:, None])
+        num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)   # the run of acceptances from the left
+    target = p[rows, num_accepted]                                   # p at the first rejection, or the bonus
+    rejected = num_accepted < num_draft
+    if K > 0:
+        residual = (target - q[rows, num_accepted.clamp(max=K - 1)]).clamp(min=0)
+        mass = residual.sum(-1, keepdim=True)
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), target)
+        target = torch.where(rejected[:, None], residual, target)
+    return num_accepted, draw_from(target, u_sample)
+    ### END SOLUTION
+
+
+# %% tags=["check"] exercise="10.1"
+from miniinfer.course import check
+
+check.accept_draft(accept_draft)
+
+# %% [markdown]
+# ## 3. How many tokens per target step?
+#
+# Suppose each guess is accepted independently with probability α (the **acceptance rate**). The
+# step emits 1 + (number of accepted guesses); guess $i$ counts only if guesses $1 \dots i$ were all
+# accepted, probability $\alpha^i$. So
+#
+# $$ E(\alpha, \gamma) \;=\; 1 + \alpha + \alpha^2 + \dots + \alpha^\gamma \;=\; \frac{1 - \alpha^{\gamma+1}}{1 - \alpha}. $$
+#
+# It saturates at $1/(1-\alpha)$: with α = 0.6, no γ gives more than 2.5 tokens per step, and each
+# extra guess costs a draft forward. If one guessed token costs $c$ target steps, a step costs
+# $1 + c\gamma$ and the speed-up is $E(\alpha, \gamma) / (1 + c\gamma)$ — the quantity adaptive γ
+# maximises below.
+#
+# **Exercise 10.2.** Return $E(\alpha, \gamma)$ (γ + 1 when α = 1).
+
+# %% tags=["exercise"] exercise="10.2"
+def expected_tokens_per_step(alpha: float, gamma: int) -> float:
+    ### BEGIN SOLUTION
+    if alpha == 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    ### END SOLUTION
+
+
+# %% tags=["check"] exercise="10.2"
+check.expected_tokens_per_step(expected_tokens_per_step)
+
+# %%
+fig, ax = plt.subplots(figsize=(5, 2.8))
+gammas = np.arange(0, 11)
+for alpha in (0.4, 0.6, 0.8, 0.9):
+    ax.plot(gammas, [expected_tokens_per_step(alpha, int(g)) for g in gammas], "o-", ms=3, label=f"α = {alpha}")
+ax.set_xlabel("guesses per step (γ)")
+ax.set_ylabel("tokens per target step")
+ax.legend(fontsize=8)
+fig.tight_layout()
+
+# %% [markdown]
+# ## 4. Speculation inside the engine
+#
+# Speculation is a kind of step, not a loop beside the engine (`miniinfer/speculative/decoder.py`):
+#
+# 1. **plan** — the scheduler plans as usual; then every *decoding* sequence whose sampling depends on
+#    its logits alone gets up to γ guesses from the proposer, and KV slots for them. Its
+#    `num_new_tokens` becomes 1 + k: its newest token and the k guesses.
+# 2. **run** — one forward over the whole batch. For the attention kernels a verify is an ordinary
+#    prefill chunk: 1 + k queries over a cached paged prefix, causal at the bottom right. The runner
+#    takes logits at every verified position and applies the acceptance rule.
+# 3. **commit** — append the accepted guesses and the extra token (stopping at EOS or `max_tokens`),
+#    and **roll back** the KV cache: only the newest token and the accepted guesses have valid K/V.
+#
+# The rejected guesses' K/V stay in their slots — past the computed count, where no kernel reads and
+# the next step overwrites — but whole blocks that hold nothing valid must go back to the pool, or a
+# batch that guesses badly would fill it with garbage.
+#
+# **Exercise 10.3.** Before the step the sequence had `num_computed` tokens with K/V (its newest
+# token had none); the step computed K/V for the newest token and `num_guesses` guesses, into
+# `block_table` (already long enough for all of them). Return `(new computed count, kept blocks,
+# released blocks)`: keep the blocks needed for the valid tokens, release the rest.
+
+# %% tags=["exercise"] exercise="10.3"
+def rollback_blocks(block_table: list[int], num_computed: int, num_guesses: int, num_accepted: int,
+                    block_size: int) -> tuple[int, list[int], list[int]]:
+    ### BEGIN SOLUTION
+    new_computed = num_computed + 1 + num_accepted
+    keep = -(-new_computed // block_size)   # ceil: a partly filled block is kept
+    return new_computed, block_table[:keep], block_table[keep:]
+    ### END SOLUTION
+
+
+# %% tags=["check"] exercise="10.3"
+check.rollback_blocks(rollback_blocks)
+
+# %% [markdown]
+# ## 5. Plug it in: your rule drives the engine
+#
+# `EngineHooks(accept_draft=...)` replaces the package's rule with yours: every verify step of the
+# engine calls it on the batch's $p$, $q$, guesses and uniforms. With the bundled draft as proposer
+# and greedy requests, the output must equal plain greedy decoding token for token.
+
+# %%
+prompts = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n", "HAMLET:\nTo be, or not to be"]
+greedy = SamplingParams(temperature=0.0, max_tokens=48)
+plain = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+spec = LLM(MODEL, num_kv_blocks=256, speculative_model=DRAFT, num_speculative_tokens=4,
+           hooks=EngineHooks(accept_draft=accept_draft))
+outputs = spec.generate(prompts, greedy, use_tqdm=False)
+assert [o.token_ids for o in outputs] == plain, "speculative greedy output differs from plain greedy"
+stats = spec.stats()
+print(f"identical to plain greedy; {stats['spec_draft_tokens']} guesses, {stats['spec_accepted_tokens']} accepted, "
+      f"{stats['spec_tokens_per_verify']:.2f} tokens per verified sequence per target step")
+print(outputs[1].text[:120])
+
+# %% [markdown]
+# Sampling works the same way (each request's random stream decides the acceptance tests, so a seeded
+# request is reproducible); the test suite checks with a chi-square test that the sampled tokens
+# follow the target's distribution exactly.
+
+# %%
+sampled = spec.generate(prompts[:1], SamplingParams(temperature=0.8, max_tokens=40, seed=1), use_tqdm=False)
+print(sampled[0].text)
+
+# %% [markdown]
+# ## 6. Theory against measurement
+#
+# Measure α with one guess per step (γ = 1: the fraction of single guesses the target accepts),
+# then run γ = 1 … 6 and compare the measured tokens per target step with $E(\hat\alpha, \gamma)$.
+
+# %%
+def measure(gamma, proposer=DRAFT):
+    engine_llm = LLM(MODEL, num_kv_blocks=256, speculative_model=proposer, num_speculative_tokens=gamma)
+    engine_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
+    return engine_llm.stats()
+
+
+measured = {g: measure(g) for g in range(1, 7)}
+alpha_hat = measured[1]["spec_acceptance_rate"]
+fig, ax = plt.subplots(figsize=(5, 2.8))
+gs = list(measured)
+ax.plot(gs, [measured[g]["spec_tokens_per_verify"] for g in gs], "o-", label="measured (draft model)")
+ax.plot(gs, [expected_tokens_per_step(alpha_hat, g) for g in gs], "--", label=f"E(α̂ = {alpha_hat:.2f}, γ)")
+ax.set_xlabel("γ")
+ax.set_ylabel("tokens per target step")
+ax.legend(fontsize=8)
+fig.tight_layout()
+print("α̂ =", round(alpha_hat, 3), "| measured:", [round(measured[g]["spec_tokens_per_verify"], 2) for g in gs])
+
+# %% [markdown]
+# The measurement falls below the curve as γ grows: acceptances are not independent. Easy stretches
+# (a name, the end of a word) are accepted in runs and hard ones rejected in runs, so the chance of
+# accepting guess 3 given guesses 1 and 2 were accepted is not the average α. The formula is a good
+# guide for choosing γ, not an identity.
+#
+# ## 7. Choosing γ and the proposer
+#
+# The speed-up $E(\alpha, \gamma)/(1 + c\gamma)$ needs two numbers the engine can measure while it
+# runs: α (accepted / proposed guesses) and the cost ratio $c$ (seconds of proposing per guess over
+# seconds of a verify step). `num_speculative_tokens="auto"` keeps running averages of both
+# (`miniinfer.speculative.AdaptiveGamma`) and re-chooses γ every step; `select_proposer` ranks
+# proposers by the same number. Three proposers come with the package:
+#
+# * the **draft model** (a separate small model with its own paged KV pool and model runner);
+# * **n-gram prompt lookup** — find the last few tokens earlier in the sequence and guess what
+#   followed them then: free, and strong when the output quotes the prompt;
+# * a **layer-skipping self-draft** — the target's first layers with its final norm and head: no
+#   second model, but our target was never trained to exit early.
+
+# %% tags=["nbval-ignore-output"]
+from miniinfer.speculative import select_proposer
+
+measurements = {}
+for name, proposer in (("draft", DRAFT), ("ngram", "ngram"), ("self", "self")):
+    auto = LLM(MODEL, num_kv_blocks=256, speculative_model=proposer, num_speculative_tokens="auto")
+    auto.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)
+    adaptive = auto.engine.speculator.adaptive
+    measurements[name] = (adaptive.alpha, adaptive.cost_ratio)
+    print(f"{name:6s} α ≈ {adaptive.alpha:.2f}, cost ratio c ≈ {adaptive.cost_ratio:.2f}, γ now {adaptive.gamma}")
+print("choose:", select_proposer(measurements))
+
+# %% [markdown]
+# ## 8. Trees: several guesses per position
+#
+# A chain dies at its first wrong guess. Where the draft is unsure, a **tree** spends the same number
+# of guessed tokens on alternatives: the draft's top $w$ first tokens, each continued greedily. All
+# nodes go through the target in *one* forward; node $i$ sits at position $n - 1 + \text{depth}(i)$
+# and may attend to the whole prefix and to its own ancestors only — never to a sibling's branch. The
+# acceptance walks from the root: greedy follows the child that is the target's argmax; sampling uses
+# SpecInfer's multi-candidate rule (try the children in turn, replacing $p$ by the residual after each
+# rejection), which again emits exactly $p$.
+#
+# **Exercise 10.4.** Build the tree attention mask: `parents[i]` is node $i$'s parent (`-1` for the
+# root, node 0, the sequence's newest real token; parents come before children). Return a bool
+# tensor `[N, N]` with `mask[i, j]` True iff node $j$ is node $i$ or one of its ancestors.
+
+# %% tags=["exercise"] exercise="10.4"
+def tree_attention_mask(parents: list[int]) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    N = len(parents)
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:          # walk up to the root
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+    ### END SOLUTION
+
+
+# %% tags=["check"] exercise="10.4"
+check.tree_attention_mask(tree_attention_mask)
+
+# %% [markdown]
+# Tree against chain at the same number of guessed tokens, greedy, verified with the torch reference
+# (`miniinfer.speculative.tree`: one masked forward over prefix + tree). The output is plain greedy
+# decoding either way; what changes is the number of tokens each target forward yields.
+
+# %%
+from miniinfer.loader import load_model
+from miniinfer.speculative.tree import draft_tree, tree_logits, verify_tree_greedy
+
+draft_model, _ = load_model(DRAFT, device="cpu")
+
+
+def tokens_per_forward(width, depth, num_tokens=32):
+    emitted = forwards = 0
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt)
+        start = len(tokens)
+        while len(tokens) - start < num_tokens:
+            tree = draft_tree(draft_model, tokens, width, depth)   # width 1: a chain
+            path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
+            tokens += [tree.tokens[node] for node in path] + [token]
+            emitted, forwards = emitted + len(path) + 1, forwards + 1
+    return emitted / forwards
+
+
+for guesses, shapes in ((4, [(1, 4), (2, 2)]), (6, [(1, 6), (2, 3), (3, 2)])):
+    print(f"{guesses} guesses: " + ", ".join(f"{'chain' if w == 1 else 'tree'} {w}×{d}: "
+                                            f"{tokens_per_forward(w, d):.2f} tokens/forward" for w, d in shapes))
+
+# %% [markdown]
+# Trees do not win everywhere. They pay off where the draft's first choice is often wrong but its
+# second is right; at a small budget, splitting 4 guesses into two branches of depth 2 caps a step at
+# 3 tokens, while a lucky chain can reach 5. Compare at 6 guesses and with other prompts: the tree's
+# shape should follow where the draft is unsure (SpecInfer and Medusa choose it from the draft's
+# probabilities).
+#
+# The engine verifies chains; trees run here on the torch reference (the paged kernels would need the
+# mask as an argument, and the accepted path's K/V would have to be moved to consecutive slots —
+# an exercise below). `benchmarks/speculative.py` records wall-clock speed-ups of every proposer and γ
+# on this CPU in `benchmarks/results/speculative_cpu.json`.
+#
+# ## Summary
+#
+# * A proposer guesses γ tokens; one target forward scores all of them; the rule
+#   $\min(1, p/q)$ + residual resampling makes the output **exactly** the target's.
+# * Tokens per target step: $E(\alpha,\gamma) = (1-\alpha^{\gamma+1})/(1-\alpha)$; the speed-up is
+#   $E/(1 + c\gamma)$, so γ and the proposer are chosen from measured α and cost.
+# * In the engine, speculation is a step: guesses get slots, the verify is a prefill chunk, and the
+#   commit rolls the KV back past the rejected guesses, releasing whole blocks.
+# * Trees spend the same guesses on alternatives and verify them in one pass with a tree mask.
+#
+# **Going further** (no checks):
+#
+# 1. Put trees in the engine: give the paged prefill a mask argument (or pack each tree's nodes as
+#    separate one-token "sequences" sharing the prefix), then copy the accepted path's K/V to
+#    consecutive slots in the commit.
+# 2. Retrain or distill the draft on the target's own greedy outputs. How far does α move, and what
+#    does that do to the best γ?
+# 3. Batch size matters: at batch 16 the verify step is no longer nearly free on a CPU. Measure the
+#    speed-up against the batch size and explain the crossover.
+# 4. Make n-gram lookup O(1) per step with a suffix index that is updated as tokens arrive.
