@@ -40,11 +40,14 @@ class LLM:
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``enable_cuda_graphs`` / ``enforce_eager``,
     ``enable_fused_kernels``.
+    ``quantization`` ("int8", "w8a8", "int4", "gptq", "fp8"; chapter 11) quantizes the decoder's linear
+    layers after loading (:func:`miniinfer.quant.quantize_model`; "gptq" calibrates on held-out
+    Shakespeare text, for the bundled models); a GPTQ checkpoint folder loads quantized by itself.
     """
 
     def __init__(self, model: str | Path | None = None, *, components: Components | None = None,
                  hooks: EngineHooks | None = None, device=None, dtype=None, seed: int | None = None,
-                 **engine_options):
+                 quantization: str | None = None, **engine_options):
         from miniinfer.loader import load_generation_config, load_model, resolve_device, resolve_model_path
         from miniinfer.models.bundled import bundled_model_path
 
@@ -58,6 +61,10 @@ class LLM:
         self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components,
                                                 max_model_len=engine_config.max_model_len)
         self.config = self.model.config
+        if quantization is not None:
+            from miniinfer.quant.model import quantize_for_llm
+
+            quantize_for_llm(self.model, self.tokenizer, quantization, path)
         try:
             self.generation_defaults = load_generation_config(resolve_model_path(path))
         except Exception:  # noqa: BLE001 - a hub id offline, etc.: no defaults beyond SamplingParams'

@@ -176,3 +176,33 @@ def quantize_model(model: nn.Module, method: str, bits: int | None = None, group
             new = GroupQuantLinear.from_linear(linear, bits, group_size or 0, symmetric)
         _replace(model, name, new)
     return model
+
+
+LLM_METHODS = ("int8", "w8a8", "int4", "gptq", "fp8")
+
+
+def quantize_for_llm(model: nn.Module, tokenizer, quantization: str, path) -> nn.Module:
+    """What ``LLM(path, quantization=...)`` does after loading: int4 and gptq are 4-bit, group 128,
+    asymmetric; gptq calibrates on the held-out calibration text (:mod:`miniinfer.quant.data`). A
+    checkpoint that is already GPTQ-quantized accepts ``quantization="gptq"`` (nothing to do) only."""
+    from miniinfer.loader import resolve_model_path
+    from miniinfer.quant.checkpoint import quantization_config
+
+    if quantization not in LLM_METHODS:
+        raise ValueError(f"quantization must be one of {LLM_METHODS} or None, got {quantization!r}")
+    try:
+        prequantized = quantization_config(resolve_model_path(path)) is not None
+    except Exception:  # noqa: BLE001 - a hub id offline: not a local GPTQ folder
+        prequantized = False
+    if prequantized:
+        if quantization != "gptq":
+            raise ValueError(f"{path} is already a GPTQ checkpoint; use quantization='gptq' or None")
+        return model
+    calibration = None
+    if quantization == "gptq":
+        if tokenizer is None:
+            raise ValueError("quantization='gptq' calibrates on text and this model has no tokenizer")
+        from miniinfer.quant.data import calibration_evaluation_split
+
+        calibration = tokenizer.encode(calibration_evaluation_split()[0])
+    return quantize_model(model, quantization, calibration=calibration)
