@@ -340,10 +340,13 @@ for guesses, shapes in ((4, [(1, 4), (2, 2)]), (6, [(1, 6), (2, 3), (3, 2)])):
 # shape should follow where the draft is unsure (SpecInfer and Medusa choose it from the draft's
 # probabilities).
 #
-# The engine verifies chains; trees run here on the torch reference (the paged kernels would need the
-# mask as an argument, and the accepted path's K/V would have to be moved to consecutive slots —
-# an exercise below). `benchmarks/speculative.py` records wall-clock speed-ups of every proposer and γ
-# on this CPU in `benchmarks/results/speculative_cpu.json`.
+# The engine verifies trees too: `LLM(MODEL, speculative_model=DRAFT, num_speculative_tokens=4,
+# speculative_tree=2)`. The nodes go through the forward as one verify chunk whose RoPE positions
+# follow their depths, the verify attention applies your mask, and before the commit the accepted
+# path's K/V are copied to consecutive slots (node $i$ was written at position $n - 1 + i$, but the
+# accepted node at depth $d$ belongs at $n - 1 + d$). That runs on the CPU backends (`torch`, `sdpa`);
+# the Triton and CUDA kernels take no mask yet. `benchmarks/speculative.py` records wall-clock
+# speed-ups of every proposer and γ on this CPU in `benchmarks/results/speculative_cpu.json`.
 #
 # ## Summary
 #
@@ -357,9 +360,8 @@ for guesses, shapes in ((4, [(1, 4), (2, 2)]), (6, [(1, 6), (2, 3), (3, 2)])):
 #
 # **Going further** (no checks):
 #
-# 1. Put trees in the engine: give the paged prefill a mask argument (or pack each tree's nodes as
-#    separate one-token "sequences" sharing the prefix), then copy the accepted path's K/V to
-#    consecutive slots in the commit.
+# 1. Give the Triton paged prefill kernel a tree-mask argument (a bitmask per node: N ≤ 16 fits in
+#    one int32), so that tree speculation runs on a GPU too.
 # 2. Retrain or distill the draft on the target's own greedy outputs. How far does α move, and what
 #    does that do to the best γ?
 # 3. Batch size matters: at batch 16 the verify step is no longer nearly free on a CPU. Measure the

@@ -165,6 +165,26 @@ def test_greedy_speculation_with_preemption_and_auto_gamma(target, greedy_refere
     assert all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["prefix-cache", "preemption"])
+def test_tree_speculation_in_the_engine_is_greedy(target, greedy_reference, cache):
+    """Token trees (the draft's top 2 first tokens, each continued), verified in the engine with the tree
+    mask and the accepted path's K/V moved to consecutive slots: greedy output unchanged, with the prefix
+    cache (second round) or with preemption in a tiny pool; more tokens per step than a chain."""
+    options = dict(num_kv_blocks=128) if cache else dict(num_kv_blocks=12, block_size=4, enable_prefix_caching=False)
+    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=4, speculative_tree=2, **options)
+    rounds = 2 if cache else 1
+    for _ in range(rounds):
+        assert generate(engine, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24)) == greedy_reference
+    stats = engine.stats()
+    assert (stats["prefix_cache_hit_tokens"] > 0) if cache else (stats["num_preemptions"] > 0)
+    assert all_blocks_free(engine)
+    if cache:
+        chain = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=4)
+        for _ in range(rounds):
+            generate(chain, PROMPTS, SamplingParams(temperature=0.0, max_tokens=24))
+        assert stats["spec_tokens_per_verify"] > chain.stats()["spec_tokens_per_verify"]
+
+
 def test_mixed_batch_speculates_only_where_it_may(target):
     """Penalties, logprobs and stop strings decode plainly beside speculating requests; outputs match."""
     params = [SamplingParams(temperature=0.0, max_tokens=12), SamplingParams(temperature=0.0, max_tokens=12,
@@ -195,14 +215,17 @@ def test_student_acceptance_rule_drives_the_engine(target, greedy_reference):
     assert calls
 
 
-def test_sampled_speculation_matches_the_target_distribution(target):
+@pytest.mark.parametrize("tree", [None, 2], ids=["chain", "tree"])
+def test_sampled_speculation_matches_the_target_distribution(target, tree):
     """Joint distribution of the first three generated tokens (the 2nd and 3rd come from verify steps:
     a guess or a resample, then a guess, resample or bonus) under top_k=2, over 800 seeds, against the
-    target's exact probabilities (8 categories). The draft model's q differs from p, so rejections happen."""
+    target's exact probabilities (8 categories). The draft model's q differs from p, so rejections happen;
+    the tree variant exercises SpecInfer's multi-candidate rule inside the engine."""
     model, _ = target
     prompt = "ROMEO: O Romeo, Romeo, Romeo, Romeo, Romeo"
-    k, n = 2, 800
-    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=2, num_kv_blocks=512)
+    k, n = 2, 800 if tree is None else 500   # (trees: the draft runs without a KV cache, slower)
+    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=2, num_kv_blocks=512,
+                         speculative_tree=tree)
     ids = [engine.add_request(prompt, SamplingParams(temperature=1.0, top_k=k, max_tokens=4, seed=s), stream=False)
            for s in range(n)]
     results = finish_all(engine)
@@ -245,7 +268,8 @@ def test_rejected_guesses_release_their_blocks(target):
 
 
 def test_options_are_validated(target, small_checkpoint):
-    for bad in (dict(num_speculative_tokens=0), dict(num_speculative_tokens="many"), dict(speculative_model=3)):
+    for bad in (dict(num_speculative_tokens=0), dict(num_speculative_tokens="many"), dict(speculative_model=3),
+                dict(speculative_tree=1), dict(speculative_tree=True)):
         with pytest.raises(ValueError):
             EngineConfig(**bad)
     with pytest.raises(ValueError, match="vocabulary"):

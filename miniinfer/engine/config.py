@@ -34,7 +34,7 @@ class EngineConfig:
     # (adaptive, from the running acceptance rate and the measured draft/target cost)
     speculative_model: str | None = None
     num_speculative_tokens: int | str = 4
-    speculative_tree: int | None = None     # token-tree speculation of this width (not in the engine yet: raises)
+    speculative_tree: int | None = None     # token trees of this width (draft model; CPU backends torch/sdpa)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -66,10 +66,10 @@ class EngineConfig:
                                                       or not 1 <= self.num_speculative_tokens <= 64):
             raise ValueError(f"num_speculative_tokens must be an integer in 1 … 64 or 'auto', "
                              f"got {self.num_speculative_tokens!r}")
-        if self.speculative_tree is not None:
-            raise ValueError("speculative_tree: tree speculation runs in miniinfer.speculative.tree (torch "
-                             "reference, plain forward), not yet inside the engine; use chain speculation "
-                             "(speculative_tree=None)")
+        if self.speculative_tree is not None and (isinstance(self.speculative_tree, bool)
+                                                  or not isinstance(self.speculative_tree, int)
+                                                  or not 2 <= self.speculative_tree <= 8):
+            raise ValueError(f"speculative_tree must be None or a tree width in 2 … 8, got {self.speculative_tree!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")

@@ -145,7 +145,8 @@ class LLMEngine:
         from miniinfer.speculative import build_speculative_decoder
 
         return build_speculative_decoder(self, self.config.speculative_model, self.config.num_speculative_tokens,
-                                         accept_fn=self.hooks.accept_draft)
+                                         accept_fn=self.hooks.accept_draft,
+                                         speculative_tree=self.config.speculative_tree)
 
     def _eos_token_ids(self) -> set[int]:
         """Token ids that end a sequence: the tokenizer's (which merges the checkpoint's configs), else config.json's."""

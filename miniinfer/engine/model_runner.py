@@ -256,6 +256,7 @@ class ModelRunner:
         B, T = len(seqs), len(input_ids)
         if plan.draft_tokens is not None:  # logits at every verified position (see SpeculativeDecoder)
             logits_indices = self.speculator.logits_rows(plan, cu_seqlens_q)
+            positions = self.speculator.positions(plan, positions, cu_seqlens_q)  # tree nodes: by depth
         if graph_bucket is not None:
             pad = graph_bucket - B
             # Padding rows: token 0 at position 0, no K/V stored (slot −1), nothing attended (length 0).

@@ -51,7 +51,24 @@ def build_proposer(engine, speculative_model) -> Proposer:
     return DraftModelProposer(draft, name="draft", **options)
 
 
-def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=4, accept_fn=None
-                              ) -> SpeculativeDecoder:
-    return SpeculativeDecoder(build_proposer(engine, speculative_model), num_speculative_tokens,
-                              accept_fn=accept_fn, max_model_len=engine.max_model_len)
+def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=4, accept_fn=None,
+                              speculative_tree: int | None = None) -> SpeculativeDecoder:
+    if speculative_tree is None:
+        proposer = build_proposer(engine, speculative_model)
+    else:
+        # Trees: verified with the batched verify attention's tree mask, which the torch and sdpa backends use.
+        if engine.backend.name not in ("torch", "sdpa"):
+            raise ValueError(f"speculative_tree needs the 'torch' or 'sdpa' attention backend (the tree mask is not "
+                             f"in the {engine.backend.name!r} kernels yet); use chain speculation there")
+        if speculative_model in ("ngram", "self") or num_speculative_tokens == "auto":
+            raise ValueError("speculative_tree needs a draft model checkpoint and a fixed num_speculative_tokens")
+        from miniinfer.loader import load_model
+        from miniinfer.speculative.proposers import TreeDraftProposer
+
+        draft, _ = load_model(speculative_model, dtype=engine.dtype, device=engine.device,
+                              max_model_len=engine.max_model_len)
+        if draft.config.vocab_size != engine.model.config.vocab_size:
+            raise ValueError("the draft model's vocabulary differs from the target's")
+        proposer = TreeDraftProposer(draft, speculative_tree)
+    return SpeculativeDecoder(proposer, num_speculative_tokens, accept_fn=accept_fn,
+                              max_model_len=engine.max_model_len, tree_width=speculative_tree)

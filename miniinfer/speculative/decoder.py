@@ -42,6 +42,7 @@ from miniinfer.sampler import (
 from miniinfer.speculative.acceptance import accept_draft
 from miniinfer.speculative.adaptive import AdaptiveGamma
 from miniinfer.speculative.proposers import Proposer
+from miniinfer.speculative.verify_attention import MAX_VERIFY_QUERIES
 
 __all__ = ["SpeculativeDecoder", "ACCEPT_STREAM"]
 
@@ -61,7 +62,11 @@ class SpeculativeDecoder:
     plug-in replaces it) and the counters."""
 
     def __init__(self, proposer: Proposer, num_speculative_tokens: int | str = 4, accept_fn=None,
-                 max_gamma: int = 8, max_model_len: int = 1 << 30):
+                 max_gamma: int = 8, max_model_len: int = 1 << 30, tree_width: int | None = None):
+        self.tree_width = tree_width
+        self._trees: dict[int, list[int]] = {}
+        self._plan = None
+        self._runner = None
         if num_speculative_tokens == "auto":
             self.adaptive: AdaptiveGamma | None = AdaptiveGamma(max_gamma=max_gamma)
             self.fixed_gamma = None
@@ -91,6 +96,9 @@ class SpeculativeDecoder:
         """Add guesses to the plan's decoding sequences and give them slots (never by evicting or
         preempting: a sequence that does not fit guesses fewer tokens, or none)."""
         plan.draft_tokens = plan.draft_probs = None
+        self._trees: dict[int, list[int]] = {}   # id(seq) -> parents of its token tree (tree speculation)
+        if self.tree_width and max(plan.num_new_tokens) > MAX_VERIFY_QUERIES:
+            return  # a long prefill chunk in this step: tree masks need the batched verify attention
         if len(plan.samples) != len(plan.seqs) and any(row.is_fork for row in plan.samples):
             return
         if any(seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
@@ -120,6 +128,9 @@ class SpeculativeDecoder:
         for b, limit, proposal in zip(candidates, wanted, proposals):
             seq = plan.seqs[b]
             k = min(len(proposal.tokens), limit, budget)
+            if proposal.parents is not None:  # a tree: its nodes, not its depth, take slots and budget
+                k = min(len(proposal.tokens), self.max_model_len - seq.num_tokens - 1, budget,
+                        MAX_VERIFY_QUERIES - 1)
             while k > 0 and not manager.can_allocate(seq, 1 + k):
                 k -= 1
             if k <= 0:
@@ -129,6 +140,8 @@ class SpeculativeDecoder:
             budget -= k
             draft_tokens[b] = list(proposal.tokens[:k])
             draft_probs[b] = proposal.probs[:k] if proposal.probs is not None else None
+            if proposal.parents is not None:
+                self._trees[id(seq)] = list(proposal.parents[:k + 1])  # a prefix of the nodes is a tree
         plan.copies = plan.copies + manager.take_pending_copies()
         if any(draft_tokens):
             plan.draft_tokens, plan.draft_probs = draft_tokens, draft_probs
@@ -142,8 +155,31 @@ class SpeculativeDecoder:
         from miniinfer.engine.attention_context import PagedKVContext
         from miniinfer.speculative.verify_attention import wrap_backend
 
-        return PagedKVContext(runner.k_caches, runner.v_caches, metadata, wrap_backend(runner.backend),
-                              decode_hook=runner._decode_hook)
+        self._runner = runner
+        backend = wrap_backend(runner.backend)
+        if self._trees:
+            from miniinfer.speculative.tree import tree_attention_mask
+
+            metadata.tree_masks = [tree_attention_mask(self._trees[id(seq)]) if id(seq) in self._trees else None
+                                   for seq in self._plan.seqs]
+        return PagedKVContext(runner.k_caches, runner.v_caches, metadata, backend, decode_hook=runner._decode_hook)
+
+    def positions(self, plan: StepPlan, positions: list[int], cu_seqlens_q: list[int]) -> list[int]:
+        """RoPE positions of a verify step: a tree node sits at (newest token's position + its depth), so
+        siblings share a position; chains keep the packed positions."""
+        self._plan = plan
+        if not self._trees:
+            return positions
+        from miniinfer.speculative.tree import TokenTree
+
+        positions = list(positions)
+        for b, seq in enumerate(plan.seqs):
+            parents = self._trees.get(id(seq))
+            if parents is not None:
+                start = cu_seqlens_q[b]
+                first = positions[start]
+                positions[start:cu_seqlens_q[b + 1]] = [first + d for d in TokenTree([0] * len(parents), parents).depths]
+        return positions
 
     def logits_rows(self, plan: StepPlan, cu_seqlens_q: list[int]) -> list[int]:
         """Packed rows whose logits the verify step needs: every new token of a speculating sequence,
@@ -183,6 +219,15 @@ class SpeculativeDecoder:
             plain = sample_plain(torch.cat(plain_logits), sub)
             for i, token in zip(plain_rows, plain.token_ids):
                 token_ids[i] = token
+        tree_rows = [i for i in spec_rows if id(plan.samples[i].seq) in self._trees]
+        if tree_rows:
+            tree_logits = dict(zip(spec_rows, spec_logits))
+            for i in tree_rows:
+                path_tokens, token = self._accept_tree(plan.samples[i], draft_of[id(plan.samples[i].seq)][0],
+                                                       tree_logits[i])
+                spec_tokens[i], token_ids[i] = path_tokens, token
+            keep = [j for j, i in enumerate(spec_rows) if i not in set(tree_rows)]
+            spec_rows, spec_logits = [spec_rows[j] for j in keep], [spec_logits[j] for j in keep]
         if spec_rows:
             rows = [plan.samples[i] for i in spec_rows]
             drafts = [draft_of[id(row.seq)] for row in rows]
@@ -191,6 +236,65 @@ class SpeculativeDecoder:
                 spec_tokens[i] = list(tokens[:a]) if token >= 0 else []
                 token_ids[i] = token
         return SampledTokens(token_ids, spec_tokens=spec_tokens)
+
+    def _accept_tree(self, row, guesses: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
+        """Walk the tree from the root: greedy follows the argmax child; sampling uses SpecInfer's
+        multi-candidate rule (deterministic children). Then move the accepted path's K/V to consecutive
+        slots, where the next steps expect them. -> (accepted guesses, next token)."""
+        from miniinfer.sampler import uniform_from_seed_reference
+        from miniinfer.speculative.tree import TokenTree, multi_candidate_accept
+
+        seq = row.seq
+        tree = TokenTree([seq.token_ids[-1], *guesses], self._trees[id(seq)])
+        depths = tree.depths
+        if not bool(torch.isfinite(logits).all()):
+            return [], -1
+        if seq.params.greedy:
+            best = logits.argmax(dim=-1).tolist()
+            probs = None
+        else:
+            step = seq.num_output_tokens
+            batch = SamplingBatch.build([SamplingRow(seq.params, row.stream_seed, step + d, (), ()) for d in depths],
+                                        logits.shape[-1], logits.device)
+            probs = batch_probabilities(logits, batch)
+        node, path = 0, []
+        while True:
+            children = tree.children(node)
+            if probs is None:
+                nxt = next((c for c in children if tree.tokens[c] == best[node]), None)
+                token = best[node]
+            else:
+                step = seq.num_output_tokens + depths[node]
+                u = [uniform_from_seed_reference(derive_seed(row.stream_seed, ACCEPT_STREAM + 1 + c), step)
+                     for c in range(len(children))]
+                u_sample = uniform_from_seed_reference(row.stream_seed, step)
+                index, token = multi_candidate_accept(probs[node], [tree.tokens[c] for c in children],
+                                                      [None] * len(children), u, u_sample)
+                nxt = None if index is None else children[index]
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        self._compact_kv(seq, path)
+        return [tree.tokens[n] for n in path], int(token)
+
+    def _compact_kv(self, seq: Sequence, path: list[int]) -> None:
+        """Node i's K/V were written at position (newest + i); the accepted node at depth d belongs at
+        (newest + d). Copy, in every layer (sources always lie after their destinations: no clobbering)."""
+        moves = [(node, depth) for depth, node in enumerate(path, start=1) if node != depth]
+        if not moves:
+            return
+        runner, P, base = self._runner, self._runner.block_size, seq.num_computed_tokens
+
+        def slot(position):
+            return seq.block_table[position // P] * P + position % P
+
+        device = runner.k_caches[0].device
+        source = torch.tensor([slot(base + node) for node, _ in moves], device=device)
+        destination = torch.tensor([slot(base + depth) for _, depth in moves], device=device)
+        for cache in (*runner.k_caches, *runner.v_caches):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat[destination] = flat[source]
 
     def _accept(self, rows, drafts, spec_logits: list[torch.Tensor]) -> tuple[list[int], list[int]]:
         device = spec_logits[0].device

@@ -35,7 +35,7 @@ from miniinfer.sampler import (
 )
 
 __all__ = ["Proposal", "Proposer", "NgramProposer", "DraftModelProposer", "LayerSkipModel", "self_draft_model",
-           "DRAFT_STREAM"]
+           "TreeDraftProposer", "DRAFT_STREAM"]
 
 DRAFT_STREAM = 0x5EC1  # derive_seed(stream_seed, DRAFT_STREAM): the random stream a draft model samples from
 
@@ -46,6 +46,9 @@ class Proposal:
 
     tokens: list[int]
     probs: torch.Tensor | None = None
+    #: a token tree instead of a chain: parents[i] of node i (node 0 = the sequence's newest token, parent
+    #: -1; node i ≥ 1 is tokens[i − 1]); every guess deterministic (one-hot q)
+    parents: list[int] | None = None
 
 
 class Proposer:
@@ -252,3 +255,27 @@ class DraftModelProposer(Proposer):
         from miniinfer.speculative.acceptance import draw_from
 
         return draw_from(torch.nan_to_num(p, nan=1.0), u).tolist(), p
+
+
+class TreeDraftProposer(Proposer):
+    """Token trees from a draft model: its top-``width`` next tokens, each continued greedily, so about
+    ``num_tokens`` guesses per sequence (depth ``num_tokens // width``). Each tree comes from plain
+    forwards of the draft over the whole sequence (no KV cache: simple, and fine for a tiny draft over
+    short contexts; it makes trees slower in wall time than they need to be)."""
+
+    name = "draft-tree"
+
+    def __init__(self, model: nn.Module, width: int):
+        if width < 2:
+            raise ValueError(f"a token tree needs a width of at least 2, got {width}")
+        self.model, self.width = model, width
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
+        from miniinfer.speculative.tree import draft_tree
+
+        proposals = []
+        for seq, k in zip(seqs, num_tokens):
+            width = min(self.width, k)
+            tree = draft_tree(self.model, seq.token_ids, width, max(1, k // width))
+            proposals.append(Proposal(tree.tokens[1:], parents=tree.parents))
+        return proposals

@@ -22,7 +22,11 @@ deterministic children (one-hot ``q``) this keeps ``x`` with probability ``p(x)`
 removes it from ``p`` — exactly the target's distribution either way.
 
 This module is the torch reference: trees are verified with a plain (non-paged) forward over the
-prefix and the tree (:func:`tree_logits`). The engine verifies chains only (see the chapter).
+prefix and the tree (:func:`tree_logits`). In the engine (``LLM(..., speculative_tree=width)``) the
+tree's nodes are a verify chunk whose RoPE positions follow the depths, the batched verify attention
+(:mod:`miniinfer.speculative.verify_attention`) applies this mask, and the commit first moves the
+accepted path's K/V to consecutive slots (the ``torch`` / ``sdpa`` backends; the Triton and CUDA
+kernels take no mask yet).
 """
 
 from __future__ import annotations

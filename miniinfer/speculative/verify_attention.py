@@ -36,6 +36,13 @@ def _layout(metadata: PagedAttentionMetadata, block_size: int, device):
     q_pos = seq_lens[:, None] - q_lens[:, None] + offsets[None, :]                   # [B, L]
     k_pos = torch.arange(slots.shape[1], device=device)
     allowed = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    tree_masks = getattr(metadata, "tree_masks", None)
+    if tree_masks is not None:  # tree speculation: among its new tokens a node sees only its ancestors
+        host_lens = metadata.seq_lens.tolist()
+        for b, mask in enumerate(tree_masks):
+            if mask is not None:
+                N, S = mask.shape[0], host_lens[b]
+                allowed[b, :N, S - N:S] = mask.to(device)
     allowed |= ~valid[:, :, None]  # padding queries see everything (their output is dropped): no NaN rows
     layout = (rows, valid, slots, allowed.unsqueeze(1))
     metadata._verify_layout = layout
@@ -74,7 +81,7 @@ class VerifyBackend:
         return self.base.decode(q, k_cache, v_cache, metadata, scale)
 
     def prefill(self, q, k_cache, v_cache, metadata, scale):
-        if metadata.max_q_len <= MAX_VERIFY_QUERIES:
+        if metadata.max_q_len <= MAX_VERIFY_QUERIES or getattr(metadata, "tree_masks", None) is not None:
             return batched_verify_attention(q, k_cache, v_cache, metadata, scale)
         return self.base.prefill(q, k_cache, v_cache, metadata, scale)
 
