@@ -20,7 +20,7 @@ import torch
 
 from miniinfer.components import Components
 from miniinfer.models.config import Qwen2Config
-from miniinfer.models.qwen2 import Qwen2ForCausalLM
+from miniinfer.models.qwen2 import MODEL_CLASSES, Qwen2ForCausalLM
 
 __all__ = ["load_model", "resolve_model_path", "hf_tensor_shapes", "fuse_hf_tensors", "default_device",
            "resolve_device", "resolve_dtype", "load_generation_config"]
@@ -82,7 +82,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def hf_tensor_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen2 checkpoint must hold (HF names) and its shape."""
+    """Every tensor a Qwen2 (or Llama, Qwen3) checkpoint must hold (HF names) and its shape."""
     E, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes = {"model.embed_tokens.weight": (V, E), "model.norm.weight": (E,)}
     if not config.tie_word_embeddings:
@@ -104,6 +104,11 @@ def hf_tensor_shapes(config: Qwen2Config) -> dict[str, tuple[int, ...]]:
             shapes |= {p + "self_attn.q_proj.bias": (config.q_size,),
                        p + "self_attn.k_proj.bias": (config.kv_size,),
                        p + "self_attn.v_proj.bias": (config.kv_size,)}
+        if config.o_proj_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (E,)
+        if config.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (config.head_dim,),
+                       p + "self_attn.k_norm.weight": (config.head_dim,)}
     return shapes
 
 
@@ -297,7 +302,7 @@ def load_model(path: str | Path, *, dtype=None, device=None, components: Compone
 
     # Build on the meta device (no memory, no random init), then adopt the loaded tensors as parameters.
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config, components)
+        model = MODEL_CLASSES.get(config.model_type, Qwen2ForCausalLM)(config, components)
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device, dtype=dtype)  # the non-persistent RoPE tables
     model.requires_grad_(False).eval()

@@ -62,7 +62,9 @@ def test_config_not_json(checkpoint):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture.*LlamaForCausalLM"),
+    (dict(architectures=["GemmaForCausalLM"], model_type="gemma"),
+     "unsupported architecture.*GemmaForCausalLM.*runs.*LlamaForCausalLM.*Qwen3ForCausalLM"),
+    (dict(architectures=["LlamaForCausalLM"], model_type="qwen2"), "unsupported architecture"),  # inconsistent
     (dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe"), "unsupported architecture"),
     (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None), "sliding-window"),
     (dict(layer_types=["full_attention", "sliding_attention"]), "sliding-window"),

@@ -7,9 +7,16 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-__all__ = ["Qwen2Config", "UnsupportedModelError", "MAX_POSITION_EMBEDDINGS"]
+__all__ = ["Qwen2Config", "UnsupportedModelError", "MAX_POSITION_EMBEDDINGS", "SUPPORTED_ARCHITECTURES",
+           "MODEL_TYPES"]
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+# Architecture (config.json ``architectures``) -> its ``model_type``. One decoder runs them all (see
+# miniinfer.models.qwen2): Llama and Qwen3 differ from Qwen2 by a few switches read from the config below.
+MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+# RoPE scaling types we implement, and the fields each needs besides rope_type.
+ROPE_SCALING_FIELDS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                  "original_max_position_embeddings")}
 # The longest context a config may declare without an explicit ``max_model_len``. The model builds its RoPE
 # tables for every declared position ([positions, D/2] float32, twice: 2 GiB at 2**22 with D = 128), so a
 # typo such as 10**9 must be refused, not allocated. Real Qwen2.5 configs say 32768 to 1010000.
@@ -22,7 +29,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class Qwen2Config:
-    """Hyper-parameters of a Qwen2 / Qwen2.5 decoder (field names as in HF ``config.json``)."""
+    """Hyper-parameters of a Qwen2 / Qwen2.5 decoder (field names as in HF ``config.json``), or of a Llama or
+    Qwen3 one: ``model_type`` says which, and the switches below say what differs."""
 
     vocab_size: int
     hidden_size: int  # E
@@ -41,6 +49,14 @@ class Qwen2Config:
     torch_dtype: str | None = None  # the dtype the weights were saved in ("bfloat16", "float32", ...)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "qwen2"  # "qwen2", "llama" or "qwen3"
+    # Qwen3: an RMSNorm over each head's D coordinates of q and of k (weights [D]), before RoPE.
+    qk_norm: bool = False
+    # Llama and Qwen3 put attention_bias on o_proj too (Qwen2 never does).
+    o_proj_bias: bool = False
+    # None (plain RoPE) or {"rope_type": "llama3", "factor": ..., "low_freq_factor": ..., "high_freq_factor": ...,
+    # "original_max_position_embeddings": ...}: Llama 3.1's rescaled frequencies (miniinfer.models.rope_scaling).
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         # Direct construction (tests, the chapters) gets the same checks as a config.json.
@@ -72,15 +88,18 @@ class Qwen2Config:
         model_type = hf.get("model_type")
         if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
             raise ValueError(f"{source}: architectures must be a list of class names, got {architectures!r}")
-        if model_type != "qwen2" or any(a not in SUPPORTED_ARCHITECTURES for a in architectures):
+        if model_type not in MODEL_TYPES.values() or any(MODEL_TYPES.get(a) != model_type for a in architectures):
             found = ", ".join(architectures) or "none listed"
             raise UnsupportedModelError(
                 f"{source}: unsupported architecture (architectures: {found}; model_type: {model_type!r}). "
-                f"MiniInfer runs {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints (Qwen2, Qwen2.5)")
+                f"MiniInfer runs {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints (model_type "
+                f"{', '.join(repr(t) for t in MODEL_TYPES.values())}: Qwen2, Qwen2.5, Llama 2/3, Qwen3)")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if hf.get(k) is None]
         if missing:
             raise ValueError(f"{source} lacks required fields: {', '.join(missing)}")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError(f"{source}: mlp_bias: true is not supported (MLP projections without bias)")
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
 
@@ -112,10 +131,23 @@ class Qwen2Config:
         rope_type = rope.get("rope_type") or rope.get("type") or "default"
         if scaling:
             rope_type = scaling.get("rope_type") or scaling.get("type") or rope_type
-        if rope_type != "default":
+        rope_scaling = None
+        if rope_type in ROPE_SCALING_FIELDS:
+            given = rope | (scaling or {})
+            missing_rope = [k for k in ROPE_SCALING_FIELDS[rope_type] if given.get(k) is None]
+            if missing_rope:
+                raise ValueError(f"{source}: rope scaling {rope_type!r} needs {', '.join(missing_rope)}")
+            rope_scaling = {"rope_type": rope_type}
+            for key in ROPE_SCALING_FIELDS[rope_type]:
+                rope_scaling[key] = number(f"rope_scaling.{key}", given[key], 1.0)
+            if rope_scaling["high_freq_factor"] <= rope_scaling["low_freq_factor"]:
+                raise ValueError(f"{source}: rope scaling needs high_freq_factor > low_freq_factor, got "
+                                 f"{rope_scaling['high_freq_factor']} and {rope_scaling['low_freq_factor']}")
+        elif rope_type != "default":
             raise UnsupportedModelError(
-                f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE); remove rope_scaling "
-                "to run the model at its original context length")
+                f"{source}: rope scaling {rope_type!r} is not supported (plain RoPE and "
+                f"{', '.join(ROPE_SCALING_FIELDS)} only); remove rope_scaling to run the model at its original "
+                "context length")
         theta_field = "rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta"
         rope_theta = number(theta_field, rope.get("rope_theta", hf.get("rope_theta")), 10000.0)
         rms_norm_eps = number("rms_norm_eps", hf.get("rms_norm_eps"), 1e-6)
@@ -145,7 +177,7 @@ class Qwen2Config:
             raise ValueError(f"{source}: num_attention_heads ({num_heads}) must be a multiple of "
                              f"num_key_value_heads ({num_kv_heads}): each key/value head serves a whole group "
                              "of query heads")
-        head_dim = integer("head_dim")
+        head_dim = integer("head_dim", 128 if model_type == "qwen3" else None)  # HF's Qwen3Config default
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(f"{source}: hidden_size ({hidden_size}) is not divisible by num_attention_heads "
@@ -166,12 +198,18 @@ class Qwen2Config:
                              f"builds a model for ({MAX_POSITION_EMBEDDINGS:,}); pass max_model_len (e.g. "
                              "LLM(path, max_model_len=32768)) to run it with a shorter context")
 
-        tie = hf.get("tie_word_embeddings")
-        if tie is None:
-            tie = False  # HF's Qwen2Config default
-        elif not isinstance(tie, bool):
-            raise ValueError(f"{source}: tie_word_embeddings must be true or false (JSON booleans), got "
-                             f"{_describe(tie)}")
+        def boolean(field: str, default: bool) -> bool:
+            value = hf.get(field)
+            if value is None:
+                return default  # HF's default (False for all three architectures)
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {field} must be true or false (JSON booleans), got {_describe(value)}")
+            return value
+
+        tie = boolean("tie_word_embeddings", False)
+        # Qwen2 puts a bias on q, k, v (never on o_proj) whatever config.json says; Llama and Qwen3 follow
+        # attention_bias, on all four projections.
+        bias = True if model_type == "qwen2" else boolean("attention_bias", False)
 
         for field in ("bos_token_id", "eos_token_id"):
             value = hf.get(field)
@@ -198,10 +236,14 @@ class Qwen2Config:
                 rms_norm_eps=rms_norm_eps,
                 max_position_embeddings=max_positions,
                 tie_word_embeddings=tie,
-                attention_bias=True,
+                attention_bias=bias,
                 torch_dtype=torch_dtype,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"),
+                model_type=model_type,
+                qk_norm=model_type == "qwen3",
+                o_proj_bias=bias and model_type != "qwen2",
+                rope_scaling=rope_scaling,
             )
         except ValueError as e:  # __post_init__'s checks: say which file
             raise ValueError(str(e).replace("config: ", f"{source}: ", 1)) from None
@@ -251,3 +293,9 @@ def _check_config(config: Qwen2Config, source: str) -> None:
                          f"num_key_value_heads ({config.num_key_value_heads})")
     if config.head_dim % 2:
         raise ValueError(f"{source}: head_dim must be even for rotary embeddings, got {config.head_dim}")
+    if config.model_type not in MODEL_TYPES.values():
+        raise ValueError(f"{source}: model_type must be one of {sorted(set(MODEL_TYPES.values()))}, got "
+                         f"{config.model_type!r}")
+    if config.rope_scaling is not None and config.rope_scaling.get("rope_type") not in ROPE_SCALING_FIELDS:
+        raise ValueError(f"{source}: rope_scaling must be None or a {'/'.join(ROPE_SCALING_FIELDS)} scaling dict, "
+                         f"got {config.rope_scaling!r}")

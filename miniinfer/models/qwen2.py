@@ -25,6 +25,19 @@ chapter's model and calls the :class:`~miniinfer.components.Components` function
 ``rms_norm`` or ``swiglu`` runs inside it. :meth:`Qwen2ForCausalLM.enable_fused_kernels` switches to
 :meth:`Qwen2ForCausalLM._forward_fused`, which replaces the elementwise glue between the matmuls by
 the fused kernels of :mod:`miniinfer.kernels.fused` (the engine turns it on on a GPU).
+
+The same file runs Llama (2, 3, 3.1) and Qwen3 checkpoints: their decoders differ from Qwen2 by a few
+switches in the config (:class:`~miniinfer.models.config.Qwen2Config`), not by structure:
+
+=============  ==========================  ===================  ===============================
+model_type     bias on q, k, v / o_proj    q/k RMSNorm per head RoPE
+=============  ==========================  ===================  ===============================
+``qwen2``      always / never              no                   plain
+``llama``      ``attention_bias`` / same   no                   plain or "llama3" scaling
+``qwen3``      ``attention_bias`` / same   yes (before RoPE)    plain
+=============  ==========================  ===================  ===============================
+
+:class:`LlamaForCausalLM` and :class:`Qwen3ForCausalLM` are this class under the name a reader expects.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from miniinfer.layers import RMSNorm, SwiGLUMLP, embedding, lm_head
 from miniinfer.models.config import Qwen2Config
 from miniinfer.rope import RotaryEmbedding
 
-__all__ = ["Qwen2ForCausalLM", "Qwen2Config"]
+__all__ = ["Qwen2ForCausalLM", "Qwen2Config", "LlamaForCausalLM", "Qwen3ForCausalLM"]
 
 
 class Qwen2Attention(nn.Module):
@@ -51,7 +64,11 @@ class Qwen2Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias)
+        # Qwen3: RMSNorm over each head's D coordinates of q and k (one [D] weight each, shared by the heads),
+        # before RoPE; it keeps the attention logits' scale in check without a bias.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, components.rms_norm) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, components.rms_norm) if config.qk_norm else None
         self.apply_rope = components.apply_rope
         self.attention = components.attention
 
@@ -60,6 +77,9 @@ class Qwen2Attention(nn.Module):
         H, H_kv = self.num_heads, self.num_kv_heads
         shape = x.shape[:-1]
         qkv = self.qkv_proj(x).view(*shape, H + 2 * H_kv, self.head_dim)  # [*, H + 2·H_kv, D]
+        if self.q_norm is not None:
+            qkv = torch.cat((self.q_norm(qkv[..., :H, :]), self.k_norm(qkv[..., H:H + H_kv, :]),
+                             qkv[..., H + H_kv:, :]), dim=-2)
         # q and k heads are adjacent, and RoPE treats every head alike: rotate them in one call.
         qk = self.apply_rope(qkv[..., : H + H_kv, :], cos, sin)
         q, k, v = qk[..., :H, :], qk[..., H:, :], qkv[..., H + H_kv :, :]
@@ -96,6 +116,13 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, components.rms_norm)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                           components.apply_rope)
+        if config.rope_scaling is not None:  # Llama 3.1: the same tables from rescaled frequencies
+            from miniinfer.models.rope_scaling import scaled_rope_cos_sin
+
+            cos, sin = scaled_rope_cos_sin(config.max_position_embeddings, config.head_dim, config.rope_theta,
+                                           config.rope_scaling, device="cpu")
+            self.rotary_emb.register_buffer("cos", cos, persistent=False)
+            self.rotary_emb.register_buffer("sin", sin, persistent=False)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -230,6 +257,8 @@ class Qwen2ForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             h, residual = fused_add_rms_norm(x, residual, layer.input_layernorm.weight, eps, backend)
             qkv = attn.qkv_proj(h).view(T, H + 2 * H_kv, D)
+            if attn.q_norm is not None:  # Qwen3 (the default rms_norm: replaced components refuse this path)
+                qkv[:, :H], qkv[:, H:H + H_kv] = attn.q_norm(qkv[:, :H]), attn.k_norm(qkv[:, H:H + H_kv])
             rope_qk_inplace_at_positions(qkv, positions, rotary.cos, rotary.sin, H + H_kv, backend)
             # Views of qkv, with the token dims the caller used ([B, L] or [T]), as the readable path gives.
             q, k, v = (part.unflatten(0, shape) for part in (qkv[:, :H], qkv[:, H:H + H_kv], qkv[:, H + H_kv:]))
@@ -249,3 +278,15 @@ class Qwen2ForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class LlamaForCausalLM(Qwen2ForCausalLM):
+    """Llama 2/3/3.1 (``model_type: llama``): the same decoder, built from a config whose switches say Llama."""
+
+
+class Qwen3ForCausalLM(Qwen2ForCausalLM):
+    """Qwen3 dense (``model_type: qwen3``): the same decoder with q/k RMSNorm and no q/k/v bias."""
+
+
+#: config.model_type -> the class that runs it (the loader builds ``MODEL_CLASSES[config.model_type](config)``).
+MODEL_CLASSES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM}
