@@ -30,7 +30,8 @@ PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo,", "HAMLET.\nTo be", "KING.\nWhat news"
 @pytest.fixture(scope="module")
 def server():
     grpc_port = free_port()
-    server = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64", "--seed", "0", "--grpc-port", str(grpc_port))
+    server = ServerProcess("--max-num-seqs", "8", "--max-waiting", "64", "--seed", "0", "--grpc-port", str(grpc_port),
+                           "--num-kv-blocks", "1024")
     server.grpc_target = f"127.0.0.1:{grpc_port}"
     yield server
     server.stop()
@@ -291,6 +292,42 @@ def test_concurrent_clients_all_get_their_own_answer(server, offline):
     print(f"32 concurrent clients: {time.perf_counter() - start:.2f} s")
 
 
+def test_load_with_random_disconnects_loses_nothing(server):
+    """64 streaming clients at once, a fifth of them hang up at a random point: every other one gets its
+    whole answer, nothing hangs, and afterwards every KV block is free and the server healthy."""
+    import random
+
+    rng = random.Random(1234)
+    quitters = set(rng.sample(range(64), 13))
+
+    async def main():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            async def one(i):
+                body = {"model": MODEL, "prompt": PROMPTS[i % 4], "max_tokens": 16, "ignore_eos": True,
+                        "stream": True, "seed": i, "stream_options": {"include_usage": True}}
+                chunks = 0
+                async with http.stream("POST", server.url + "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if not line:
+                            continue
+                        if line == "data: [DONE]":
+                            return "done", chunks
+                        chunks += 1
+                        if i in quitters and chunks >= 1 + i % 8:
+                            return "quit", chunks  # leaving the block closes the connection mid-stream
+                return "cut", chunks
+
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), 60)
+
+    results = asyncio.run(main())
+    assert all(results[i][0] == "done" for i in range(64) if i not in quitters), results
+    stats = server.wait_idle()
+    assert stats["kv_blocks_used"] == 0 and stats["num_waiting"] == 0
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_traceparent_is_continued_and_returned(server):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     response = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
@@ -388,7 +425,7 @@ def test_prometheus_scrapes_and_every_dashboard_query_returns_data(server, clien
         pytest.skip("prometheus not installed (Debian package 'prometheus')")
     root = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((root / "deploy/prometheus/prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = "1s"
+    config["global"]["scrape_interval"] = "500ms"
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [server.url.removeprefix("http://")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -405,21 +442,21 @@ def test_prometheus_scrapes_and_every_dashboard_query_returns_data(server, clien
         deadline = time.monotonic() + 30
         while True:  # until a few scrapes have landed, with traffic in between
             try:
-                if len(query("miniinfer_engine_steps_total[30s]")[0]["values"]) >= 4:
+                if len(query("miniinfer_engine_steps_total[30s]")[0]["values"]) >= 3:
                     break
             except (httpx.HTTPError, IndexError, KeyError):
                 pass
             client.completions.create(model=MODEL, prompt=PROMPTS[0] * 3, max_tokens=4)
             assert time.monotonic() < deadline and prometheus.poll() is None, "Prometheus did not scrape the server"
-            time.sleep(0.5)
+            time.sleep(0.25)
         dashboard = json.loads((root / "deploy/grafana/miniinfer-dashboard.json").read_text())
         exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
         assert len(exprs) >= 12
         for expr in exprs:
             if "gpu" in expr:
                 continue  # GPU series exist on GPU servers only
-            concrete = expr.replace("$__rate_interval", "20s").replace('"$job"', '".*"')
+            concrete = expr.replace("$__rate_interval", "10s").replace('"$job"', '".*"')
             assert query(concrete), f"no data for {concrete}"
     finally:
-        prometheus.terminate()
+        prometheus.kill()  # its data lives in tmp_path: nothing to shut down cleanly
         prometheus.wait(10)

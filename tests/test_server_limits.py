@@ -26,7 +26,7 @@ LONG = {"model": MODEL, "prompt": "ROMEO.\n", "max_tokens": 400, "ignore_eos": T
 @pytest.fixture(scope="module")
 def server():
     server = ServerProcess("--max-num-seqs", "2", "--max-waiting", "2", "--shutdown-timeout", "20",
-                           "--request-timeout", "60")
+                           "--request-timeout", "60", "--num-kv-blocks", "256")
     yield server
     server.stop()
 

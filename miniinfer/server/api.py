@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from miniinfer.server.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, RequestTimeout
 from miniinfer.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from miniinfer.server.protocol import APIError, bad, parse_chat, parse_completion
+from miniinfer.server.sse import format_sse
 from miniinfer.server.tracing import TraceContext, Tracer, parse_traceparent
 
 __all__ = ["ServerState", "create_app"]
@@ -53,6 +54,7 @@ class ServerState:
     tracer: Tracer = field(default_factory=Tracer)
     created: int = field(default_factory=lambda: int(time.time()))
     shutdown_drain_timeout: float = 0.0
+    format_sse: Callable[[str], str] = format_sse          # how one SSE event is written (chapter 13's seam)
     grpc_address: tuple[str, int] | None = None         # (host, port): serve gRPC beside HTTP
     grpc_port: int | None = None                        # the bound gRPC port, once started
 
@@ -258,8 +260,9 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, objec
         _abort(streams)
 
 
-def _sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def _sse(state: ServerState, payload) -> str:
+    """One SSE event: a JSON payload, or the final ``[DONE]``."""
+    return state.format_sse(payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False))
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -483,16 +486,16 @@ def _streaming_response(state: ServerState, events: AsyncIterator[str], streams,
                 yield event
         except RequestTimeout as error:
             status = 504
-            yield _sse(APIError(504, str(error), code="timeout", type="timeout_error").body())
-            yield "data: [DONE]\n\n"
+            yield _sse(state, APIError(504, str(error), code="timeout", type="timeout_error").body())
+            yield _sse(state, "[DONE]")
         except APIError as error:
             status = error.status
-            yield _sse(error.body())
-            yield "data: [DONE]\n\n"
+            yield _sse(state, error.body())
+            yield _sse(state, "[DONE]")
         except (EngineStopped, RuntimeError) as error:
             status = 503 if isinstance(error, EngineStopped) else 500
-            yield _sse(APIError(status, str(error)).body())
-            yield "data: [DONE]\n\n"
+            yield _sse(state, APIError(status, str(error)).body())
+            yield _sse(state, "[DONE]")
         except BaseException:
             status = 499  # client went away: the stream was cancelled
             raise
@@ -533,12 +536,12 @@ async def _completion_events(state: ServerState, parsed, streams, request_id: st
             _check_failed([output])
             finals[prompt_index] = output
         if choices:
-            yield _sse({"id": request_id, "object": "text_completion", "created": created,
+            yield _sse(state, {"id": request_id, "object": "text_completion", "created": created,
                         "model": state.model_name, "choices": choices, **usage_field})
     if parsed.include_usage:
-        yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+        yield _sse(state, {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
                     "choices": [], "usage": _usage([finals[i] for i in sorted(finals)])})
-    yield "data: [DONE]\n\n"
+    yield _sse(state, "[DONE]")
 
 
 async def _chat_events(state: ServerState, parsed, streams, request_id: str) -> AsyncIterator[str]:
@@ -546,7 +549,7 @@ async def _chat_events(state: ServerState, parsed, streams, request_id: str) -> 
     usage_field = {"usage": None} if parsed.include_usage else {}
 
     def chunk(choices):
-        return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+        return _sse(state, {"id": request_id, "object": "chat.completion.chunk", "created": created,
                      "model": state.model_name, "choices": choices, **usage_field})
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -576,6 +579,6 @@ async def _chat_events(state: ServerState, parsed, streams, request_id: str) -> 
         if choices:
             yield chunk(choices)
     if parsed.include_usage and final is not None:
-        yield _sse({"id": request_id, "object": "chat.completion.chunk", "created": created,
+        yield _sse(state, {"id": request_id, "object": "chat.completion.chunk", "created": created,
                     "model": state.model_name, "choices": [], "usage": _usage([final])})
-    yield "data: [DONE]\n\n"
+    yield _sse(state, "[DONE]")

@@ -27,8 +27,10 @@ request only; the loop itself never dies of one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,9 +40,31 @@ from miniinfer.engine.sequence import SequenceStatus
 from miniinfer.outputs import RequestOutput
 from miniinfer.sampling import SamplingParams
 
-__all__ = ["AsyncEngine", "QueueFull", "EngineStopped", "RequestTimeout", "RequestTiming"]
+__all__ = ["AsyncEngine", "QueueFull", "EngineStopped", "RequestTimeout", "RequestTiming", "deliver_threadsafe",
+           "admission_rule"]
 
 log = logging.getLogger("miniinfer.server.engine")
+
+
+def deliver_threadsafe(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+    """From the engine thread, put ``item`` into a queue that belongs to ``loop`` (another thread's).
+
+    asyncio objects are not thread-safe: ``queue.put_nowait`` called here would wake the waiting
+    handler through ``loop.call_soon``, which neither locks nor wakes a loop blocked in ``select``.
+    ``loop.call_soon_threadsafe`` appends the call under a lock and writes a byte to the loop's
+    self-pipe, so the loop wakes up and runs ``put_nowait`` itself, in its own thread."""
+    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def admission_rule(num_waiting: int, max_waiting: int, finish_rate: float) -> int | None:
+    """Admit (``None``) while fewer than ``max_waiting`` requests wait; else the seconds the client should
+    wait before retrying (``Retry-After``): the time the queue needs to make room for one more request,
+    at ``finish_rate`` requests per second (Little's law), between 1 and 60 s (1 when the rate is unknown)."""
+    if num_waiting < max_waiting:
+        return None
+    if finish_rate <= 0:
+        return 1
+    return max(1, min(60, math.ceil((num_waiting - max_waiting + 1) / finish_rate)))
 
 
 class QueueFull(Exception):
@@ -175,10 +199,14 @@ class AsyncEngine:
     ``on_step``: called in the engine thread after every step with ``(engine, step seconds)``;
     ``on_finish``: called in the engine thread as ``(request id, final output, timing, reason)``
     (reason: the finish reason, or ``timeout`` for a request aborted by its deadline).
+    Chapter 13's seams: ``deliver(loop, queue, item)`` hands an output from the engine thread to a
+    request's queue (default :func:`deliver_threadsafe`); ``admission(num_waiting, max_waiting,
+    finish_rate)`` decides whether a new request may queue (default :func:`admission_rule`).
     """
 
     def __init__(self, engine, *, max_waiting: int = 256, request_timeout: float | None = None,
-                 on_step: Callable | None = None, on_finish: Callable | None = None):
+                 on_step: Callable | None = None, on_finish: Callable | None = None,
+                 deliver: Callable | None = None, admission: Callable | None = None):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.engine = engine
@@ -186,6 +214,9 @@ class AsyncEngine:
         self.request_timeout = request_timeout
         self.on_step = on_step
         self.on_finish = on_finish
+        self._deliver = deliver or deliver_threadsafe
+        self._admission = admission or admission_rule
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=64)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._commands: list[tuple] = []       # ("add", tracked, prompt, params) | ("abort", id, reason)
@@ -255,19 +286,21 @@ class AsyncEngine:
         tracked = _Tracked(request_id, asyncio.get_running_loop(), timing)
         with self._lock:
             waiting = self._num_pending_adds + self._num_engine_waiting
-            if waiting >= self.max_waiting:
-                raise QueueFull(waiting, retry_after=self._retry_after())
+            retry_after = self._admission(waiting, self.max_waiting, self.finish_rate())
+            if retry_after is not None:
+                raise QueueFull(waiting, retry_after=int(retry_after))
             self._num_pending_adds += 1
             self._commands.append(("add", tracked, text if text is not None else token_ids, token_ids, params))
         self._wake.set()
         tracked.stream = RequestStream(self, tracked, self.request_timeout if timeout is None else timeout)
         return tracked.stream
 
-    def _retry_after(self) -> int:
-        """Seconds a rejected client should wait: about the time the queue takes to move (at least 1)."""
-        steps = max(1, self.num_steps)
-        step_time = self.stats_snapshot.get("_busy_seconds", 0.0) / steps
-        return max(1, min(60, round(step_time * 16)))
+    def finish_rate(self) -> float:
+        """Requests finished per second, over the last 64 (0 when too few have finished to say)."""
+        times = list(self._finish_times)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Thread-safe: abort a request (frees its KV blocks at the engine's next iteration)."""
@@ -375,6 +408,7 @@ class AsyncEngine:
                 log.exception("timing bookkeeping failed for %s", output.request_id)
             self._send(tracked, output)
             if output.finished:
+                self._finish_times.append(now)
                 del self._tracked[output.request_id]
                 reason = self._abort_reasons.pop(output.request_id, None)
                 self._finished(tracked, output, reason)
@@ -408,9 +442,11 @@ class AsyncEngine:
 
     def _send(self, tracked: _Tracked, item) -> None:
         try:
-            tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, item)
+            self._deliver(tracked.loop, tracked.queue, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             pass
+        except Exception:  # noqa: BLE001 - a broken deliver hook: say so, keep the engine alive
+            log.exception("deliver failed for %s", tracked.request_id)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id, tracked in list(self._tracked.items()):

@@ -76,3 +76,53 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+class InProcessServer:
+    """The HTTP server in a background thread of this process (a notebook, a test): the same app as
+    ``miniinfer serve``, around an :class:`~miniinfer.LLM` you already have, with optional seams.
+
+        with InProcessServer(llm, deliver=my_deliver, format_sse=my_format_sse) as server:
+            httpx.post(server.url + "/v1/completions", json={...})
+    """
+
+    def __init__(self, llm, *, model_name: str = "shakespeare", bundled: bool = True, max_waiting: int = 256,
+                 request_timeout: float | None = None, deliver=None, format_sse=None, admission=None):
+        import threading
+
+        import uvicorn
+
+        from miniinfer.server.api import create_app
+        from miniinfer.server.serve import build_state
+
+        state = build_state(llm, model_name=model_name, bundled=bundled, max_waiting=max_waiting,
+                            request_timeout=request_timeout)
+        if deliver is not None:
+            state.engine._deliver = deliver
+        if admission is not None:
+            state.engine._admission = admission
+        if format_sse is not None:
+            state.format_sse = format_sse
+        self.state = state
+        config = uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_config=None, access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="miniinfer-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.01)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
