@@ -392,13 +392,16 @@ class Scheduler:
             if row.is_fork:
                 row.seq.forked = True
         updates: list[TokenUpdate] = []
+        guesses_of = None
         for row_index, (row, seq) in enumerate(zip(plan.samples, targets)):
             if seq.status is finished:
                 continue
             token = sampled.token_ids[row_index]
             try:
                 if sampled.spec_tokens is not None and sampled.spec_tokens[row_index] is not None:
-                    num_guesses = len(plan.draft_tokens[plan.seqs.index(row.seq)])
+                    if guesses_of is None:  # (built once per step: a verified row needs its number of guesses)
+                        guesses_of = {id(s): len(d) for s, d in zip(plan.seqs, plan.draft_tokens)}
+                    num_guesses = guesses_of[id(row.seq)]
                     self._append_speculative(seq, sampled.spec_tokens[row_index], token, row_index, sampled,
                                              num_guesses)
                 else:
