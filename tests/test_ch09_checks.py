@@ -128,7 +128,7 @@ def test_full_softmax_that_reports_sliced_tiles_is_caught():
         G = q.shape[1] // k.shape[1]
         return torch.einsum("hls,shd->lhd", torch.softmax(scores, -1), v.repeat_interleave(G, dim=1))
 
-    _fails(checks.blocked_attention, cheat, "more than one score tile", "[H, L, S]")
+    _fails(checks.blocked_attention, cheat, "The full score matrix would be [H, L, S]")
 
 
 def test_fused_attention_is_caught():
@@ -158,6 +158,29 @@ def test_one_query_at_a_time_over_all_keys_is_caught(solution):
         return torch.stack(rows)
 
     _fails(checks.blocked_attention, cheat, "Exercise 9.2")
+
+
+def test_attention_in_numpy_is_caught(solution):
+    """NumPy allocations escape torch's dispatcher; the check counts the scores torch computed."""
+    def cheat(q, k, v, causal, scale, block_m, block_n, on_score_tile=None):
+        import numpy as np
+
+        L, S = q.shape[0], k.shape[0]
+        G = q.shape[1] // k.shape[1]
+        qn, kn, vn = q.numpy(), np.repeat(k.numpy(), G, axis=1), np.repeat(v.numpy(), G, axis=1)
+        scores = np.einsum("lhd,shd->hls", qn, kn) * scale
+        if on_score_tile is not None:
+            for qt in range(math.ceil(L / block_m)):
+                for kt in range(math.ceil(S / block_n)):
+                    on_score_tile(qt, kt, torch.from_numpy(
+                        np.ascontiguousarray(scores[:, qt * block_m:(qt + 1) * block_m, kt * block_n:(kt + 1) * block_n])))
+        if causal:
+            scores = np.where(np.arange(S)[None, :] <= (np.arange(L) + S - L)[:, None], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        return torch.from_numpy(np.ascontiguousarray(np.einsum("hls,shd->lhd", weights, vn)).astype(qn.dtype))
+
+    _fails(checks.blocked_attention, cheat, "not NumPy")
 
 
 def test_tiles_must_be_reported():

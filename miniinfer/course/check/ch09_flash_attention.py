@@ -154,7 +154,8 @@ FUSED_ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_atten
 class TileGuard(TorchDispatchMode):
     """Watches every tensor torch allocates while active (views and in-place results are not allocations).
 
-    Fails on: torch's fused attention ops; a tensor without a head-dim axis (scores, weights, masks)
+    An axis whose size is a multiple of ``D`` counts as a head-dim axis (the check picks D so that no other
+    length is one). Fails on: torch's fused attention ops; a tensor without a head-dim axis (scores, weights, masks)
     holding more than ``max_scores`` numbers; such a tensor with an axis of ``row_keys`` (a whole row of
     keys, when that size is unambiguous); a tensor with a head-dim axis larger than ``max_with_d``.
     ``largest_scores`` records the largest score-like allocation (for the chapter's memory figure).
@@ -166,6 +167,7 @@ class TileGuard(TorchDispatchMode):
         self.D, self.max_scores, self.max_with_d, self.row_keys = D, max_scores, max_with_d, row_keys
         self.describe = describe
         self.largest_scores = 0
+        self.score_elements = 0  # numbers allocated in tensors without a head-dim axis, in total
         self.violation: str | None = None
         self.paused = False
 
@@ -184,10 +186,15 @@ class TileGuard(TorchDispatchMode):
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # a view or an in-place result: no new memory
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
                 continue
             shape = tuple(t.shape)
-            if self.D in shape:
+            has_d = any(n % self.D == 0 for n in shape)  # a head-dim axis, alone or merged with heads or rows
+            if not has_d:
+                self.score_elements += t.numel()
+            if t.dim() < 2:
+                continue
+            if has_d:
                 if self.max_with_d is not None and t.numel() > self.max_with_d:
                     self._flag(f"your function built a tensor of shape {shape} ({t.numel()} numbers), larger than "
                                f"q, k, v or the output ({self.max_with_d} numbers at most){self.describe}")
@@ -222,21 +229,24 @@ def _is_local_function(fn) -> bool:
     return type(fn).__name__ not in ("StudentProxy",)
 
 
-def _other_sizes(L: int, H_kv: int, G: int, D: int, block_m: int, block_n: int, S: int) -> set[int]:
-    """Every axis size a legitimate tensor may have, other than S (the last tiles may be shorter)."""
+def _lengths(L: int, S: int, block_m: int, block_n: int, S_itself: bool = True) -> set[int]:
+    """Every row or column count a legitimate tensor may have: whole lengths, tiles, last (shorter) tiles
+    (without S itself unless ``S_itself``)."""
     last_rows = L - block_m * (_cdiv(L, block_m) - 1)
     last_cols = S - block_n * (_cdiv(S, block_n) - 1)
-    lengths = {1, L, D, block_m, block_n, last_rows, min(L, block_m)} | ({last_cols} if S > block_n else set())
-    heads = {1, H_kv, G, H_kv * G}
-    return {h * n for h in heads for n in lengths}  # einsum and reshape merge heads with rows or columns
+    sizes = {1, L, block_m, block_n, last_rows, min(L, block_m)} | ({last_cols} if last_cols != S else set())
+    return sizes | {S} if S_itself else sizes
 
 
 def _blocked_cases(rng: random.Random) -> list[dict]:
+    """Sizes chosen so that a tensor's axes say what it holds: D is a prime that divides no length (so an
+    axis that is a multiple of D is a head-dim axis, however heads are merged), and S differs from every
+    other length times every head count (so an axis of S is a whole row of keys)."""
     cases = []
     for index in range(10):
         H_kv = rng.choice([1, 2, 3])
         G = rng.choice([1, 2, 3]) if index % 3 else 1
-        D = rng.choice([6, 10, 12, 20])
+        heads = {1, H_kv, G, H_kv * G}
         block_m, block_n = rng.choice([8, 13, 16]), rng.choice([8, 13, 16])
         causal = index % 4 != 3
         if index == 0:
@@ -247,13 +257,10 @@ def _blocked_cases(rng: random.Random) -> list[dict]:
             L = rng.randint(block_m + 3, 60)
         prefix = 0 if index % 2 == 0 else rng.randint(1, 40)  # causal with S > L: a cached prefix
         S = L + prefix if causal else rng.randint(1, 70)
-        if L == D:
-            L += 1
+        while S > block_n and S != L and S in {h * n for h in heads for n in _lengths(L, S, block_m, block_n, S_itself=False)}:
             S += 1
-        # Sizes that coincide make a shape ambiguous (is an axis of 12 the keys or the rows of a tile?):
-        # keep S apart from every other size, so that a whole row of S keys is recognisable.
-        while S > block_n and S in _other_sizes(L, H_kv, G, D, block_m, block_n, S):
-            S += 1
+        candidates = [D for D in (11, 17, 19, 23) if all(n % D for n in _lengths(L, S, block_m, block_n))]
+        D = rng.choice(candidates or [29])
         dtype = torch.float64 if index == 5 else torch.float32
         cases.append(dict(L=L, S=S, H=H_kv * G, H_kv=H_kv, D=D, causal=causal, block_m=block_m, block_n=block_n,
                           dtype=dtype))
@@ -331,9 +338,8 @@ def blocked_attention(fn) -> int:
         recorder = _TileRecorder()
         args = (q, k, v, c["causal"], scale, c["block_m"], c["block_n"])
         if _is_local_function(fn):
-            ambiguous = _other_sizes(L, H_kv, H // H_kv, D, c["block_m"], c["block_n"], S)
             guard = TileGuard(D, max_scores=H * c["block_m"] * c["block_n"], max_with_d=max(L, S) * H * D,
-                              row_keys=S if S > c["block_n"] and S not in ambiguous else None,
+                              row_keys=S if S > c["block_n"] and S != L else None,  # S == L: [H, L] state
                               describe=f". The full score matrix would be [H, L, S] = [{H}, {L}, {S}]: keep only one "
                                        f"[block_m, block_n] tile of scores (per head) alive at a time")
             recorder.guard = guard
@@ -343,6 +349,11 @@ def blocked_attention(fn) -> int:
                 fail(guard.violation, case=case,
                      hint="loop over query tiles, and inside over key tiles: s = q_tile · k_tileᵀ · scale, then the "
                           "online-softmax update of m, l and the accumulator (exercise 9.1's rule)")
+            visible_pairs = L * S if not c["causal"] else sum(min(S, S - L + i + 1) for i in range(L))
+            if guard.score_elements < H * visible_pairs:
+                fail(f"your function allocated only {guard.score_elements} numbers of scores with torch, fewer than "
+                     f"the H · (visible query-key pairs) = {H * visible_pairs} scores attention needs",
+                     case=case, hint="compute the score tiles with torch tensors (not NumPy or Python floats)")
         else:
             got = call_student(fn, *args, on_score_tile=recorder, case=case)
         for name, before, after in zip("qkv", inputs, (q, k, v)):
