@@ -1,0 +1,92 @@
+"""The int4 dequant-matmul kernels on the CPU: Triton under TRITON_INTERPRET=1 (set by
+``miniinfer.kernels``) against the torch reference, which is itself checked against a float64
+dequantization written from the layout's definition. fp32 and fp16, M = 1 … 17, odd N and K, group
+sizes 16 … 128 (tiles inside one group, and groups that are not a multiple of the tile).
+
+Tolerances: fp32, the same products summed in another order: 1e-5 relative. fp16: the weights are
+rounded to fp16 identically in both; the kernel accumulates in float32, the CPU reference in its own
+order: 2e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miniinfer.kernels import triton_available
+from miniinfer.kernels.int4_matmul import dequantize_int4, int4_matmul, int4_matmul_torch, int4_matmul_triton
+from miniinfer.quant import GroupQuantLinear
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def layer_tensors(K: int, N: int, g: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=gen)
+    zeros = torch.randint(0, 16, (K // g, N), generator=gen)
+    scales = (torch.rand(K // g, N, generator=gen) * 0.02 + 0.001).to(dtype)
+    layer = GroupQuantLinear(q, scales, zeros, 4, g)
+    return layer, q, zeros, scales
+
+
+def test_dequantize_int4_matches_the_layout_definition():
+    K, N, g = 48, 24, 16
+    layer, q, zeros, scales = layer_tensors(K, N, g, torch.float32, 0)
+    w = dequantize_int4(layer.qweight, layer.qzeros, layer.scales, g, torch.float64)
+    expected = torch.empty(K, N, dtype=torch.float64)
+    for k in range(K):
+        for n in range(0, N, 5):
+            expected[k, n] = scales[k // g, n].double() * (q[k, n] - zeros[k // g, n])
+    torch.testing.assert_close(w[:, ::5], expected[:, ::5], atol=1e-9, rtol=1e-6)  # one float32 product
+
+
+@needs_triton
+@pytest.mark.parametrize("M,K,N,g", [(1, 96, 40, 32), (3, 192, 72, 48), (7, 128, 24, 16), (16, 256, 136, 128),
+                                     (17, 64, 16, 64), (2, 384, 56, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_int4_matmul(M, K, N, g, dtype):
+    layer, *_ = layer_tensors(K, N, g, dtype, M * 7 + K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+    reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+    got = int4_matmul_triton(x, layer.qweight, layer.qzeros, layer.scales, g)
+    assert got.dtype == dtype and got.shape == (M, N)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(got.float(), reference, atol=tol * scale, rtol=tol)
+
+
+@needs_triton
+def test_triton_split_k_and_blocks():
+    layer, *_ = layer_tensors(256, 48, 32, torch.float32, 3)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(5))
+    reference = int4_matmul_torch(x, layer.qweight, layer.qzeros, layer.scales, 32)
+    for split_k, block_k in ((1, 32), (3, 16), (8, 32)):
+        got = int4_matmul_triton(x, layer.qweight, layer.qzeros, layer.scales, 32, split_k=split_k,
+                                 block_k=block_k, block_n=32)
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_layer_runs_the_triton_kernel_with_act_order():
+    K, N, g = 64, 32, 16
+    gen = torch.Generator().manual_seed(9)
+    q, zeros = torch.randint(0, 16, (K, N), generator=gen), torch.randint(0, 16, (K // g, N), generator=gen)
+    scales = torch.rand(K // g, N, generator=gen) * 0.1
+    g_idx = torch.empty(K, dtype=torch.long).index_copy_(0, torch.randperm(K, generator=gen), torch.arange(K) // g)
+    layer = GroupQuantLinear(q, scales, zeros, 4, g, bias=torch.randn(N, generator=gen), g_idx=g_idx)
+    x = torch.randn(2, 3, K, generator=gen)
+    expected = layer(x)  # CPU default: the torch path
+    layer.backend = "triton"
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_int4_matmul_checks_its_inputs():
+    layer, *_ = layer_tensors(64, 16, 32, torch.float32, 1)
+    with pytest.raises(ValueError, match="qweight"):
+        int4_matmul(torch.randn(1, 72), layer.qweight, layer.qzeros, layer.scales, 32)
+    with pytest.raises(ValueError, match="backend"):
+        int4_matmul(torch.randn(1, 64), layer.qweight, layer.qzeros, layer.scales, 32, backend="cutlass")
+    # auto on a CPU: the torch reference
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(int4_matmul(x, layer.qweight, layer.qzeros, layer.scales, 32),
+                               int4_matmul_torch(x, layer.qweight, layer.qzeros, layer.scales, 32))
