@@ -270,6 +270,15 @@ def _check_tensors(tensors: dict[str, torch.Tensor], config: Qwen2Config, folder
             raise ValueError(f"{folder}: tensor {name} has dtype {tensors[name].dtype}; expected floating point")
 
 
+def _model_type(folder: Path) -> str | None:
+    """config.json's ``model_type`` (None when unreadable: Qwen2Config.from_folder then says why)."""
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return hf.get("model_type") if isinstance(hf, dict) else None
+
+
 def load_model(path: str | Path, *, dtype=None, device=None, components: Components | None = None,
                max_model_len: int | None = None):
     """Load a Qwen2 checkpoint folder (or hub id) -> ``(model, tokenizer)``.
@@ -286,6 +295,10 @@ def load_model(path: str | Path, *, dtype=None, device=None, components: Compone
     device = resolve_device(device)  # before reading gigabytes: a missing GPU should fail at once
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model_path(path)
+    if _model_type(folder) == "qwen2_moe":  # a mixture of experts (chapter 12): its own model file
+        from miniinfer.models.qwen2_moe import load_qwen2_moe
+
+        return load_qwen2_moe(folder, dtype=dtype, device=device, components=components, max_model_len=max_model_len)
     config = Qwen2Config.from_folder(folder, max_model_len=max_model_len)
 
     from miniinfer.quant.checkpoint import load_gptq_model, quantization_config
