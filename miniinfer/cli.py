@@ -1,4 +1,5 @@
-"""The ``miniinfer`` command (also ``python -m miniinfer``): ``generate``, ``chat``, ``grade``, ``serve``.
+"""The ``miniinfer`` command (also ``python -m miniinfer``): ``generate``, ``chat``, ``grade``, ``serve``,
+``convert``.
 
     miniinfer generate --prompt "ROMEO." --max-tokens 64
     echo "What news, my lord?" | miniinfer chat
@@ -196,6 +197,14 @@ def _serve(args) -> int:
     return run(args)
 
 
+def _convert(args) -> int:
+    from miniinfer.formats.gguf import export_gguf
+
+    output = export_gguf(_model_path(args.path), args.output, args.type)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {args.type})")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------------
 
 
@@ -259,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    convert = commands.add_parser("convert", help="export a model folder to another format (GGUF)")
+    convert.add_argument("path", help="model folder, hub id, or a bundled model's name (e.g. shakespeare)")
+    convert.add_argument("--to", required=True, choices=["gguf"], help="the format to write")
+    convert.add_argument("--output", required=True, help="the file to write (e.g. model.gguf)")
+    convert.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"],
+                         help="type of the 2-D tensors (default f16; norms and biases stay f32)")
+    convert.set_defaults(run=_convert)
     return parser
 
 
