@@ -151,9 +151,11 @@ def resolve_model_path(path: str | Path) -> Path:
     """A local folder as is; ``org/name`` that is not a local path -> a Hugging Face Hub snapshot."""
     local = Path(path).expanduser()
     if local.exists():
+        if local.is_file() and local.suffix == ".gguf":  # a single-file GGUF model (miniinfer.formats.gguf)
+            return local
         if not local.is_dir():
             raise NotADirectoryError(f"{local} is a file; pass the model folder (with config.json and "
-                                     "*.safetensors)")
+                                     "*.safetensors) or a .gguf file")
         return local
     if isinstance(path, str) and _looks_like_hub_id(path):
         return _download_from_hub(path)
@@ -295,6 +297,10 @@ def load_model(path: str | Path, *, dtype=None, device=None, components: Compone
     device = resolve_device(device)  # before reading gigabytes: a missing GPU should fail at once
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model_path(path)
+    if folder.is_file():  # a .gguf file
+        from miniinfer.formats.gguf import load_gguf
+
+        return load_gguf(folder, dtype=dtype, device=device, components=components, max_model_len=max_model_len)
     if _model_type(folder) == "qwen2_moe":  # a mixture of experts (chapter 12): its own model file
         from miniinfer.models.qwen2_moe import load_qwen2_moe
 

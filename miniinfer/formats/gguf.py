@@ -20,10 +20,10 @@ and write it with llama.cpp's own ``gguf`` Python package, and follow llama.cpp'
 
 Loading is as safe as for safetensors: the ``gguf`` reader memory-maps the file and parses it with numpy
 (no pickle); before any tensor is touched every tensor's extent is checked against the file size, and every
-tensor against the shape the metadata implies, with errors that name the tensor. Q8_0 and Q4_0 decoder
-weights become :class:`~miniinfer.quant.linear.GroupQuantLinear` layers (8/4-bit, group 32: exactly the same
-numbers, no rounding); everything else (F16, BF16, Q4_K, ... and the embedding) is dequantized to the
-compute dtype.
+tensor against the shape the metadata implies, with errors that name the tensor. On a GPU, Q8_0 and Q4_0
+decoder weights become :class:`~miniinfer.quant.linear.GroupQuantLinear` layers (8/4-bit, group 32: exactly
+the same numbers, no rounding); everything else (F16, BF16, Q4_K, ... and the embedding), and everything on a
+CPU, is dequantized to the compute dtype.
 """
 
 from __future__ import annotations
@@ -227,11 +227,12 @@ def _group_quant_parts(tensor):
 
 
 def load_gguf(path: str | Path, *, dtype=None, device=None, components=None, max_model_len: int | None = None,
-              quantized_kernels: bool = True):
+              quantized_kernels: bool | None = None):
     """Load a ``.gguf`` file -> ``(model, tokenizer)``, like :func:`miniinfer.load_model` does a folder.
 
     ``quantized_kernels``: Q8_0/Q4_0 decoder linears become :class:`GroupQuantLinear` (int8/int4 group-32
-    weights, our dequant kernels); False dequantizes every tensor to ``dtype``.
+    weights, our dequant kernels); False dequantizes every tensor to ``dtype``. Default: True on a GPU, False on
+    a CPU, where those layers only dequantize and multiply on every call (float weights are faster there).
     """
     from miniinfer.loader import hf_tensor_shapes, resolve_device, resolve_dtype
     from miniinfer.models.config import Qwen2Config
@@ -242,6 +243,8 @@ def load_gguf(path: str | Path, *, dtype=None, device=None, components=None, max
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = Path(path)
+    if quantized_kernels is None:
+        quantized_kernels = device.type == "cuda"
     reader = _reader(path)
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
