@@ -393,14 +393,14 @@ print(f"causal prefill: {int((tile_map(256, 256, 32, 32, tiles_fn) > 0).sum())} 
 # `block_table` and `seq_lens`: a chunk of new queries attends to its cached prefix wherever the
 # blocks lie, with the bottom-right alignment of section 4 per sequence.
 #
-# The package's `flash_attention` takes all these layouts. Four prompts of 5, 40, 17 and 64
+# The package's `flash_attention` takes all these layouts. Four prompts of 5, 40, 17 and 48
 # tokens, packed; then the same keys scattered into a paged pool, with the queries being only the
 # *last* few tokens of each (a chunk over a cached prefix):
 
 # %%
 generator = torch.Generator().manual_seed(1)
 H_q, H_kv, D = 8, 2, 32  # the bundled model's attention shape: G = 4
-prompt_lengths = [5, 40, 17, 64]
+prompt_lengths = [5, 40, 17, 48]
 cu = torch.tensor([0, *np.cumsum(prompt_lengths)], dtype=torch.int32)
 q = torch.randn(int(cu[-1]), H_q, D, generator=generator)
 k = torch.randn(int(cu[-1]), H_kv, D, generator=generator)
@@ -519,7 +519,7 @@ check.attention_kernel(attention_kernel)
 # %%
 from miniinfer.course.check.ch09_flash_attention import launch_attention_kernel
 
-L_demo, S_demo = 37, 60
+L_demo, S_demo = 21, 45
 q_demo = torch.randn(L_demo, 8, 32, generator=generator)
 k_demo = torch.randn(S_demo, 2, 32, generator=generator)
 v_demo = torch.randn(S_demo, 2, 32, generator=generator)
@@ -795,10 +795,11 @@ if not recorded:
           "(the chapter plots benchmarks/results/flash_attention_h200.json)")
 else:
     print(caption(record))
-    for row in record["causal_b8_h16_s4096_d128"]["rows"]:
-        if row.get("tflops"):
-            print(f"  causal B8 H16 S4096 D128, {row['backend']:>12s}: {row['ms']:7.3f} ms, "
-                  f"{row['tflops']:6.1f} TFLOP/s")
+    shape_rows = {row["backend"]: row for row in record["causal_b8_h16_s4096_d128"]["rows"] if row.get("tflops")}
+    baseline = shape_rows.get("sdpa_flash", {}).get("tflops")
+    for backend, row in shape_rows.items():
+        versus = f"  ({row['tflops'] / baseline:.2f}× SDPA-flash)" if baseline else ""
+        print(f"  causal B8 H16 S4096 D128, {backend:>12s}: {row['ms']:7.3f} ms, {row['tflops']:6.1f} TFLOP/s{versus}")
     sweep = record["sweep"]["rows"]
     backends = list(dict.fromkeys(r["backend"] for r in sweep))
     head_dims = sorted({r["D"] for r in sweep})
@@ -811,12 +812,14 @@ else:
                                 and r.get("tflops"))
                 if points:
                     ax.plot(*zip(*points), style, marker="o", markersize=3, color=f"C{index}",
-                            label=f"{backend}{'' if causal else ' (non-causal)'}")
+                            label=backend if causal else None)
         ax.set_xscale("log", base=2)
+        lengths_swept = sorted({r["S"] for r in sweep})
+        ax.set_xticks(lengths_swept, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths_swept])
         ax.set_xlabel("sequence length S")
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"D = {D_s}: solid causal, dashed non-causal", fontsize=10)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7)
     fig.suptitle(caption(record), fontsize=8)
     fig.tight_layout()
     for section in ("varlen", "engine_ttft"):
@@ -829,6 +832,22 @@ else:
                 print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 # %% [markdown]
+# How to read the recorded run (the numbers above are the run's own; the pattern is what matters):
+#
+# * **SDPA-flash** is torch's bundled FlashAttention-2: an Ampere-era design that leaves Hopper's
+#   `wgmma` and TMA unused, so it plateaus around a third of the H200's peak. Our **Triton** kernel
+#   has the same FA2 structure, but Triton's compiler emits Hopper instructions for `tl.dot`, and
+#   the kernel skips masks and whole tiles as in section 4: it edges past SDPA-flash.
+# * **cuDNN** (NVIDIA's own kernels) and **FA4** are built for Hopper and later, with the techniques
+#   of section 8 (`wgmma`, TMA, warp specialization, the softmax overlapped with the matrix
+#   multiplies). They pull ahead as S grows: that is where the remaining factor lives.
+# * Our **CUDA** kernel uses `mma.sync` with `ldmatrix` and `cp.async`, FA2 on Ampere-era
+#   instructions, and trails: on Hopper those instructions cannot reach the `wgmma` rate.
+# * Throughput climbs with S: short sequences have fewer key tiles per program to amortise loading
+#   the query tile and writing the output, and (causal) a larger share of masked diagonal tiles.
+# * The **varlen** rows compare one packed call with SDPA on the same prompts padded to the longest:
+#   packing skips the padding's work entirely, which no kernel speed-up can match.
+#
 # ## Summary
 #
 # * Naive attention writes and reads an $L \times S$ matrix: $O(S^2)$ memory traffic at an
