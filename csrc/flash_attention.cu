@@ -18,17 +18,19 @@
 //
 // How the work is cut, and why:
 //
-// * A CTA = 4 warps = kBlockM = 64 rows of (query, head) pairs of ONE KV head hk of ONE sequence. Row r
+// * A CTA = 4 warps = kBlockM = 128 rows of (query, head) pairs of ONE KV head hk of ONE sequence. Row r
 //   is query r / G, query head hk * G + r % G ("GQA packing", as in the Triton kernel): all G heads that
 //   share a KV head are rows of the same Q K^T, so each K/V tile is loaded once per group, and a decode
 //   or chunked-prefill call with few queries still fills the 16 rows of an MMA.
-// * Each warp owns 16 of those rows for the whole kernel (FA2: split Q across warps, not K/V, so warps
-//   never exchange softmax state). Its Q tile lives in registers as MMA A fragments (loaded once with
-//   ldmatrix), its output accumulator O (16 x D, fp32) and running max m / sum l too.
+// * Each warp owns 32 consecutive rows of those, two m16 tiles of the MMA, for the whole kernel (FA2:
+//   split Q across warps, not K/V, so warps never exchange softmax state). Its output accumulator O
+//   (32 x D, fp32) and running max m / sum l live in registers; its Q stays in shared memory and is
+//   read with ldmatrix as MMA A fragments when needed (see Config for why).
 // * The CTA walks the keys in tiles of kBlockN = 64. K and V tiles go global -> shared memory with
 //   cp.async (asynchronous 16-byte copies that bypass the registers), double-buffered: tile j + 1 is in
 //   flight while tile j is multiplied. Each warp then reads the whole K and V tile from shared memory
-//   with ldmatrix (K plain, V transposed) into B fragments.
+//   with ldmatrix (K plain, V transposed) into B fragments, and uses every B fragment for both of its
+//   m-tiles: shared-memory reads per MMA are half what they would be with 16 rows per warp.
 // * Online softmax in registers, in log2 units (scale * log2(e) folded into one multiply, exp2f = one
 //   MUFU.EX2 instruction): m_new = max(m, rowmax(s)), alpha = 2^(m - m_new), p = 2^(s - m_new),
 //   l = l * alpha + rowsum(p), O = O * alpha + p V. The C fragments of S = Q K^T are, register for
@@ -39,8 +41,8 @@
 // * Heaviest CTAs first: blockIdx.z counts query tiles from the END of the sequence, and z is the
 //   slowest-varying grid index, so the long causal rows start first and the short ones fill the tail.
 //
-// Shared memory: Q [64][D] + K [2][64][D] + V [2][64][D], 16-bit = 80 KiB at D = 128 (two CTAs, 8
-// warps, per SM), 40 KiB at D = 64. Rows are D * 2 = 128 or 256 bytes, so without care the 8 rows that
+// Shared memory: Q [128][D] + K [2][64][D] + V [2][64][D], 16-bit = 96 KiB at D = 128, 48 KiB at D = 64
+// (two CTAs, 8 warps, per SM: the registers allow no more). Rows are D * 2 = 128 or 256 bytes, so without care the 8 rows that
 // one ldmatrix phase reads (same column chunk) would all sit in the same 4 banks: an 8-way conflict.
 // The layout is XOR-swizzled instead: the 16-byte chunk c of row r is stored at chunk c ^ (r & 7). The 8
 // rows of an 8x8 ldmatrix matrix are consecutive (r & 7 takes all 8 values), so their chunks land on 8
@@ -58,10 +60,24 @@
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kBlockM = 16 * kWarps;  // rows of (query, head) pairs per CTA: 16 per warp (the MMA's M)
-constexpr int kBlockN = 64;           // keys per K/V tile
+// The tile configuration per head dim. A warp owns kMTiles m16 tiles (16 kMTiles rows); every K/V
+// fragment it reads from shared memory feeds kMTiles MMAs, so two m-tiles per warp halve the
+// shared-memory traffic per FLOP (with one m-tile the kernel is bound by ldmatrix, not by the tensor
+// cores). The price is registers: O is kMTiles x D / 8 x 4 fp32 per thread (128 at D = 128), S is
+// kMTiles x kBlockN / 8 x 4 (64). The Q fragments (another 64 at D = 128) do not fit as well, so Q stays
+// in shared memory and is re-read per k-step, as FA2 does.
+template <int D>
+struct Config {
+    static constexpr int kWarps = 4;
+    static constexpr int kThreads = 32 * kWarps;
+    static constexpr int kMTiles = 2;                    // m16 tiles per warp
+    static constexpr int kBlockM = 16 * kMTiles * kWarps;  // rows of (query, head) pairs per CTA: 128
+    static constexpr int kBlockN = 64;                   // keys per K/V tile
+    static constexpr int kMinBlocks = 2;                 // CTAs per SM: caps registers at 255 per thread
+    // Q [kBlockM][D] + K, V [2][kBlockN][D], 16-bit: 96 KiB at D = 128, 48 KiB at D = 64.
+    static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * D * 2;
+};
+
 constexpr float kNegBig = -1.0e30f;   // the running max starts finite: see "rows that see no key" below
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -174,16 +190,23 @@ struct Params {
     float scale_log2;  // scale * log2(e)
 };
 
-// Grid (H_kv, B, query tiles); 128 threads. Template: element type, head dim, paged K/V.
+// Grid (H_kv, B, query tiles); Config<D>::kThreads threads. Template: element type, head dim, paged K/V.
 template <typename T, int D, bool kPaged>
-__global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Params p) {
+__global__ void __launch_bounds__(Config<D>::kThreads, Config<D>::kMinBlocks) flash_attention_kernel(const Params p) {
     static_assert(D == 64 || D == 128, "head dim must be 64 or 128");
+    using Cfg = Config<D>;
+    constexpr int kThreads = Cfg::kThreads;
+    constexpr int kMTiles = Cfg::kMTiles;    // m16 tiles per warp
+    constexpr int kWarpRows = 16 * kMTiles;  // rows per warp
+    constexpr int kBlockM = Cfg::kBlockM;
+    constexpr int kBlockN = Cfg::kBlockN;
     constexpr int kChunks = D / 8;           // 16-byte chunks per row
     constexpr int kKSteps = D / 16;          // k16 steps of Q K^T (over dims)
     constexpr int kDTiles = D / 8;           // n8 tiles of P V (output dims)
     constexpr int kNTiles = kBlockN / 8;     // n8 tiles of Q K^T (keys)
     constexpr int kLoadPasses = kBlockN * kChunks / kThreads;  // 16-byte copies per thread per K (or V) tile
     static_assert(kBlockN * kChunks % kThreads == 0 && kBlockM * kChunks % kThreads == 0, "tile/threads");
+    static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps of P V");
 
     extern __shared__ __align__(128) unsigned char smem[];
     T* s_q = reinterpret_cast<T*>(smem);  // [kBlockM][D]
@@ -228,20 +251,22 @@ __global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Para
         kv_end = S;
         full_end = S / kBlockN * kBlockN;
     }
-    // The same bound for this warp's own 16 rows: tiles past it are fully masked for the warp.
-    const int warp_row0 = m0 + warp * 16;
+    // The same bound for this warp's own kWarpRows rows: tiles past it are fully masked for the warp.
+    const int warp_row0 = m0 + warp * kWarpRows;
     int warp_kv_end = 0;
     if (warp_row0 < rows) {
-        const int warp_last_i = min(L - 1, (warp_row0 + 15) / G);
+        const int warp_last_i = min(L - 1, (warp_row0 + kWarpRows - 1) / G);
         warp_kv_end = p.causal ? max(0, min(S, S - L + warp_last_i + 1)) : S;
     }
-    // This thread's two fragment rows (g and g + 8 of the warp's 16): query, head, position.
-    const int row_lo = warp_row0 + g, row_hi = row_lo + 8;
-    const int i_lo = row_lo / G, i_hi = row_hi / G;
-    // Padding rows (past L) get positions >= S: they see every key, compute harmless numbers (their Q
-    // is zero), and are never stored.
-    const int pos_lo = p.causal ? S - L + i_lo : S;
-    const int pos_hi = p.causal ? S - L + i_hi : S;
+    // This thread's fragment rows: r = 2 mt + h is row warp_row0 + 16 mt + 8 h + g (rows g and g + 8 of
+    // the warp's m16 tile mt). Padding rows (past L) get positions >= S: they see every key, compute
+    // harmless numbers (their Q is zero), and are never stored.
+    int pos[2 * kMTiles];
+#pragma unroll
+    for (int r = 0; r < 2 * kMTiles; ++r) {
+        const int row = warp_row0 + 8 * r + g;  // 16 mt + 8 h == 8 r
+        pos[r] = p.causal ? S - L + row / G : S;
+    }
 
     const T* q_ptr = static_cast<const T*>(p.q);
     const T* k_ptr = static_cast<const T*>(p.k);
@@ -269,14 +294,22 @@ __global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Para
     // K and V tile of keys [n0, n0 + kBlockN) into buffer `stage`. Paged: the key's block comes from the
     // block table (one cached load per row), its slot is key % P; the tile needs no alignment to pages,
     // so any power-of-two P works. Keys >= S: zero-filled, and their table entries are never read.
+    // Thread tid copies chunk tid % kChunks of rows tid / kChunks + kLoadRows * pass; kLoadRows is a
+    // multiple of 8, so the swizzle is the same in every pass. The pass loop is deliberately NOT
+    // unrolled: unrolled, the compiler precomputes one 64-bit source pointer per pass and, with the
+    // accumulators taking ~200 registers, spills them to local memory.
+    constexpr int kLoadRows = kThreads / kChunks;
+    static_assert(kLoadRows % 8 == 0, "rows per pass keep the swizzle");
+    const int ld_row = tid / kChunks, ld_chunk = tid % kChunks;
+    const int ld_offset = swizzle<D>(ld_row, ld_chunk);
+    const T* k_head = k_ptr + static_cast<int64_t>(hk) * p.stride_kh + ld_chunk * 8;
+    const T* v_head = v_ptr + static_cast<int64_t>(hk) * p.stride_vh + ld_chunk * 8;
     auto load_kv = [&](int n0, int stage) {
-        T* dst_k = s_k + stage * kBlockN * D;
-        T* dst_v = s_v + stage * kBlockN * D;
-#pragma unroll
+        const uint32_t dst_k = smem_addr(s_k + stage * kBlockN * D + ld_offset);
+        const uint32_t dst_v = smem_addr(s_v + stage * kBlockN * D + ld_offset);
+#pragma unroll 1
         for (int pass = 0; pass < kLoadPasses; ++pass) {
-            const int id = tid + pass * kThreads;
-            const int row = id / kChunks, chunk = id % kChunks;
-            const int key = n0 + row;
+            const int key = n0 + ld_row + pass * kLoadRows;
             const bool ok = key < S;
             const T* src_k = k_ptr;
             const T* src_v = v_ptr;
@@ -291,42 +324,52 @@ __global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Para
                     off_k = static_cast<int64_t>(k_start + key) * p.stride_kt;
                     off_v = static_cast<int64_t>(k_start + key) * p.stride_vt;
                 }
-                src_k = k_ptr + off_k + static_cast<int64_t>(hk) * p.stride_kh + chunk * 8;
-                src_v = v_ptr + off_v + static_cast<int64_t>(hk) * p.stride_vh + chunk * 8;
+                src_k = k_head + off_k;
+                src_v = v_head + off_v;
             }
-            const int offset = swizzle<D>(row, chunk);
-            cp_async_16(smem_addr(dst_k + offset), src_k, ok);
-            cp_async_16(smem_addr(dst_v + offset), src_v, ok);
+            const uint32_t step = 2 * pass * kLoadRows * D;  // bytes
+            cp_async_16(dst_k + step, src_k, ok);
+            cp_async_16(dst_v + step, src_v, ok);
         }
     };
 
     // --- Per-warp state, all in registers ------------------------------------------------------------
-    float o[kDTiles][4];  // O accumulator, C fragments: o[j][0..1] row g, dims 8j + 2t + {0,1}; o[j][2..3] row g + 8
+    // O accumulator, C fragments of m-tile mt: o[mt][j][0..1] row 16 mt + g, dims 8j + 2t + {0,1};
+    // o[mt][j][2..3] row 16 mt + g + 8.
+    float o[kMTiles][kDTiles][4];
 #pragma unroll
-    for (int j = 0; j < kDTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    // Running max (log2 units) and sum of rows g, g + 8. Rows that see no key: m starts at a large FINITE
-    // negative number, so a fully masked tile gives alpha = 2^(m - m) = 1 and p = 2^(-inf - m) = 0 (never
-    // -inf - -inf = NaN); l stays 0 and the row is written as zeros.
-    float m_lo = kNegBig, m_hi = kNegBig;
-    float l_lo = 0.f, l_hi = 0.f;  // partial sums over this thread's columns; the quad is summed at the end
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int j = 0; j < kDTiles; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+    }
+    // Running max (log2 units) and sum of this thread's rows r = 2 mt + h. Rows that see no key: m starts
+    // at a large FINITE negative number, so a fully masked tile gives alpha = 2^(m - m) = 1 and
+    // p = 2^(-inf - m) = 0 (never -inf - -inf = NaN); l stays 0 and the row is written as zeros.
+    float m_run[2 * kMTiles], l_run[2 * kMTiles];  // l: partial sums over this thread's columns; the quad is summed at the end
+#pragma unroll
+    for (int r = 0; r < 2 * kMTiles; ++r) {
+        m_run[r] = kNegBig;
+        l_run[r] = 0.f;
+    }
 
     const int num_tiles = (kv_end + kBlockN - 1) / kBlockN;
     if (num_tiles > 0) {
         load_kv(0, 0);
         cp_async_commit();
-        cp_async_wait<1>();  // the Q group (the older one) has landed ...
+        cp_async_wait<0>();  // Q and K/V tile 0 have landed ...
         __syncthreads();     // ... for every thread's copies
 
-        // Q fragments, once: k16 step ks of the warp's 16 rows. Matrices: 0 = rows 0-7 / dims 16ks..+7 (a0),
-        // 1 = rows 8-15 / same dims (a1), 2 = rows 0-7 / dims 16ks+8..+15 (a2), 3 = rows 8-15 / those (a3).
-        // Lane l addresses row l % 16, chunk 2 ks + l / 16; (warp 16 + l % 16) & 7 == l & 7.
-        uint32_t qf[kKSteps][4];
-#pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) {
-            const int row = warp * 16 + (lane & 15);
+        // Q fragments of m-tile mt, k16 step ks: matrices 0 = rows 0-7 / dims 16ks..+7 (a0), 1 = rows 8-15 /
+        // same dims (a1), 2 = rows 0-7 / dims 16ks+8..+15 (a2), 3 = rows 8-15 / those (a3). Lane l addresses
+        // row l % 16 of the m-tile, chunk 2 ks + l / 16; the m-tile starts at a multiple of 16, so its row's
+        // swizzle key (row & 7) is l & 7. Q stays in shared memory and is re-read at every k-step of every
+        // key tile (as FA2 does): kept in registers (another 64 at D = 128, 32 at D = 64) it would push the
+        // accumulators into local memory.
+        auto load_q = [&](int mt, int ks, uint32_t (&a)[4]) {
+            const int row = warp * kWarpRows + 16 * mt + (lane & 15);
             const int chunk = 2 * ks + (lane >> 4);
-            ldmatrix_x4(qf[ks], smem_addr(s_q + row * D + ((chunk ^ (lane & 7)) << 3)));
-        }
+            ldmatrix_x4(a, smem_addr(s_q + row * D + ((chunk ^ (lane & 7)) << 3)));
+        };
 
         // One online-softmax step over the tile in buffer `stage` (keys n0 ..). kMasked: apply the key
         // bound and the causal mask (the diagonal and the ragged last tile only).
@@ -335,107 +378,138 @@ __global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Para
             const uint32_t k_base = smem_addr(s_k + stage * kBlockN * D);
             const uint32_t v_base = smem_addr(s_v + stage * kBlockN * D);
 
-            // 1. S = Q K^T: kNTiles n8 tiles of keys. K is stored [key][dim], which is B = K^T in "col"
-            //    layout: a plain ldmatrix row (= one key, 8 dims) gives lane (g, t) B[2t, 2t+1][g]. x4 loads
-            //    two n8 tiles x two k halves: matrices 0 = keys 16pp + 0..7 / dims lo (b0 of tile 2pp),
-            //    1 = same keys / dims hi (b1), 2 = keys 16pp + 8..15 / dims lo (b0 of tile 2pp + 1), 3 = hi.
-            float s[kNTiles][4];
+            // 1. S = Q K^T: kNTiles n8 tiles of keys for each of the warp's kMTiles m-tiles. K is stored
+            //    [key][dim], which is B = K^T in "col" layout: a plain ldmatrix row (= one key, 8 dims) gives
+            //    lane (g, t) B[2t, 2t+1][g]. x4 loads two n8 tiles x two k halves: matrices 0 = keys
+            //    16pp + 0..7 / dims lo (b0 of tile 2pp), 1 = same keys / dims hi (b1), 2 = keys 16pp + 8..15 /
+            //    dims lo (b0 of tile 2pp + 1), 3 = hi. Each K fragment feeds 2 kMTiles MMAs: the more rows a
+            //    warp owns, the fewer shared-memory bytes per MMA (the point of two m-tiles per warp).
+            float s[kMTiles][kNTiles][4];
 #pragma unroll
-            for (int j = 0; j < kNTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+                for (int j = 0; j < kNTiles; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+            }
 #pragma unroll
             for (int ks = 0; ks < kKSteps; ++ks) {
+                uint32_t qa[kMTiles][4];
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) load_q(mt, ks, qa[mt]);
 #pragma unroll
                 for (int pp = 0; pp < kNTiles / 2; ++pp) {
                     const int row = 16 * pp + (lane & 7) + ((lane >> 4) << 3);
                     const int chunk = 2 * ks + ((lane >> 3) & 1);
                     uint32_t kb[4];
                     ldmatrix_x4(kb, k_base + 2 * (row * D + ((chunk ^ (lane & 7)) << 3)));
-                    Ops<T>::mma(s[2 * pp], qf[ks], kb[0], kb[1]);
-                    Ops<T>::mma(s[2 * pp + 1], qf[ks], kb[2], kb[3]);
-                }
-            }
-            // 2. Log2 units; mask. Element e of tile j is (row g + 8 (e >> 1), key n0 + 8j + 2t + (e & 1)).
-            float mx_lo = neg_inf(), mx_hi = neg_inf();
 #pragma unroll
-            for (int j = 0; j < kNTiles; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[j][e] * p.scale_log2;
-                    if constexpr (kMasked) {
-                        const int key = n0 + 8 * j + 2 * t + (e & 1);
-                        if (key >= S || key > (e < 2 ? pos_lo : pos_hi)) x = neg_inf();
+                    for (int mt = 0; mt < kMTiles; ++mt) {
+                        Ops<T>::mma(s[mt][2 * pp], qa[mt], kb[0], kb[1]);
+                        Ops<T>::mma(s[mt][2 * pp + 1], qa[mt], kb[2], kb[3]);
                     }
-                    s[j][e] = x;
                 }
-                mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
-                mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
             }
-            // 3. Online softmax. A row's 64 scores live in the 4 lanes of a quad (same g): two xor-shuffles
-            //    give every lane the row max; sums stay per-lane until the end (they only get rescaled).
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-            const float m_new_lo = fmaxf(m_lo, mx_lo), m_new_hi = fmaxf(m_hi, mx_hi);
-            const float alpha_lo = exp2f(m_lo - m_new_lo), alpha_hi = exp2f(m_hi - m_new_hi);
-            m_lo = m_new_lo;
-            m_hi = m_new_hi;
-            float sum_lo = 0.f, sum_hi = 0.f;
+            // 2. Log2 units; mask. Element e of tile j of m-tile mt is (this thread's row r = 2 mt + (e >> 1),
+            //    key n0 + 8j + 2t + (e & 1)).
+            float mx[2 * kMTiles];
 #pragma unroll
-            for (int j = 0; j < kNTiles; ++j) {
-                s[j][0] = exp2f(s[j][0] - m_lo);
-                s[j][1] = exp2f(s[j][1] - m_lo);
-                s[j][2] = exp2f(s[j][2] - m_hi);
-                s[j][3] = exp2f(s[j][3] - m_hi);
-                sum_lo += s[j][0] + s[j][1];
-                sum_hi += s[j][2] + s[j][3];
-            }
-            l_lo = l_lo * alpha_lo + sum_lo;
-            l_hi = l_hi * alpha_hi + sum_hi;
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                mx[2 * mt] = mx[2 * mt + 1] = neg_inf();
 #pragma unroll
-            for (int j = 0; j < kDTiles; ++j) {
-                o[j][0] *= alpha_lo;
-                o[j][1] *= alpha_lo;
-                o[j][2] *= alpha_hi;
-                o[j][3] *= alpha_hi;
+                for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][j][e] * p.scale_log2;
+                        if constexpr (kMasked) {
+                            const int key = n0 + 8 * j + 2 * t + (e & 1);
+                            if (key >= S || key > pos[2 * mt + (e >> 1)]) x = neg_inf();
+                        }
+                        s[mt][j][e] = x;
+                    }
+                    mx[2 * mt] = fmaxf(mx[2 * mt], fmaxf(s[mt][j][0], s[mt][j][1]));
+                    mx[2 * mt + 1] = fmaxf(mx[2 * mt + 1], fmaxf(s[mt][j][2], s[mt][j][3]));
+                }
             }
-            // 4. O += P V, k16 step kk = keys 16kk .. 16kk + 15. The A fragment of P is the C fragments of
-            //    score tiles 2kk (a0: row g, keys 2t..; a1: row g + 8) and 2kk + 1 (a2, a3), rounded to T.
-            //    V is [key][dim]; B[k = key][n = dim] needs two keys of one dim per register: ldmatrix.trans.
-            //    Matrices: 0 = keys 16kk + 0..7 / dims 16dp..+7 (b0 of dim tile 2dp), 1 = keys +8..15 / same
-            //    dims (b1), 2 = keys 0..7 / dims 16dp+8..+15 (b0 of tile 2dp + 1), 3 = keys 8..15 / those (b1).
+            // 3. Online softmax. A row's kBlockN scores live in the 4 lanes of a quad (same g): two
+            //    xor-shuffles give every lane the row max; sums stay per-lane until the end (they only get
+            //    rescaled).
+#pragma unroll
+            for (int r = 0; r < 2 * kMTiles; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            }
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+                const int lo = 2 * mt, hi = 2 * mt + 1;
+                const float m_new_lo = fmaxf(m_run[lo], mx[lo]), m_new_hi = fmaxf(m_run[hi], mx[hi]);
+                const float alpha_lo = exp2f(m_run[lo] - m_new_lo), alpha_hi = exp2f(m_run[hi] - m_new_hi);
+                m_run[lo] = m_new_lo;
+                m_run[hi] = m_new_hi;
+                float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+                for (int j = 0; j < kNTiles; ++j) {
+                    s[mt][j][0] = exp2f(s[mt][j][0] - m_new_lo);
+                    s[mt][j][1] = exp2f(s[mt][j][1] - m_new_lo);
+                    s[mt][j][2] = exp2f(s[mt][j][2] - m_new_hi);
+                    s[mt][j][3] = exp2f(s[mt][j][3] - m_new_hi);
+                    sum_lo += s[mt][j][0] + s[mt][j][1];
+                    sum_hi += s[mt][j][2] + s[mt][j][3];
+                }
+                l_run[lo] = l_run[lo] * alpha_lo + sum_lo;
+                l_run[hi] = l_run[hi] * alpha_hi + sum_hi;
+#pragma unroll
+                for (int j = 0; j < kDTiles; ++j) {
+                    o[mt][j][0] *= alpha_lo;
+                    o[mt][j][1] *= alpha_lo;
+                    o[mt][j][2] *= alpha_hi;
+                    o[mt][j][3] *= alpha_hi;
+                }
+            }
+            // 4. O += P V, k16 step kk = keys 16kk .. 16kk + 15. The A fragment of P (m-tile mt) is the C
+            //    fragments of score tiles 2kk (a0: row g, keys 2t..; a1: row g + 8) and 2kk + 1 (a2, a3),
+            //    rounded to T. V is [key][dim]; B[k = key][n = dim] needs two keys of one dim per register:
+            //    ldmatrix.trans. Matrices: 0 = keys 16kk + 0..7 / dims 16dp..+7 (b0 of dim tile 2dp),
+            //    1 = keys +8..15 / same dims (b1), 2 = keys 0..7 / dims 16dp+8..+15 (b0 of tile 2dp + 1),
+            //    3 = keys 8..15 / those (b1). Each V fragment, too, feeds 2 kMTiles MMAs.
 #pragma unroll
             for (int kk = 0; kk < kNTiles / 2; ++kk) {
-                const uint32_t pa[4] = {Ops<T>::pack(s[2 * kk][0], s[2 * kk][1]),
-                                        Ops<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                        Ops<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                        Ops<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                uint32_t pa[kMTiles][4];
+#pragma unroll
+                for (int mt = 0; mt < kMTiles; ++mt) {
+                    pa[mt][0] = Ops<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = Ops<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = Ops<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = Ops<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < kDTiles / 2; ++dp) {
                     const int row = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
                     const int chunk = 2 * dp + (lane >> 4);
                     uint32_t vb[4];
                     ldmatrix_x4_trans(vb, v_base + 2 * (row * D + ((chunk ^ (lane & 7)) << 3)));
-                    Ops<T>::mma(o[2 * dp], pa, vb[0], vb[1]);
-                    Ops<T>::mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+#pragma unroll
+                    for (int mt = 0; mt < kMTiles; ++mt) {
+                        Ops<T>::mma(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+                        Ops<T>::mma(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+                    }
                 }
             }
         };
 
-        // --- The main loop: double-buffered K/V tiles -------------------------------------------------
-        // Iteration j: start copying tile j + 1 into the other buffer (freed by the barrier that ended
-        // iteration j - 1), wait for tile j only (wait_group 1 leaves the newest group in flight), compute
-        // on tile j while tile j + 1 travels, and barrier again before that buffer is overwritten.
+        // --- The main loop: double-buffered K/V tiles, one barrier per tile -------------------------
+        // Iteration j: wait for tile j (the only group in flight) and barrier, which (a) makes every
+        // thread's copies of tile j visible and (b) proves every warp has finished tile j - 1, so its
+        // buffer ((j + 1) & 1) is free; start copying tile j + 1 into it, then compute on tile j while
+        // tile j + 1 travels. (Tile 0 was waited for above, with Q.)
         for (int tile = 0; tile < num_tiles; ++tile) {
             const int n0 = tile * kBlockN;
+            if (tile > 0) {
+                cp_async_wait<0>();
+                __syncthreads();
+            }
             if (tile + 1 < num_tiles) {
                 load_kv(n0 + kBlockN, (tile + 1) & 1);
                 cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
             }
-            __syncthreads();
             if (n0 < warp_kv_end) {  // warp-uniform: the whole warp runs (or skips) the MMAs together
                 if (n0 + kBlockN <= full_end) {
                     attend(std::false_type{}, n0, tile & 1);
@@ -443,44 +517,38 @@ __global__ void __launch_bounds__(kThreads, 2) flash_attention_kernel(const Para
                     attend(std::true_type{}, n0, tile & 1);
                 }
             }
-            __syncthreads();
         }
     }
 
     // --- Epilogue: O / l, rounded to T -------------------------------------------------------------
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;  // a row that saw no key: zeros, not NaN
-    const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
     T* out_ptr = static_cast<T*>(p.out);
-    // Each lane writes 2 adjacent dims (4 bytes) per n8 tile; the 4 lanes of a quad cover 16 contiguous bytes.
-    if (row_lo < rows) {
-        T* dst = out_ptr + static_cast<int64_t>(q_start + i_lo) * p.stride_ot +
-                 static_cast<int64_t>(hk * G + row_lo % G) * p.stride_oh + 2 * t;
 #pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) = Ops<T>::pack(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        }
-    }
-    if (row_hi < rows) {
-        T* dst = out_ptr + static_cast<int64_t>(q_start + i_hi) * p.stride_ot +
-                 static_cast<int64_t>(hk * G + row_hi % G) * p.stride_oh + 2 * t;
+    for (int r = 0; r < 2 * kMTiles; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that saw no key: zeros, not NaN
+        const int row = warp_row0 + 8 * r + g;
+        const int mt = r >> 1, e0 = 2 * (r & 1);
+        // Each lane writes 2 adjacent dims (4 bytes) per n8 tile; the 4 lanes of a quad cover 16 contiguous bytes.
+        if (row < rows) {
+            T* dst = out_ptr + static_cast<int64_t>(q_start + row / G) * p.stride_ot +
+                     static_cast<int64_t>(hk * G + row % G) * p.stride_oh + 2 * t;
 #pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-            *reinterpret_cast<uint32_t*>(dst + 8 * j) = Ops<T>::pack(o[j][2] * inv_hi, o[j][3] * inv_hi);
+            for (int j = 0; j < kDTiles; ++j) {
+                *reinterpret_cast<uint32_t*>(dst + 8 * j) = Ops<T>::pack(o[mt][j][e0] * inv, o[mt][j][e0 + 1] * inv);
+            }
         }
     }
 }
 
 template <typename T, int D, bool kPaged>
 cudaError_t launch(const Params& params, int H_kv, int B, int num_m_tiles, cudaStream_t stream) {
-    constexpr int kSmem = (kBlockM + 4 * kBlockN) * D * static_cast<int>(sizeof(T));
+    constexpr int kSmem = Config<D>::kSmemBytes;
     auto kernel = flash_attention_kernel<T, D, kPaged>;
     // More than 48 KiB of dynamic shared memory must be asked for; and prefer the largest shared-memory
-    // carveout so that two 80 KiB CTAs fit on one SM. Once per device and kernel (a bit per device):
-    // later launches, e.g. inside CUDA-graph capture, make no attribute calls.
+    // carveout so that two CTAs (2 x 96 KiB at D = 128) fit on one SM. Once per device and kernel (a bit
+    // per device): later launches, e.g. inside CUDA-graph capture, make no attribute calls.
     static unsigned long long configured = 0;
     int device = 0;
     cudaError_t status = cudaGetDevice(&device);
@@ -495,7 +563,7 @@ cudaError_t launch(const Params& params, int H_kv, int B, int num_m_tiles, cudaS
         configured |= bit;  // (a benign race between host threads: both would set the same values)
     }
     const dim3 grid(H_kv, B, num_m_tiles);
-    kernel<<<grid, kThreads, kSmem, stream>>>(params);
+    kernel<<<grid, Config<D>::kThreads, kSmem, stream>>>(params);
     return cudaGetLastError();
 }
 
@@ -532,8 +600,9 @@ const char* miniinfer_launch_flash_attention(void* out, const void* q, const voi
     if (B > 65535) return "batch larger than 65535 (grid y limit)";
     const int G = H / H_kv;
     const long long rows = static_cast<long long>(max_seqlen_q) * G;
-    const long long num_m_tiles = (rows + kBlockM - 1) / kBlockM;
-    if (num_m_tiles > 65535) return "max_seqlen_q * G too large (grid z limit: 65535 tiles of 64 rows)";
+    const int block_m = D == 64 ? Config<64>::kBlockM : Config<128>::kBlockM;  // rows per CTA
+    const long long num_m_tiles = (rows + block_m - 1) / block_m;
+    if (num_m_tiles > 65535) return "max_seqlen_q * G too large (grid z limit: 65535 query tiles)";
     if (rows > (1LL << 30)) return "max_seqlen_q * G too large";
 
     Params params;

@@ -103,7 +103,11 @@ def test_kernel_source_uses_the_required_instructions():
 # A lane-level emulation of the kernel (its constants and index maps, line by line)
 # ------------------------------------------------------------------------------------------------
 
-WARPS, BLOCK_M, BLOCK_N = 4, 64, 64
+# Config<D> of the kernel (the same for D = 64 and 128): 4 warps, each owning M_TILES m16 tiles, i.e.
+# WARP_ROWS = 32 consecutive rows of the CTA's BLOCK_M = 128; 64-key tiles.
+WARPS, M_TILES, BLOCK_N = 4, 2, 64
+THREADS, WARP_ROWS = 32 * WARPS, 16 * M_TILES
+BLOCK_M = WARP_ROWS * WARPS
 LANE = np.arange(32)
 GRP, TIG = LANE >> 2, LANE & 3  # the fragment names g (row group) and t (thread in group)
 
@@ -148,6 +152,8 @@ def _cta(out, q, k, v, cu_q, cu_k, table, seq_lens, P, causal, scale, G, hk, b, 
     """One thread block of flash_attention_kernel (grid (H_kv, B, tiles), tile = gridDim.z - 1 - z)."""
     D = q.shape[-1]
     chunks, k_steps, d_tiles, n_tiles = D // 8, D // 16, D // 8, BLOCK_N // 8
+    load_rows, load_passes = THREADS // chunks, BLOCK_N * chunks // THREADS
+    assert load_rows % 8 == 0 and load_rows * load_passes == BLOCK_N
     paged = table is not None
     q_start, L = cu_q[b], cu_q[b + 1] - cu_q[b]
     k_start, S = (0, min(seq_lens[b], table.shape[1] * P)) if paged else (cu_k[b], cu_k[b + 1] - cu_k[b])
@@ -160,87 +166,100 @@ def _cta(out, q, k, v, cu_q, cu_k, table, seq_lens, P, causal, scale, G, hk, b, 
         full_end = max(0, min(S - L + first_i + 1, kv_end)) // BLOCK_N * BLOCK_N
     else:
         kv_end, full_end = S, S // BLOCK_N * BLOCK_N
-    s_q = np.zeros(BLOCK_M * D, np.float32)
+    s_q = np.full(BLOCK_M * D, np.nan, np.float32)
     s_k = np.full(2 * BLOCK_N * D, np.nan, np.float32)  # NaN: reading an unwritten slot poisons the result
     s_v = np.full(2 * BLOCK_N * D, np.nan, np.float32)
-    for row, chunk in itertools.product(range(BLOCK_M), range(chunks)):
-        r = m0 + row
-        src = q[q_start + r // G, hk * G + r % G, 8 * chunk:8 * chunk + 8] if r < rows else 0
-        s_q[_swizzle(row, chunk, D) + np.arange(8)] = src
+    for tid in range(THREADS):  # the Q copy loop: id = tid, tid + THREADS, ...
+        for i in range(tid, BLOCK_M * chunks, THREADS):
+            row, chunk = divmod(i, chunks)
+            r = m0 + row
+            src = q[q_start + r // G, hk * G + r % G, 8 * chunk:8 * chunk + 8] if r < rows else 0
+            s_q[_swizzle(row, chunk, D) + np.arange(8)] = src
 
     def load_kv(n0, stage):
-        for row, chunk in itertools.product(range(BLOCK_N), range(chunks)):
-            key = n0 + row
-            at = stage * BLOCK_N * D + _swizzle(row, chunk, D) + np.arange(8)
+        for tid, pss in itertools.product(range(THREADS), range(load_passes)):
+            ld_row, ld_chunk = divmod(tid, chunks)
+            key = n0 + ld_row + pss * load_rows
+            # The kernel's offset: the swizzle of the thread's first row, plus whole rows per pass.
+            at = stage * BLOCK_N * D + _swizzle(ld_row, ld_chunk, D) + pss * load_rows * D + np.arange(8)
             if key >= S:
                 s_k[at] = s_v[at] = 0
                 continue
             k_row = k[table[b, key // P], key % P, hk] if paged else k[k_start + key, hk]
             v_row = v[table[b, key // P], key % P, hk] if paged else v[k_start + key, hk]
-            s_k[at], s_v[at] = k_row[8 * chunk:8 * chunk + 8], v_row[8 * chunk:8 * chunk + 8]
+            s_k[at], s_v[at] = k_row[8 * ld_chunk:8 * ld_chunk + 8], v_row[8 * ld_chunk:8 * ld_chunk + 8]
+
+    def load_q(warp, mt, ks):  # ldmatrix x4 of m-tile mt, k-step ks (re-read from shared memory every time)
+        row = warp * WARP_ROWS + 16 * mt + (LANE & 15)
+        return _ldmatrix_x4(s_q, row * D + (((2 * ks + (LANE >> 4)) ^ (LANE & 7)) << 3))
 
     warps = []
     for warp in range(WARPS):
-        row0 = m0 + 16 * warp
+        row0 = m0 + WARP_ROWS * warp
         warp_kv_end = 0
         if row0 < rows:
-            warp_last_i = min(L - 1, (row0 + 15) // G)
+            warp_last_i = min(L - 1, (row0 + WARP_ROWS - 1) // G)
             warp_kv_end = max(0, min(S, S - L + warp_last_i + 1)) if causal else S
-        lo, hi = row0 + GRP, row0 + GRP + 8
-        qf = [_ldmatrix_x4(s_q, (16 * warp + (LANE & 15)) * D + (((2 * ks + (LANE >> 4)) ^ (LANE & 7)) << 3))
-              for ks in range(k_steps)]
-        warps.append(dict(end=warp_kv_end, rows=(lo, hi), qf=qf, o=np.zeros((d_tiles, 32, 4), np.float32),
-                          pos=((S - L + lo // G, S - L + hi // G) if causal else (np.full(32, S),) * 2),
-                          m=[np.full(32, -1e30, np.float32) for _ in range(2)],
-                          l=[np.zeros(32, np.float32) for _ in range(2)]))
+        fr = [row0 + 8 * r + GRP for r in range(2 * M_TILES)]  # r = 2 mt + h: row 16 mt + 8 h + g
+        warps.append(dict(warp=warp, end=warp_kv_end, rows=fr, o=np.zeros((M_TILES, d_tiles, 32, 4), np.float32),
+                          pos=[S - L + x // G if causal else np.full(32, S) for x in fr],
+                          m=[np.full(32, -1e30, np.float32) for _ in fr],
+                          l=[np.zeros(32, np.float32) for _ in fr]))
     num_tiles = -(-kv_end // BLOCK_N)
     if num_tiles:
         load_kv(0, 0)
     for tile in range(num_tiles):
         n0, stage = tile * BLOCK_N, tile & 1
-        if tile + 1 < num_tiles:
+        if tile + 1 < num_tiles:  # after the barrier, before the MMAs: into the buffer of tile - 1
             load_kv(n0 + BLOCK_N, (tile + 1) & 1)
         for w in (w for w in warps if n0 < w["end"]):
-            s = np.zeros((n_tiles, 32, 4), np.float32)
-            for ks, pp in itertools.product(range(k_steps), range(n_tiles // 2)):
-                row = 16 * pp + (LANE & 7) + ((LANE >> 4) << 3)
-                chunk = 2 * ks + ((LANE >> 3) & 1)
-                kb = _ldmatrix_x4(s_k, stage * BLOCK_N * D + row * D + ((chunk ^ (LANE & 7)) << 3))
-                s[2 * pp] = _mma(s[2 * pp], w["qf"][ks], kb[0], kb[1])
-                s[2 * pp + 1] = _mma(s[2 * pp + 1], w["qf"][ks], kb[2], kb[3])
+            s = np.zeros((M_TILES, n_tiles, 32, 4), np.float32)
+            for ks in range(k_steps):
+                qa = [load_q(w["warp"], mt, ks) for mt in range(M_TILES)]
+                for pp in range(n_tiles // 2):
+                    row = 16 * pp + (LANE & 7) + ((LANE >> 4) << 3)
+                    chunk = 2 * ks + ((LANE >> 3) & 1)
+                    kb = _ldmatrix_x4(s_k, stage * BLOCK_N * D + row * D + ((chunk ^ (LANE & 7)) << 3))
+                    for mt in range(M_TILES):
+                        s[mt, 2 * pp] = _mma(s[mt, 2 * pp], qa[mt], kb[0], kb[1])
+                        s[mt, 2 * pp + 1] = _mma(s[mt, 2 * pp + 1], qa[mt], kb[2], kb[3])
             s *= np.float32(scale * math.log2(math.e))
             if n0 + BLOCK_N > full_end:  # a masked tile
-                for j, e in itertools.product(range(n_tiles), range(4)):
+                for mt, j, e in itertools.product(range(M_TILES), range(n_tiles), range(4)):
                     key = n0 + 8 * j + 2 * TIG + (e & 1)
-                    s[j, (key >= S) | (key > w["pos"][e >> 1]), e] = -np.inf
-            for h, cols in enumerate((slice(0, 2), slice(2, 4))):
-                mx = s[:, :, cols].max(axis=(0, 2))
+                    s[mt, j, (key >= S) | (key > w["pos"][2 * mt + (e >> 1)]), e] = -np.inf
+            for mt, (h, cols) in itertools.product(range(M_TILES), enumerate((slice(0, 2), slice(2, 4)))):
+                r = 2 * mt + h
+                mx = s[mt, :, :, cols].max(axis=(0, 2))
                 mx = np.maximum(mx, mx[LANE ^ 1])
                 mx = np.maximum(mx, mx[LANE ^ 2])
-                m_new = np.maximum(w["m"][h], mx)
-                alpha = _exp2(w["m"][h] - m_new)
-                w["m"][h] = m_new
-                s[:, :, cols] = _exp2(s[:, :, cols] - m_new[None, :, None])
-                w["l"][h] = w["l"][h] * alpha + s[:, :, cols].sum(axis=(0, 2))
-                w["o"][:, :, cols] *= alpha[None, :, None]
+                m_new = np.maximum(w["m"][r], mx)
+                alpha = _exp2(w["m"][r] - m_new)
+                w["m"][r] = m_new
+                s[mt, :, :, cols] = _exp2(s[mt, :, :, cols] - m_new[None, :, None])
+                w["l"][r] = w["l"][r] * alpha + s[mt, :, :, cols].sum(axis=(0, 2))
+                w["o"][mt, :, :, cols] *= alpha[None, :, None]
             for kk in range(n_tiles // 2):
-                pa = [_round(s[2 * kk + j // 2][:, 2 * (j % 2):2 * (j % 2) + 2], dtype) for j in range(4)]
+                pa = [[_round(s[mt, 2 * kk + j // 2][:, 2 * (j % 2):2 * (j % 2) + 2], dtype) for j in range(4)]
+                      for mt in range(M_TILES)]
                 for dp in range(d_tiles // 2):
                     row = 16 * kk + (LANE & 7) + (((LANE >> 3) & 1) << 3)
                     chunk = 2 * dp + (LANE >> 4)
                     vb = _ldmatrix_x4(s_v, stage * BLOCK_N * D + row * D + ((chunk ^ (LANE & 7)) << 3), trans=True)
-                    w["o"][2 * dp] = _mma(w["o"][2 * dp], pa, vb[0], vb[1])
-                    w["o"][2 * dp + 1] = _mma(w["o"][2 * dp + 1], pa, vb[2], vb[3])
+                    for mt in range(M_TILES):
+                        w["o"][mt, 2 * dp] = _mma(w["o"][mt, 2 * dp], pa[mt], vb[0], vb[1])
+                        w["o"][mt, 2 * dp + 1] = _mma(w["o"][mt, 2 * dp + 1], pa[mt], vb[2], vb[3])
     for w in warps:
-        for h in range(2):
-            total = w["l"][h] + w["l"][h][LANE ^ 1]
+        for r in range(2 * M_TILES):
+            mt, e0 = r >> 1, 2 * (r & 1)
+            total = w["l"][r] + w["l"][r][LANE ^ 1]
             total = total + total[LANE ^ 2]
             inv = np.where(total > 0, 1 / np.where(total > 0, total, 1), 0)
-            for lane in np.nonzero(w["rows"][h] < rows)[0]:
-                r = w["rows"][h][lane]
+            for lane in np.nonzero(w["rows"][r] < rows)[0]:
+                row = w["rows"][r][lane]
                 for j in range(d_tiles):
                     d = 8 * j + 2 * TIG[lane]
-                    out[q_start + r // G, hk * G + r % G, d:d + 2] = w["o"][j, lane, 2 * h:2 * h + 2] * inv[lane]
+                    out[q_start + row // G, hk * G + row % G, d:d + 2] = w["o"][mt, j, lane, e0:e0 + 2] * inv[lane]
 
 
 def emulate(q, k, v, cu_q, cu_k, table, seq_lens, causal, scale):
@@ -274,6 +293,7 @@ def oracle(q, k, v, causal, scale):
     ([5, 0, 33, 12], [130, 3, 20, 4], 2, 1, 64, True, None),  # varlen: prefix, empty, S < L (zeros), G = 2
     ([20], [150], 7, 1, 64, True, 16),                       # paged, G = 7 (rows of one query span warps)
     ([40], [100], 2, 2, 128, False, 32),                     # paged, D = 128, not causal, ragged last tile
+    ([50, 7], [90, 7], 3, 1, 128, True, None),               # D = 128 causal, 150 rows: two CTAs, warps skip
 ])
 def test_emulated_kernel_matches_oracle(q_lens, k_lens, H, H_kv, D, causal, P, seed):
     gen = torch.Generator().manual_seed(seed)

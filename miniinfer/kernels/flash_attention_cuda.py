@@ -6,9 +6,9 @@ paged pools ``[num_blocks, P, H_kv, D]`` read through ``block_table [B, M]`` wit
 query i of a sequence with L queries and S keys at position ``S - L + i`` (bottom-right causal); GQA
 head h reads KV head ``h // G``; a query that sees no key gets zeros.
 
-The kernel: FA2-style, 4 warps × 16 query rows per CTA, 64-key tiles double-buffered through shared
-memory with ``cp.async``, ``ldmatrix`` into ``mma.sync.m16n8k16`` fragments, online softmax in
-registers (see the comments of the .cu file). float16 / bfloat16, head dims 64 and 128, any
+The kernel: FA2-style, 4 warps × 32 query rows (two m16 tiles each) = 128 rows per CTA, 64-key tiles
+double-buffered through shared memory with ``cp.async``, ``ldmatrix`` into ``mma.sync.m16n8k16``
+fragments, online softmax in registers (see the comments of the .cu file). float16 / bfloat16, head dims 64 and 128, any
 power-of-two page size. The extension is compiled on first use (:mod:`miniinfer.kernels.build`).
 """
 
