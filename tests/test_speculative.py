@@ -358,3 +358,35 @@ def test_batched_verify_attention_matches_the_paged_reference(seed):
     expected = paged_prefill_attention_torch(q, k_cache, v_cache, tables, cu, meta.seq_lens, 0.3)
     torch.testing.assert_close(batched_verify_attention(q, k_cache, v_cache, meta, 0.3), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_adaptive_gamma_in_the_engine_follows_a_shifting_acceptance_rate(target, greedy_reference):
+    """A proposer that knows the greedy continuation for its first calls, then guesses wrong: with
+    num_speculative_tokens="auto" the engine's γ climbs, then falls — and the output never changes."""
+    from miniinfer.speculative import Proposal, Proposer, SpeculativeDecoder
+
+    class ShiftingOracle(Proposer):
+        name = "oracle"
+
+        def __init__(self):
+            self.calls = 0
+
+        def propose(self, seqs, num_tokens):
+            self.calls += 1
+            proposals = []
+            for seq, k in zip(seqs, num_tokens):
+                truth = greedy_reference[0][seq.num_output_tokens:seq.num_output_tokens + k]
+                if self.calls > 2:
+                    truth = [(t + 1) % 4096 for t in truth]   # now every guess is wrong
+                proposals.append(Proposal(truth))
+            return proposals
+
+    engine = make_engine(target)
+    engine.speculator = engine.runner.speculator = SpeculativeDecoder(ShiftingOracle(), "auto", max_gamma=6)
+    # A known cost (a guess costs 0.1 of a target step) instead of timings, so that the test is deterministic.
+    engine.speculator.adaptive = AdaptiveGamma(max_gamma=6, cost_ratio=0.1, decay=0.7, measure_cost=False)
+    out = generate(engine, PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert out == greedy_reference[:1]
+    history = engine.speculator.gamma_history
+    assert history[0] == 6 and history[-1] <= 2, history
+    assert all_blocks_free(engine)

@@ -47,6 +47,7 @@ class AdaptiveGamma:
     alpha: float = 0.7
     cost_ratio: float = 0.1
     decay: float = 0.9
+    measure_cost: bool = True   # False: keep cost_ratio as given (a known cost, or a test)
     _seen_alpha: bool = False
     _seen_cost: bool = False
 
@@ -64,7 +65,7 @@ class AdaptiveGamma:
             rate = num_accepted / num_proposed
             self.alpha = rate if not self._seen_alpha else self.decay * self.alpha + (1 - self.decay) * rate
             self._seen_alpha = True
-        if draft_seconds is not None and target_seconds and draft_steps > 0:
+        if self.measure_cost and draft_seconds is not None and target_seconds and draft_steps > 0:
             ratio = draft_seconds / target_seconds / draft_steps
             self.cost_ratio = (ratio if not self._seen_cost
                                else self.decay * self.cost_ratio + (1 - self.decay) * ratio)

@@ -302,14 +302,16 @@ class SpeculativeDecoder:
             # Greedy: a guess survives iff it is the target's argmax; the next token is the argmax after
             # the last survivor. (What accept_draft computes for one-hot p and q, without building them.)
             num_accepted, next_tokens = [], []
-            for (tokens, _), logits in zip(drafts, spec_logits):
-                values, best = logits.max(dim=-1)
-                best = best.masked_fill(~torch.isfinite(values), -1).tolist()
+            values, best = torch.cat(spec_logits).max(dim=-1)     # one argmax and one copy for the batch
+            best = best.masked_fill(~torch.isfinite(values), -1).tolist()
+            offset = 0
+            for tokens, _ in drafts:
+                row_best, offset = best[offset:offset + len(tokens) + 1], offset + len(tokens) + 1
                 a = 0
-                while a < len(tokens) and best[a] == tokens[a]:
+                while a < len(tokens) and row_best[a] == tokens[a]:
                     a += 1
                 num_accepted.append(a)
-                next_tokens.append(best[a])
+                next_tokens.append(row_best[a])
             return num_accepted, next_tokens
         R, K, V = len(rows), max(len(t) for t, _ in drafts), spec_logits[0].shape[-1]
         sampling_rows = []
