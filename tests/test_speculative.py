@@ -390,3 +390,13 @@ def test_adaptive_gamma_in_the_engine_follows_a_shifting_acceptance_rate(target,
     history = engine.speculator.gamma_history
     assert history[0] == 6 and history[-1] <= 2, history
     assert all_blocks_free(engine)
+
+
+def test_batch_of_16_greedy_speculation(target):
+    """Sixteen mixed prompts at once (short, long, repeated): draft-model speculation changes nothing."""
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    reference = generate(make_engine(target), prompts, params)
+    engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=3)
+    assert generate(engine, prompts, params) == reference
+    assert engine.stats()["spec_verified_seqs"] >= 16 and all_blocks_free(engine)
