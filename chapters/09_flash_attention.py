@@ -254,10 +254,11 @@ fig.tight_layout()
 #
 # **GQA without repeating K/V.** With $H$ query heads and $H_{kv}$ key/value heads, the $G = H /
 # H_{kv}$ query heads of a group read the *same* keys. Chapter 03 repeated `k` and `v` $G$ times —
-# in a kernel that multiplies the K/V traffic by $G$. Instead, view the query tile as
+# in a kernel that multiplies the K/V traffic by $G$ (4 for the bundled model, $H = 8$, $H_{kv} = 2$;
+# 7 for Qwen2.5-7B, 28 query heads and 4 KV heads). Instead, view the query tile as
 # `[H_kv, G, rows, D]`: the $G$ heads are just more rows against one key tile, loaded once. (Our
-# Triton kernel goes further and puts the $G$ heads *into* the rows of one MMA, so a decode step
-# with one query still fills the tensor core's 16 rows when $G \ge 2$.)
+# Triton kernel goes further and makes the $G$ heads *rows* of one matrix multiply: a chunk of a
+# few queries times $G$ heads fills the tensor core's tile better than the queries alone.)
 #
 # ### Exercise 9.2 — blocked attention, one score tile at a time
 #
