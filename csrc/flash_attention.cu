@@ -62,8 +62,8 @@ namespace {
 
 // The tile configuration per head dim. A warp owns kMTiles m16 tiles (16 kMTiles rows); every K/V
 // fragment it reads from shared memory feeds kMTiles MMAs, so two m-tiles per warp halve the
-// shared-memory traffic per FLOP (with one m-tile the kernel is bound by ldmatrix, not by the tensor
-// cores). The price is registers: O is kMTiles x D / 8 x 4 fp32 per thread (128 at D = 128), S is
+// shared-memory traffic per FLOP (with one m-tile, 16 rows per warp, there is one 512-byte ldmatrix.x4
+// per two MMAs, which is about what the shared memory can deliver: the tensor cores wait on it). The price is registers: O is kMTiles x D / 8 x 4 fp32 per thread (128 at D = 128), S is
 // kMTiles x kBlockN / 8 x 4 (64). The Q fragments (another 64 at D = 128) do not fit as well, so Q stays
 // in shared memory and is re-read per k-step, as FA2 does.
 template <int D>
@@ -74,6 +74,9 @@ struct Config {
     static constexpr int kBlockM = 16 * kMTiles * kWarps;  // rows of (query, head) pairs per CTA: 128
     static constexpr int kBlockN = 64;                   // keys per K/V tile
     static constexpr int kMinBlocks = 2;                 // CTAs per SM: caps registers at 255 per thread
+    // Skip O *= alpha when no row's max moved (see attend). At D = 128 the vote's extra live values make
+    // the compiler spill ~10 registers inside the main loop, so there O is always rescaled.
+    static constexpr bool kLazyRescale = D <= 64;
     // Q [kBlockM][D] + K, V [2][kBlockN][D], 16-bit: 96 KiB at D = 128, 48 KiB at D = 64.
     static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * D * 2;
 };
@@ -437,11 +440,15 @@ __global__ void __launch_bounds__(Config<D>::kThreads, Config<D>::kMinBlocks) fl
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
             }
+            float alpha[2 * kMTiles];
+            bool unchanged = true;  // no row's max moved: every alpha is exactly 2^0 = 1
 #pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
                 const int lo = 2 * mt, hi = 2 * mt + 1;
                 const float m_new_lo = fmaxf(m_run[lo], mx[lo]), m_new_hi = fmaxf(m_run[hi], mx[hi]);
-                const float alpha_lo = exp2f(m_run[lo] - m_new_lo), alpha_hi = exp2f(m_run[hi] - m_new_hi);
+                alpha[lo] = exp2f(m_run[lo] - m_new_lo);
+                alpha[hi] = exp2f(m_run[hi] - m_new_hi);
+                unchanged = unchanged && m_new_lo == m_run[lo] && m_new_hi == m_run[hi];
                 m_run[lo] = m_new_lo;
                 m_run[hi] = m_new_hi;
                 float sum_lo = 0.f, sum_hi = 0.f;
@@ -454,14 +461,22 @@ __global__ void __launch_bounds__(Config<D>::kThreads, Config<D>::kMinBlocks) fl
                     sum_lo += s[mt][j][0] + s[mt][j][1];
                     sum_hi += s[mt][j][2] + s[mt][j][3];
                 }
-                l_run[lo] = l_run[lo] * alpha_lo + sum_lo;
-                l_run[hi] = l_run[hi] * alpha_hi + sum_hi;
+                l_run[lo] = l_run[lo] * alpha[lo] + sum_lo;
+                l_run[hi] = l_run[hi] * alpha[hi] + sum_hi;
+            }
+            // O *= alpha: kMTiles x D / 2 multiplications per thread. kLazyRescale: skipped when no row of the
+            // whole warp got a new max (a warp-uniform vote, so the branch does not diverge); late in a long
+            // row that is the common case, and multiplying by exactly 1 changes nothing.
+            if (!Cfg::kLazyRescale || !__all_sync(0xffffffffu, unchanged)) {
 #pragma unroll
-                for (int j = 0; j < kDTiles; ++j) {
-                    o[mt][j][0] *= alpha_lo;
-                    o[mt][j][1] *= alpha_lo;
-                    o[mt][j][2] *= alpha_hi;
-                    o[mt][j][3] *= alpha_hi;
+                for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+                    for (int j = 0; j < kDTiles; ++j) {
+                        o[mt][j][0] *= alpha[2 * mt];
+                        o[mt][j][1] *= alpha[2 * mt];
+                        o[mt][j][2] *= alpha[2 * mt + 1];
+                        o[mt][j][3] *= alpha[2 * mt + 1];
+                    }
                 }
             }
             // 4. O += P V, k16 step kk = keys 16kk .. 16kk + 15. The A fragment of P (m-tile mt) is the C

@@ -238,6 +238,7 @@ def _cta(out, q, k, v, cu_q, cu_k, table, seq_lens, P, causal, scale, G, hk, b, 
                 w["m"][r] = m_new
                 s[mt, :, :, cols] = _exp2(s[mt, :, :, cols] - m_new[None, :, None])
                 w["l"][r] = w["l"][r] * alpha + s[mt, :, :, cols].sum(axis=(0, 2))
+                # (At D = 64 the kernel skips this when no row of the warp got a new max: alpha == 1 exactly.)
                 w["o"][mt, :, :, cols] *= alpha[None, :, None]
             for kk in range(n_tiles // 2):
                 pa = [[_round(s[mt, 2 * kk + j // 2][:, 2 * (j % 2):2 * (j % 2) + 2], dtype) for j in range(4)]
