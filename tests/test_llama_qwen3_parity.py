@@ -85,7 +85,9 @@ def test_logits_and_greedy_equal_hf(tmp_path, seed, name):
         assert_logits_match(model(ids), expected, f"{name} fused")
         model.enable_fused_kernels(False)
 
-    # Greedy through the engine (paged KV cache, continuous batching) == HF's greedy generate.
+    # Greedy through the engine (paged KV cache, continuous batching) == HF's greedy generate (two cases: time).
+    if name not in ("llama3-rope-scaling-GQA", "qwen3-MQA-bias-untied"):
+        return
     from miniinfer import LLM, SamplingParams
 
     prompts = [ids[0, :7].tolist(), ids[-1, :12].tolist()]
