@@ -148,7 +148,8 @@ def test_chat_drops_old_turns_to_fit_the_context(fake, capsys):
     (["generate", "--prompt", "bad \udcff byte"], "lone surrogate .* at index 4"),
     (["generate", "--prompt", "x", "--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
     (["generate"], "the following arguments are required: --prompt"),
-    (["serve"], "invalid choice: 'serve'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["serve", "--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
     ([], "the following arguments are required: command"),
 ])
 def test_user_errors_are_one_line(argv, match, capsys):
