@@ -145,7 +145,7 @@ def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | Non
     split_k = _cdiv(groups, groups_per_split)
     partial = torch.empty(split_k, N, device=x.device, dtype=torch.float32)
     _cuda_extension().int4_gemv(x.contiguous(), qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
-                                partial, group_size, groups_per_split)
+                                partial, group_size, groups_per_split, torch.cuda.current_stream(x.device).cuda_stream)
     out = partial[0] if split_k == 1 else partial.sum(dim=0)
     return out.to(x.dtype).unsqueeze(0)
 

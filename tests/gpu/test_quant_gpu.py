@@ -1,0 +1,128 @@
+"""Quantization on a CUDA GPU: our int4 kernels (Triton M = 1 … 16, CUDA GEMV M = 1) against the torch
+reference in fp16/bf16 on odd shapes and group sizes, inside a CUDA graph; W8A8 through torch._int_mm and
+FP8 through torch._scaled_mm against their float emulations; the quantized bundled model in the engine.
+
+    python -m pytest -m gpu tests/gpu/test_quant_gpu.py -q
+
+Tolerances: the kernels and the reference multiply the same fp16/bf16-rounded weights and accumulate
+in float32 in different orders; outputs are rounded once to the storage dtype: one or two ulps of it
+relative to the output's scale (bf16 2^-7, fp16 2^-10, times a few for the summation order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miniinfer.quant import FP8Linear, GroupQuantLinear, W8A8Linear
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+SHAPES = [(1, 4096, 4096, 128), (1, 8192, 8192, 128), (1, 3584, 4608, 128), (1, 96, 40, 32), (1, 448, 104, 64),
+          (3, 384, 200, 128), (16, 1024, 520, 32), (1, 18944, 3584, 128), (13, 2048, 2048, 128)]
+
+
+def layer_tensors(K, N, g, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (K, N), generator=gen)
+    zeros = torch.randint(0, 16, (K // g, N), generator=gen)
+    scales = (torch.rand(K // g, N, generator=gen) * 0.02 + 0.001).to(dtype)
+    return GroupQuantLinear(q, scales, zeros, 4, g).cuda()
+
+
+def close(got, reference, dtype):
+    scale = reference.abs().max().item()
+    err = (got.float() - reference.float()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("M,K,N,g", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_int4_matmul(M, K, N, g, dtype):
+    from miniinfer.kernels.int4_matmul import int4_matmul_torch, int4_matmul_triton
+
+    layer = layer_tensors(K, N, g, dtype, K + N)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+    got = int4_matmul_triton(x, layer.qweight, layer.qzeros, layer.scales, g)
+    assert got.dtype == dtype and got.shape == (M, N)
+    close(got, reference, dtype)
+
+
+@pytest.mark.parametrize("M,K,N,g", [s for s in SHAPES if s[0] == 1 and s[2] % 8 == 0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_int4_gemv(M, K, N, g, dtype):
+    from miniinfer.kernels.int4_matmul import int4_gemv_cuda, int4_matmul_torch
+
+    layer = layer_tensors(K, N, g, dtype, K * 3 + N)
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+    for split_k in (None, 1, 3):
+        got = int4_gemv_cuda(x, layer.qweight, layer.qzeros, layer.scales, g, split_k=split_k)
+        assert got.dtype == dtype and got.shape == (1, N)
+        close(got, reference, dtype)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_int4_in_a_cuda_graph(backend):
+    from miniinfer.kernels.int4_matmul import int4_matmul, int4_matmul_torch
+
+    dtype = torch.bfloat16
+    layer = layer_tensors(2048, 1024, 128, dtype, 1)
+    x = torch.randn(1, 2048, device="cuda", dtype=dtype)
+    out = int4_matmul(x, layer.qweight, layer.qzeros, layer.scales, 128, backend=backend)  # warm-up / build
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_matmul(x, layer.qweight, layer.qzeros, layer.scales, 128, backend=backend)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    close(out, int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), 128), dtype)
+
+
+def test_w8a8_int_mm_matches_emulation():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 520, bias=True).cuda()
+    layer = W8A8Linear.from_linear(linear)
+    for M in (1, 5, 17, 64):
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+        got = layer(x)
+        layer_cpu = W8A8Linear.from_linear(linear.cpu())
+        linear.cuda()
+        expected = layer_cpu(x.float().cpu())
+        close(got.cpu(), expected, torch.bfloat16)
+
+
+def test_fp8_scaled_mm_matches_emulation():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmul needs sm_89+")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 512, bias=False).cuda()
+    layer = FP8Linear.from_linear(linear)
+    x = torch.randn(32, 1024, device="cuda", dtype=torch.bfloat16)
+    got = layer(x)  # torch._scaled_mm
+    qx, sx = layer._activation(x)
+    expected = (qx.float() * sx) @ layer.dequantized_weight().t()
+    close(got, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "w8a8", "int4", "fp8", "gptq"])
+def test_engine_generates_with_quantization(quantization):
+    from miniinfer import LLM, SamplingParams
+
+    llm = LLM(device="cuda", dtype=torch.bfloat16, quantization=quantization, max_num_seqs=4)
+    outs = llm.generate(["ROMEO:", "KING:"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)
+    assert all(len(o.token_ids) == 24 for o in outs)
+    print(quantization, repr(outs[0].text[:60]))
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from standalone import run_file
+
+    run_file(__file__, globals())
