@@ -43,11 +43,14 @@ class LLM:
     ``quantization`` ("int8", "w8a8", "int4", "gptq", "fp8"; chapter 11) quantizes the decoder's linear
     layers after loading (:func:`miniinfer.quant.quantize_model`; "gptq" calibrates on held-out
     Shakespeare text, for the bundled models); a GPTQ checkpoint folder loads quantized by itself.
+    ``tensor_parallel_size`` / ``pipeline_parallel_size`` (chapter 12) start that many worker processes
+    (:mod:`miniinfer.distributed.llm_workers`): this process drives the engine, the workers follow its steps.
     """
 
     def __init__(self, model: str | Path | None = None, *, components: Components | None = None,
                  hooks: EngineHooks | None = None, device=None, dtype=None, seed: int | None = None,
-                 quantization: str | None = None, **engine_options):
+                 quantization: str | None = None, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 **engine_options):
         from miniinfer.loader import load_generation_config, load_model, resolve_device, resolve_model_path
         from miniinfer.models.bundled import bundled_model_path
 
@@ -58,8 +61,19 @@ class LLM:
         engine_config = EngineConfig(seed=seed, **engine_options)  # validates before the (slower) model load
         resolve_device(device)  # a clear error for a device this machine lacks, before loading anything
         path = bundled_model_path("shakespeare") if model is None else model
-        self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components,
-                                                max_model_len=engine_config.max_model_len)
+        if tensor_parallel_size > 1 or pipeline_parallel_size > 1:  # chapter 12: worker processes follow rank 0
+            from miniinfer.distributed.llm_workers import start_parallel_model
+
+            if quantization is not None or engine_config.speculative_model is not None:
+                raise ValueError("tensor/pipeline parallel LLM: quantization and speculative decoding are not "
+                                 "supported together with it")
+            engine_config.enable_cuda_graphs = False  # each step broadcasts Python objects: not capturable
+            self.model, self.tokenizer = start_parallel_model(
+                path, tensor_parallel_size, pipeline_parallel_size, dtype=dtype, device=device,
+                components=components, max_model_len=engine_config.max_model_len)
+        else:
+            self.model, self.tokenizer = load_model(path, dtype=dtype, device=device, components=components,
+                                                    max_model_len=engine_config.max_model_len)
         self.config = self.model.config
         if quantization is not None:
             from miniinfer.quant.model import quantize_for_llm

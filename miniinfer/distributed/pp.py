@@ -91,6 +91,7 @@ class PipelineStage(nn.Module):
         self.norm = model.model.norm if self.last else None
         self.head_weight = model.lm_head_weight if self.last else None
         self.tied = model.lm_head is None
+        self.components = model.components
 
     def forward(self, x: torch.Tensor, attention=None, positions=None) -> torch.Tensor:
         L = x.shape[1]

@@ -208,6 +208,9 @@ class ModelRunner:
         """Copy-on-write: duplicate whole blocks (every layer) before a sequence writes into its copy."""
         if not copies:
             return
+        mirror = getattr(self.model, "copy_blocks", None)  # a parallel LLM: its workers copy in their own pools
+        if mirror is not None:
+            mirror(copies)
         source = torch.tensor([s for s, _ in copies], device=self.device)
         destination = torch.tensor([d for _, d in copies], device=self.device)
         for cache in (*self.k_caches, *self.v_caches):
