@@ -420,15 +420,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~10x smaller smoke test")
     parser.add_argument("--parts", nargs="+", default=["headline", "sweep", "varlen", "engine"],
                         choices=["headline", "sweep", "varlen", "engine"])
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows of --parts in the existing results file (the commands of both "
+                             "runs are recorded)")
     parser.add_argument("--out", default=None, help="results path (default benchmarks/results/flash_attention_<dev>.json)")
     args = parser.parse_args()
     gpu = args.gpu or (not args.cpu and torch.cuda.is_available())
+    previous = None
+    if args.update and gpu:
+        from benchmarks.common import RESULTS_DIR, device_slug
+
+        existing = Path(args.out) if args.out else RESULTS_DIR / f"flash_attention_{device_slug('cuda')}.json"
+        previous = json.loads(existing.read_text()) if existing.exists() else None
     rows, summary = run_gpu(args) if gpu else run_cpu(args)
     columns = COLUMNS + (["TTFT s", "chosen", "startup s", "same first token", "error"] if gpu else [])
     path = write_results("flash_attention", "Flash attention forward: ours vs SDPA vs flash-attn; engine TTFT",
                          "cuda" if gpu else "cpu", columns, rows, summary=summary, notes=NOTES, out=args.out)
     if gpu:
         record = json.loads(Path(path).read_text())
+        if previous is not None:  # --update: the other parts' rows and summary from the earlier run
+            kept = [r for r in previous["rows"] if r.get("part") not in set(args.parts)]
+            rows = kept + rows
+            record["rows"] = rows
+            record["summary"] = {**previous.get("summary", {}), **summary}
+            record["command"] = f"{previous.get('command')} ({previous.get('date')}); then {record['command']}"
         record.update(legacy_sections(rows))
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
         import os

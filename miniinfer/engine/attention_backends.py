@@ -400,15 +400,32 @@ def measure_prefill_kernels(device: str, dtype: torch.dtype, num_heads: int, num
         per_workload = []
         for inputs in workloads:
             call = functools.partial(fn, inputs.q, inputs.k_cache, inputs.v_cache, inputs, inputs.scale)
-            call()  # compile / JIT outside the timing
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(5):
-                call()
-            torch.cuda.synchronize()
-            per_workload.append((time.perf_counter() - started) / 5)
+            per_workload.append(_gpu_seconds_per_call(call))
         times[name] = per_workload
     return {**results, **times}
+
+
+def _gpu_seconds_per_call(call: Callable[[], object], repeats: int = 5) -> float:
+    """GPU time of one call, without its host overhead.
+
+    A prefill step calls attention once per layer between that layer's matmuls, and the host runs
+    ahead of the GPU, so a kernel's Python-side cost (a library's argument handling: a few hundred µs
+    for flash-attn's CuTe DSL entry point) hides behind the GPU work of a long prefill. Timing calls
+    back to back with a host clock would charge that cost in full. So the GPU is first kept busy with
+    a spin kernel (``torch.cuda._sleep``) while the host queues the calls; the CUDA events then time
+    the kernels alone.
+    """
+    call()  # compile / JIT outside the timing
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if hasattr(torch.cuda, "_sleep"):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU clock cycles: longer than queuing the calls takes
+    start.record()
+    for _ in range(repeats):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def choose_prefill_kernel(measured: dict[str, list[float] | str]) -> str:
@@ -416,9 +433,9 @@ def choose_prefill_kernel(measured: dict[str, list[float] | str]) -> str:
     :data:`PREFILL_KERNELS`); ``paged_triton`` when nothing was measured.
 
     A total, not a mean of ratios: the long prefills are where prefill time goes (a 30k-token prompt's
-    time to first token), while on 512-token prompts a library's per-call host overhead can double its
-    time without costing much. Measured on an H200 (0.5B shape): FA4 through flash-attn was 1.5x faster
-    than our kernels on the 30k-token TTFT yet "slower" by a geometric mean of ratios.
+    time to first token). The times are GPU times (:func:`_gpu_seconds_per_call`). Measured on an H200
+    (0.5B shape): FA4 through flash-attn gave a 1.5x shorter 30k-token TTFT than our kernels, yet lost
+    both a geometric mean of ratios and a host-clock total, which charged its per-call host overhead.
     """
     timed = {n: v for n, v in measured.items() if not isinstance(v, str)}
     if not timed:
