@@ -129,6 +129,9 @@ class TPQwen2ForCausalLM(Qwen2ForCausalLM):
     """One rank's shard of a Qwen2 (built by :func:`shard_qwen2`); ``config`` holds the *local* head counts and
     MLP size (what the KV cache and attention see), ``full_config`` the model's."""
 
+    def init_weights(self, std: float = 0.02) -> None:
+        pass  # shard_qwen2 fills every weight with a slice of the loaded model
+
     def enable_fused_kernels(self, enabled: bool = True, backend: str = "auto") -> TPQwen2ForCausalLM:
         self.fused_kernels = False  # the fused path calls the embedding and head functions directly
         return self
@@ -170,7 +173,9 @@ def shard_qwen2(model: Qwen2ForCausalLM, rank: int, world: int, group=None) -> T
     local = dataclasses.replace(config, num_attention_heads=q1 - q0, num_key_value_heads=k1 - k0,
                                 intermediate_size=i1 - i0)
     device = next(model.parameters()).device
-    with torch.device("meta"):
+    # Built on the model's device, not on "meta": a module initialised under torch.device("meta") imports
+    # torch._dynamo in a fresh worker (seconds), and every weight below is replaced by a slice anyway.
+    with torch.device(device):
         shard = TPQwen2ForCausalLM(local, model.components)
     shard.full_config, shard.tp_group, shard.tp_rank, shard.tp_size = config, group, rank, world
     shard.model.rotary_emb = model.model.rotary_emb
@@ -184,7 +189,7 @@ def shard_qwen2(model: Qwen2ForCausalLM, rank: int, world: int, group=None) -> T
 
     shard.model.embed_tokens = VocabParallelEmbedding(vocab_shard(model.model.embed_tokens.weight), rank * rows, group)
     if model.lm_head is not None:
-        shard.lm_head = nn.Linear(E, rows, bias=False, device=device)
+        shard.lm_head = nn.Module()  # only its weight is read (lm_head_weight)
         shard.lm_head.weight = nn.Parameter(vocab_shard(model.lm_head.weight), requires_grad=False)
     shard.model.norm = model.model.norm
     for full, mine in zip(model.model.layers, shard.model.layers):
@@ -201,9 +206,6 @@ def shard_qwen2(model: Qwen2ForCausalLM, rank: int, world: int, group=None) -> T
         gate_up = full.mlp.gate_up_proj.weight
         mine.mlp.gate_up_proj = ColumnParallelLinear(torch.cat([gate_up[i0:i1], gate_up[I + i0:I + i1]]), group=group)
         mine.mlp.down_proj = RowParallelLinear(full.mlp.down_proj.weight[:, i0:i1], group=group)
-    leftover = [n for n, p in shard.named_parameters() if p.is_meta]
-    if leftover:  # every parameter must have been replaced by a slice
-        raise RuntimeError(f"shard_qwen2 left parameters unset: {leftover[:4]}")
     shard.requires_grad_(False).eval()
     return shard
 
