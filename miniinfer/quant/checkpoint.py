@@ -57,8 +57,8 @@ def _original_order(layer: GroupQuantLinear) -> tuple[torch.Tensor, torch.Tensor
     return q_orig, zeros, layer.scales, g_idx.to(torch.int32)
 
 
-def save_gptq_checkpoint(model, folder: str | Path, source: str | Path | None = None, *, desc_act: bool = True,
-                         sym: bool = False, damp_percent: float = 0.1) -> Path:
+def save_gptq_checkpoint(model, folder: str | Path, source: str | Path | None = None, *, desc_act: bool | None = None,
+                         sym: bool = False, damp_percent: float = 0.3) -> Path:
     """Write ``model`` (its decoder linears :class:`GroupQuantLinear` with 2/4/8 bits) as a GPTQ folder.
     ``source``: the float model's folder, for the tokenizer files. -> the folder."""
     from safetensors.torch import save_file
@@ -105,6 +105,8 @@ def save_gptq_checkpoint(model, folder: str | Path, source: str | Path | None = 
     hf = json.loads((Path(source) / "config.json").read_text()) if source else _config_dict(config)
     hf["torch_dtype"] = "float16"
     hf.pop("dtype", None)
+    if desc_act is None:  # act_order: some layer's g_idx is not sorted
+        desc_act = any(getattr(m, "perm", None) is not None for m in model.modules())
     hf["quantization_config"] = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
         "checkpoint_format": "gptq" if write_v1 else "gptq_v2", "pack_dtype": "int32",
