@@ -67,17 +67,20 @@ def test_gptq_beats_rtn_on_heldout_perplexity():
 
 
 def test_gptq_checkpoint_round_trip(tmp_path):
-    model = quantize_model(fresh(), "gptq", 4, 128, calibration=token_ids()[0][:512])
+    model = quantize_model(fresh(), "gptq", 4, 128, calibration=token_ids()[0][:512], act_order=True)
     folder = save_gptq_checkpoint(model, tmp_path / "gptq", PATH)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 128
+    assert config["desc_act"] is True and config["checkpoint_format"] in ("gptq", "gptq_v2")
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("model.layers.0.self_attn.k_proj.qweight").shape == (256 // 8, 64)
         assert f.get_tensor("model.layers.0.mlp.down_proj.qzeros").shape == (4, 256 // 8)
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.g_idx").dtype == torch.int32
+        g_idx = f.get_tensor("model.layers.0.self_attn.q_proj.g_idx")
+        assert g_idx.dtype == torch.int32 and not torch.equal(g_idx, g_idx.sort().values)  # act_order
+        assert torch.equal(g_idx, f.get_tensor("model.layers.0.self_attn.v_proj.g_idx"))
     assert "model.layers.0.self_attn.q_proj.bias" in names and "model.layers.0.mlp.gate_proj.scales" in names
     loaded, tokenizer = miniinfer.load_model(folder, device="cpu")
     assert tokenizer is not None
