@@ -40,6 +40,10 @@ class LLM:
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``enable_cuda_graphs`` / ``enforce_eager``,
     ``enable_fused_kernels``.
+    ``speculative_model`` (chapter 10: None, a draft checkpoint folder with the same tokenizer, "ngram"
+    or "self"), ``num_speculative_tokens`` (an int or "auto") and ``speculative_tree`` (a tree width, with
+    a draft model, on the CPU backends) turn on speculative decoding; ``stats()`` then adds
+    ``spec_draft_tokens``, ``spec_accepted_tokens`` and ``spec_mean_accepted_length``.
     ``quantization`` ("int8", "w8a8", "int4", "gptq", "fp8"; chapter 11) quantizes the decoder's linear
     layers after loading (:func:`miniinfer.quant.quantize_model`; "gptq" calibrates on held-out
     Shakespeare text, for the bundled models); a GPTQ checkpoint folder loads quantized by itself.
