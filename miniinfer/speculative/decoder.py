@@ -17,6 +17,12 @@ cached paged prefix with causal alignment at the bottom right. Rejected guesses'
 slots past the sequence's computed count, where nothing reads them and the next step overwrites
 them.
 
+On the CPU backends (``torch``, ``sdpa``) the verify forward's attention is
+:func:`~miniinfer.speculative.verify_attention.batched_verify_attention` (one SDPA call for the batch),
+which also applies a tree mask: with ``tree_width`` the proposer returns token trees, the nodes' RoPE
+positions follow their depths, acceptance walks the tree (greedy, or SpecInfer's multi-candidate rule),
+and the accepted path's K/V are copied to consecutive slots before the commit's rollback.
+
 Which sequences speculate: decoding ones (one new token, past the prompt) whose sampling needs
 nothing but the distribution of each position — no penalties, logit bias, logprobs, stop strings,
 or unmet ``min_tokens`` — in steps without forks (``n > 1``) or prompt logprobs. Everything else in
