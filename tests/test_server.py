@@ -233,6 +233,70 @@ def test_non_finite_numbers_malformed_json_and_wrong_routes(server):
     assert post(server, "/v1/completions", b"x" * (9 * 2**20)).status_code == 413
 
 
+def test_fuzzed_bodies_never_get_a_5xx_and_the_server_keeps_serving(server):
+    """Random bodies: every field of both endpoints drawn from well-typed, out-of-range and wrong-typed
+    values (seeded; replay with MINIINFER_TEST_SEED). Each answer is a 200 or a 4xx with an error object."""
+    import os
+    import random
+
+    seed = int(os.environ.get("MINIINFER_TEST_SEED", random.randrange(2**31)))
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    junk = [None, True, -1, 0, 1, 2**63, -2**63, 1e308, -1e-9, 0.5, "", "x", [], [1], ["a"], {}, {"a": 1},
+            [[1, 2]], "\ud800"]
+    valid = {  # field -> values the server must accept
+        "max_tokens": [1, 2, 4], "temperature": [0, 0.7, 2], "top_p": [0.1, 1], "top_k": [-1, 0, 5],
+        "min_p": [0, 0.2], "n": [1, 2, 3], "stop": ["\n", ["a", "b"], [""]], "seed": [0, -5, 2**63 - 1],
+        "presence_penalty": [0, 1.5], "frequency_penalty": [-2, 0.3], "repetition_penalty": [1, 1.3],
+        "stream": [True, False], "ignore_eos": [True, False], "user": ["alice"], "logit_bias": [{"5": 2}, {}],
+        "min_tokens": [0, 1], "stop_token_ids": [[0], []], "no_such_field": [1, "x", None],
+    }
+    invalid = {  # field -> values the server must refuse with a 4xx
+        "model": ["nope", 5], "max_tokens": [0, -1, 10**12, "4"], "temperature": [2.5, -1], "top_p": [0, 1.5],
+        "top_k": [-7], "min_p": [1.1], "n": [0, 65], "stop": [[1]], "seed": [2**70], "presence_penalty": [3],
+        "frequency_penalty": [-2.1], "repetition_penalty": [0, -1], "logit_bias": [{"x": 1}, {"5": 500}, []],
+        "stream_options": [{"include_usage": "x"}, 3], "best_of": [5], "min_tokens": [100],
+        "stop_token_ids": [[-1], "a"], "ignore_eos": [1], "user": [5],
+    }
+    completion_only = {"prompt": (["ROMEO.\n", [1, 2, 3], ["a", "b"], [[1], [2]]], ["", [10**9], [], 5]),
+                       "logprobs": ([0, 3], [21, True]), "echo": ([False], [True])}
+    chat_only = {"messages": ([[{"role": "user", "content": "Hail!"}],
+                               [{"role": "assistant", "content": [{"type": "text", "text": "Hm."}]}]],
+                              [[], [{"role": "user"}], "hi", [{"role": "user", "content": "\ud800"}]]),
+                 "logprobs": ([True, False], [3]), "top_logprobs": ([0, 2], [30])}
+    statuses = []
+    for i in range(120):
+        chat = i % 2 == 1
+        body = {"model": MODEL, "max_tokens": 2}
+        body.update({"messages": [{"role": "user", "content": "Hail!"}]} if chat else {"prompt": "ROMEO.\n"})
+        own = chat_only if chat else completion_only
+        names = sorted(set(valid) | set(invalid) | set(own))
+        expect_error = False
+        for name in rng.sample(names, rng.randint(1, 6)):
+            good, bad_values = own.get(name, (valid.get(name, []), invalid.get(name, [])))
+            if good and rng.random() < 0.85:
+                body[name] = rng.choice(good)
+            else:
+                body[name] = rng.choice(bad_values + junk) if bad_values else rng.choice(junk)
+                # 1 == True in Python: compare types too
+                expect_error |= any(type(body[name]) is type(v) and body[name] == v for v in bad_values)
+        if chat and body.get("top_logprobs") is not None and not body.get("logprobs"):
+            expect_error = True
+        if not body.get("stream") and "stream_options" in body and body["stream_options"] is not None:
+            expect_error = True
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        response = httpx.post(server.url + path, content=json.dumps(body),
+                              headers={"Content-Type": "application/json"}, timeout=60)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (path, body, response.text)
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+        elif expect_error:
+            raise AssertionError(f"accepted a bad request: {path} {body}")
+    assert statuses.count(200) >= 20 and statuses.count(400) >= 20, statuses
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_openai_exception_types_and_unknown_fields(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="gpt-17", prompt="x", max_tokens=2)

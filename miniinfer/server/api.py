@@ -83,7 +83,7 @@ async def _read_json(request: Request) -> dict:
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
-        raise APIError(404, f"The model '{model}' does not exist. This server serves '{state.model_name}' "
+        raise APIError(404, f"The model '{model:.200}' does not exist. This server serves '{state.model_name}' "
                             "(GET /v1/models).", param="model", code="model_not_found")
 
 
