@@ -90,3 +90,53 @@ def test_int4_matmul_checks_its_inputs():
     x = torch.randn(1, 64)
     torch.testing.assert_close(int4_matmul(x, layer.qweight, layer.qzeros, layer.scales, 32),
                                int4_matmul_torch(x, layer.qweight, layer.qzeros, layer.scales, 32))
+
+
+def emulate_int4_gemv_cuda(x, qweight, qzeros, scales, group_size, groups_per_split):
+    """csrc/int4_gemv.cu re-stated in NumPy (no GPU here): the same index maps — 16-byte vectors of 4
+    packed words per thread, the K slice per blockIdx.y, the 2^23 mantissa trick, scale and zero applied
+    once per group — vectorised over the threads (columns). Returns the float32 partial sums [splits, N]."""
+    import numpy as np
+
+    K, N = x.numel(), qweight.shape[1]
+    G = K // group_size
+    splits = -(-G // groups_per_split)
+    xs_all = x.float().numpy().reshape(-1)
+    words = qweight.numpy().view(np.uint32).reshape(K // 8, N // 4, 4)  # [row, thread, j]: one int4 per thread
+    zwords = qzeros.numpy().view(np.uint32)
+    sc = scales.float().numpy()
+    n = np.arange(0, N, 4)  # the first column of every thread
+    partial = np.zeros((splits, N), dtype=np.float32)
+    for split in range(splits):
+        g_begin, g_end = split * groups_per_split, min(split * groups_per_split + groups_per_split, G)
+        k_begin = g_begin * group_size
+        xs = xs_all[k_begin:g_end * group_size]  # shared memory
+        acc = np.zeros((N // 4, 4), dtype=np.float32)
+        for g in range(g_begin, g_end):
+            dot = np.zeros((N // 4, 4), dtype=np.float32)
+            x_sum = np.float32(0)
+            for r in range(g * group_size // 8, (g + 1) * group_size // 8):
+                packed = words[r]  # [threads, 4]
+                for i in range(8):
+                    xv = np.float32(xs[r * 8 - k_begin + i])
+                    x_sum += xv
+                    nib = (((packed >> np.uint32(4 * i)) & np.uint32(0xF)) | np.uint32(0x4B000000)).view(np.float32)
+                    dot += xv * (nib - np.float32(8388608.0))
+            zword = zwords[g, n // 8]  # [threads]
+            shift = ((n % 8) * 4)[:, None] + 4 * np.arange(4)[None, :]
+            z = ((zword[:, None] >> shift.astype(np.uint32)) & np.uint32(0xF)).astype(np.float32)
+            s = sc[g, n[:, None] + np.arange(4)[None, :]]
+            acc += s * (dot - z * x_sum)
+        partial[split] = acc.reshape(-1)
+    return torch.from_numpy(partial)
+
+
+@pytest.mark.parametrize("K,N,g,groups_per_split", [(64, 40, 16, 1), (256, 96, 128, 1), (192, 24, 32, 4),
+                                                    (384, 520, 64, 2)])
+def test_cuda_gemv_index_maps_emulated(K, N, g, groups_per_split):
+    layer, *_ = layer_tensors(K, N, g, torch.float16, K + N)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K)).to(torch.float16)
+    partial = emulate_int4_gemv_cuda(x, layer.qweight, layer.qzeros, layer.scales, g, groups_per_split)
+    reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+    torch.testing.assert_close(partial.sum(0)[None], reference, atol=1e-3 * reference.abs().max().item(),
+                               rtol=1e-4)
