@@ -85,12 +85,15 @@ def moe_reference(x: torch.Tensor, block: Qwen2MoeSparseBlock, capacity_factor: 
 
 def ep_moe(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool,
            local_gate_up: torch.Tensor, local_down: torch.Tensor, num_experts: int,
-           capacity_factor: float | None = None, group=None, stats: dict | None = None) -> torch.Tensor:
+           capacity_factor: float | None = None, group=None, stats: dict | None = None,
+           dispatch=None) -> torch.Tensor:
     """This rank's tokens x [T, E] through experts spread over the group -> [T, E] (routed part only).
 
     ``local_gate_up`` [X/N, 2·I, E] and ``local_down`` [X/N, E, I] are this rank's experts. Every rank must
     use the same capacity: C comes from the largest T over the ranks (one small all-reduce). ``stats``, when
-    given, receives per-expert counts, drops, probabilities and the all-to-all bytes.
+    given, receives per-expert counts, drops, probabilities and the all-to-all bytes. ``dispatch``: your own
+    ``(experts [T, k], num_experts, capacity) -> slot [T·k]`` (chapter 12's exercise) instead of
+    :func:`dispatch_plan`'s.
     """
     N = dist.get_world_size(group) if dist.is_initialized() else 1
     T, E = x.shape
@@ -102,6 +105,9 @@ def ep_moe(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_p
         dist.all_reduce(T_max, op=dist.ReduceOp.MAX, group=group)
     cap = capacity(int(T_max), top_k, num_experts, capacity_factor)
     plan = dispatch_plan(experts, num_experts, cap)
+    if dispatch is not None:
+        slot = torch.as_tensor(dispatch(experts, num_experts, cap)).reshape(-1).long()
+        plan = DispatchPlan(slot, slot >= 0, plan.counts)
     tokens = torch.arange(T).repeat_interleave(top_k)
     send = x.new_zeros(num_experts * cap, E)
     kept = plan.kept
@@ -145,7 +151,7 @@ class EPMoeBlock(nn.Module):
     replicated, X/N experts here). Same forward contract: x [*, E] -> [*, E]."""
 
     def __init__(self, block: Qwen2MoeSparseBlock, rank: int, world: int, capacity_factor: float | None = None,
-                 group=None):
+                 group=None, dispatch=None):
         super().__init__()
         X = block.experts.num_experts
         if X % world:
@@ -159,24 +165,26 @@ class EPMoeBlock(nn.Module):
                                       requires_grad=False)
         self.shared_expert, self.shared_expert_gate = block.shared_expert, block.shared_expert_gate
         self.stats: dict = {}
+        self.dispatch = dispatch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         out = ep_moe(x, self.gate.weight, self.top_k, self.norm_topk_prob, self.gate_up_proj, self.down_proj,
-                     self.num_experts, self.capacity_factor, self.group, self.stats)
+                     self.num_experts, self.capacity_factor, self.group, self.stats, self.dispatch)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.reshape(shape)
 
 
-def make_expert_parallel(model, rank: int, world: int, capacity_factor: float | None = None, group=None):
+def make_expert_parallel(model, rank: int, world: int, capacity_factor: float | None = None, group=None,
+                         dispatch=None):
     """Replace every sparse block of a loaded Qwen2-MoE by its :class:`EPMoeBlock` (in place) -> model.
 
     Each rank then runs *its own* sequences through the whole model; the sparse layers exchange tokens.
     Every rank must call the model the same number of times (the all-to-alls pair them up)."""
     for layer in model.model.layers:
         if isinstance(layer.mlp, Qwen2MoeSparseBlock):
-            layer.mlp = EPMoeBlock(layer.mlp, rank, world, capacity_factor, group)
+            layer.mlp = EPMoeBlock(layer.mlp, rank, world, capacity_factor, group, dispatch)
     return model
 
