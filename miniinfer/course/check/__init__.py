@@ -16,4 +16,5 @@ from miniinfer.course.check.ch08_radix_cache import *  # noqa: F401,F403
 from miniinfer.course.check.ch09_flash_attention import *  # noqa: F401,F403
 from miniinfer.course.check.ch10_speculative_decoding import *  # noqa: F401,F403
 from miniinfer.course.check.ch11_quantization import *  # noqa: F401,F403
+from miniinfer.course.check.ch12_parallelism import *  # noqa: F401,F403
 from miniinfer.course.check.ch13_serving import *  # noqa: F401,F403
