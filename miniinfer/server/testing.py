@@ -49,7 +49,8 @@ class ServerProcess:
             time.sleep(0.1)
 
     def read_log(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def engine_stats(self) -> dict:
