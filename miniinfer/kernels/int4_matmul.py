@@ -150,10 +150,23 @@ def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | Non
     return out.to(x.dtype).unsqueeze(0)
 
 
+_warned_cuda_failure = False
+
+
+def _warn_cuda_failure(error: Exception) -> None:
+    """The CUDA GEMV failed to build or launch: say so once, and let ``auto`` stop choosing it."""
+    global _warned_cuda_failure
+    import warnings
+
+    _warned_cuda_failure = True
+    warnings.warn(f"int4 CUDA GEMV unavailable ({type(error).__name__}: {error}); using the Triton kernel",
+                  stacklevel=3)
+
+
 def _pick(x: torch.Tensor, N: int, K: int, group_size: int) -> str:
     if not x.is_cuda:
         return "torch"
-    if cuda_supports(x, N, K, group_size) is None and cuda_kernels_available():
+    if cuda_supports(x, N, K, group_size) is None and not _warned_cuda_failure and cuda_kernels_available():
         return "cuda"
     return "triton" if x.shape[0] <= 16 else "torch"
 
@@ -163,12 +176,17 @@ def int4_matmul(x, qweight, qzeros, scales, group_size, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ValueError(f"int4_matmul: backend must be one of {BACKENDS}, got {backend!r}")
     M, N, K = _check(x, qweight, qzeros, scales, group_size)
-    if backend == "auto":
+    automatic = backend == "auto"
+    if automatic:
         backend = _pick(x, N, K, group_size)
     if backend == "cuda":
+        if not automatic:  # asked for by name: its errors are the caller's to see
+            return int4_gemv_cuda(x, qweight, qzeros, scales, group_size)
         try:
             return int4_gemv_cuda(x, qweight, qzeros, scales, group_size)
-        except CudaUnavailableError:
+        except Exception as error:  # noqa: BLE001 - no toolchain, a failed JIT build: Triton takes over
+            if not isinstance(error, CudaUnavailableError):
+                _warn_cuda_failure(error)
             backend = "triton" if M <= 16 else "torch"
     if backend == "triton":
         return int4_matmul_triton(x, qweight, qzeros, scales, group_size)

@@ -283,9 +283,15 @@ class FP8Linear(QuantLinear):
         qx, sx = self._activation(x2)
         K, N = self.in_features, self.out_features
         if (self.fmt.name == "e4m3" and _has_fp8_matmul(x.device) and K % 16 == 0 and N % 16 == 0
-                and x.dtype in (torch.bfloat16, torch.float16)):
+                and x.dtype == torch.bfloat16):
+            # cuBLASLt wants both dims of the left operand divisible by 16: pad the tokens (zero rows).
+            M = qx.shape[0]
+            pad = -M % 16
+            if pad:
+                qx = torch.cat([qx, qx.new_zeros(pad, K)])
+                sx = torch.cat([sx, sx.new_ones(pad, 1)])
             y = torch._scaled_mm(qx, self.weight_fp8.t(), scale_a=sx, scale_b=self.scale[None, :],
-                                 out_dtype=x.dtype)
+                                 out_dtype=x.dtype)[:M]
         else:
             y = ((qx.float() * sx) @ self.dequantized_weight(torch.float32).t()).to(x.dtype)
         return self._add_bias(y).reshape(*shape[:-1], N)
