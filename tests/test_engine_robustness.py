@@ -325,3 +325,29 @@ def test_fuzz_random_requests_aborts_and_dropped_streams(small_model, seed):
         for _ in range(6):
             tokens.append(int(small_model(torch.tensor([tokens]))[0, -1].argmax()))
     assert got == tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [12, 16, 20])
+def test_a_tiny_pool_full_of_cached_prefixes_never_stops_the_engine(small_model, num_kv_blocks):
+    """Regression: with every block in the prefix cache and each waiting request pinning its own cached
+    prefix at admission, nothing was evictable and nothing admissible — the engine raised "could not
+    schedule anything". Requests share prefixes (two identical prompts, a common head) and preemption
+    returns their blocks to the cache, which is what fills it."""
+    rng = random.Random(7)
+    vocab = small_model.config.vocab_size
+    head = [rng.randrange(vocab) for _ in range(6)]
+    prompts = [head[:2], head + [rng.randrange(vocab) for _ in range(12)], head + [5, 6, 7, 8], head[:2],
+               [rng.randrange(vocab) for _ in range(9)]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def generate(config):
+        engine = LLMEngine(small_model, None, config)
+        ids = [engine.add_request(p, params) for p in prompts]
+        outputs = finish_all(engine)
+        return [outputs[i].token_ids for i in ids], engine
+
+    roomy, _ = generate(EngineConfig(block_size=4, num_kv_blocks=256))
+    tight, engine = generate(EngineConfig(block_size=4, num_kv_blocks=num_kv_blocks))
+    assert tight == roomy
+    assert engine.scheduler.num_preemptions > 0  # the pool really was too small for the batch
+    assert all_blocks_free(engine)

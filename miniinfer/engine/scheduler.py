@@ -178,6 +178,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._held: list[Sequence] = []  # this step's admission candidates, holding their cached prefixes
+        self._held_released = False      # ... released to make room (then nobody is admitted in this step)
         self.counters = dict(prefill_tokens_computed=0, recomputed_tokens=0, prefix_cache_hit_tokens=0,
                              generation_tokens=0)
 
@@ -206,6 +208,8 @@ class Scheduler:
             shortfall = manager.num_blocks_needed(seq, num_new_tokens) - manager.num_free_blocks
             if self.radix_cache is not None and self.radix_cache.evict(shortfall) > 0:
                 continue
+            if self._release_held_prefixes():
+                continue  # the waiting candidates' cached prefixes were pinned: now they can be evicted
             victim = next((s for s in reversed(self.running) if s.seq_id not in protected), None)
             if victim is None:
                 return False
@@ -275,6 +279,26 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 
+    def _release_held_prefixes(self, candidates: list[Sequence] | None = None) -> bool:
+        """Unpin the cached prefixes that admission candidates hold (all of this step's, or ``candidates``).
+
+        A candidate's prefix blocks are held from the look-up until admission, so that no eviction in
+        between takes them. When memory runs short that hold can be exactly what stops the pool from
+        freeing a block: with every block in the prefix cache and each waiting request pinning its own
+        prefix, nothing is evictable and nothing can be admitted — the engine would stop. Released
+        candidates are not admitted in this step (they look their prefixes up again in the next).
+        Returns whether any block was unpinned.
+        """
+        released = False
+        for seq in self._held if candidates is None else candidates:
+            if seq.block_table and seq.status is SequenceStatus.WAITING:
+                self._release_candidate(seq)
+                released = True
+        if candidates is None:
+            self._held = []
+            self._held_released = released or self._held_released
+        return released
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         config = self.config
@@ -283,6 +307,7 @@ class Scheduler:
         seats_taken = self.num_seats_taken
         running = list(self.running)
         candidates = self._admission_candidates(budget, max(0, config.max_num_seqs - seats_taken))
+        self._held, self._held_released = list(candidates), False
         extra_seats = seats_taken - len(running)
         counts = self._plan([seq.num_uncomputed_tokens for seq in running],
                             [seq.num_uncomputed_tokens for seq in candidates], budget,
@@ -308,15 +333,19 @@ class Scheduler:
             self._add_to_plan(plan, seq, num_new, in_batch)
             budget -= num_new
 
-        # 2. Waiting sequences the plan admits, unless memory is so tight that we just preempted someone.
-        admitting = not preempted
+        # 2. Waiting sequences the plan admits, unless memory is so tight that we just preempted someone
+        #    (or had to unpin the candidates' prefixes to make room for the running ones).
+        admitting = not preempted and not self._held_released
         if preempted:
             seats_taken = self.num_seats_taken  # preemptions gave seats back
-        for seq, num_new in zip(candidates, waiting_counts):
+        for position, (seq, num_new) in enumerate(zip(candidates, waiting_counts)):
             if admitting and num_new > 0 and seats_taken + seq.num_seats > config.max_num_seqs:
                 admitting = False  # first come first served: no overtaking by smaller requests
             if admitting and num_new > 0 and not self.block_manager.can_allocate(seq, num_new):
                 if self.radix_cache is not None:
+                    # First come first served: the candidates behind this one will not be admitted in this
+                    # step, so their pinned prefixes go back to the cache, where eviction can reach them.
+                    self._release_held_prefixes(candidates[position + 1:])
                     self.radix_cache.evict(self.block_manager.num_blocks_needed(seq, num_new)
                                            - self.block_manager.num_free_blocks)
                 admitting = self.block_manager.can_allocate(seq, num_new)
