@@ -234,7 +234,7 @@ def test_non_finite_numbers_malformed_json_and_wrong_routes(server):
 
 
 def test_fuzzed_bodies_never_get_a_5xx_and_the_server_keeps_serving(server):
-    """Random bodies: every field of both endpoints drawn from well-typed, out-of-range and wrong-typed
+    """80 random bodies: every field of both endpoints drawn from well-typed, out-of-range and wrong-typed
     values (seeded; replay with MINIINFER_TEST_SEED). Each answer is a 200 or a 4xx with an error object."""
     import os
     import random
@@ -265,7 +265,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_keeps_serving(server):
                               [[], [{"role": "user"}], "hi", [{"role": "user", "content": "\ud800"}]]),
                  "logprobs": ([True, False], [3]), "top_logprobs": ([0, 2], [30])}
     statuses = []
-    for i in range(120):
+    for i in range(80):
         chat = i % 2 == 1
         body = {"model": MODEL, "max_tokens": 2}
         body.update({"messages": [{"role": "user", "content": "Hail!"}]} if chat else {"prompt": "ROMEO.\n"})
