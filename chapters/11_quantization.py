@@ -376,8 +376,10 @@ for name, cal, held in rows:
 # ### Exercise 11.5 — fake quantization with a straight-through estimator
 #
 # `fake_quantize_ste(w, bits, group_size)`: asymmetric RTN with groups in the forward pass (your
-# exercises 11.1–11.2, or `quantize_dequantize`), identity gradient in the backward pass. Do not
-# modify `w`.
+# exercises 11.1–11.2, or `quantize_dequantize`), identity gradient in the backward pass; do not
+# modify `w`. Then `qat_step(w, x, target, bits, group_size, lr)`: one step of QAT on a single
+# layer — forward with the fake-quantized weight, mean squared error against `target`, backward,
+# and return the updated float weights `w − lr · ∂loss/∂w` (a new tensor, without grad).
 
 # %% tags=["exercise"] exercise="11.5"
 def fake_quantize_ste(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -386,8 +388,15 @@ def fake_quantize_ste(w: torch.Tensor, bits: int, group_size: int) -> torch.Tens
     raise NotImplementedError("Exercise 11.5: implement `fake_quantize_ste`")
 
 
+def qat_step(w: torch.Tensor, x: torch.Tensor, target: torch.Tensor, bits: int, group_size: int,
+             lr: float) -> torch.Tensor:
+    """w [N, K], x [T, K], target [T, N] -> w after one SGD step on mean((x ŵᵀ − target)²)."""
+    # YOUR CODE HERE (Exercise 11.5)
+    raise NotImplementedError("Exercise 11.5: implement `qat_step`")
+
+
 # %% tags=["check"] exercise="11.5"
-check.fake_quantize_ste(fake_quantize_ste)
+check.fake_quantize_ste(fake_quantize_ste, qat_step)
 
 
 # %% [markdown]

@@ -389,8 +389,10 @@ for name, cal, held in rows:
 # ### Exercise 11.5 — fake quantization with a straight-through estimator
 #
 # `fake_quantize_ste(w, bits, group_size)`: asymmetric RTN with groups in the forward pass (your
-# exercises 11.1–11.2, or `quantize_dequantize`), identity gradient in the backward pass. Do not
-# modify `w`.
+# exercises 11.1–11.2, or `quantize_dequantize`), identity gradient in the backward pass; do not
+# modify `w`. Then `qat_step(w, x, target, bits, group_size, lr)`: one step of QAT on a single
+# layer — forward with the fake-quantized weight, mean squared error against `target`, backward,
+# and return the updated float weights `w − lr · ∂loss/∂w` (a new tensor, without grad).
 
 # %% tags=["exercise"] exercise="11.5"
 def fake_quantize_ste(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -402,8 +404,20 @@ def fake_quantize_ste(w: torch.Tensor, bits: int, group_size: int) -> torch.Tens
     ### END SOLUTION
 
 
+def qat_step(w: torch.Tensor, x: torch.Tensor, target: torch.Tensor, bits: int, group_size: int,
+             lr: float) -> torch.Tensor:
+    """w [N, K], x [T, K], target [T, N] -> w after one SGD step on mean((x ŵᵀ − target)²)."""
+    ### BEGIN SOLUTION
+    w = w.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = ((x @ fake_quantize_ste(w, bits, group_size).T - target) ** 2).mean()
+        loss.backward()
+    return (w - lr * w.grad).detach()
+    ### END SOLUTION
+
+
 # %% tags=["check"] exercise="11.5"
-check.fake_quantize_ste(fake_quantize_ste)
+check.fake_quantize_ste(fake_quantize_ste, qat_step)
 
 # %% [markdown]
 # The package's `quantize_model(model, "qat", calibration=ids)` wraps every decoder matmul in a

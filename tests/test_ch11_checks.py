@@ -16,7 +16,7 @@ from miniinfer.quant.quantize import quantize_dequantize
 CHAPTER = "11_quantization"
 EXERCISES = {"quantize_groups": ("quantize_groups",), "dequantize_groups": ("dequantize_groups",),
              "pack_int4": ("pack_int4", "unpack_int4"), "gptq_column_update": ("gptq_column_update",),
-             "fake_quantize_ste": ("fake_quantize_ste",)}
+             "fake_quantize_ste": ("fake_quantize_ste", "qat_step")}
 
 
 def _answers(path) -> dict:
@@ -69,8 +69,24 @@ def _skips_column_j(W, U, j, q_j):
     return err
 
 
-def _zero_gradient(w, bits, g):
-    return quantize_dequantize(w.detach(), bits, symmetric=False, group_size=g).requires_grad_(True)
+def _fake_quant(w, bits, g):
+    return quantize_dequantize(w, bits, symmetric=False, group_size=g)
+
+
+def _step_without_ste(w, x, target, bits, g, lr):
+    """Rounding inside autograd's view: its gradient is zero, so nothing moves."""
+    w = w.clone().requires_grad_(True)
+    scale = (w.detach().abs().amax() / 7)
+    wq = torch.round(w / scale) * scale
+    ((x @ wq.T - target) ** 2).mean().backward()
+    return (w - lr * w.grad).detach()
+
+
+def _step_on_float_weights(w, x, target, bits, g, lr):
+    """Gradient of the float layer, not of the fake-quantized one."""
+    w = w.clone().requires_grad_(True)
+    ((x @ w.T - target) ** 2).mean().backward()
+    return (w - lr * w.grad).detach()
 
 
 WRONG = [
@@ -78,7 +94,8 @@ WRONG = [
     ("quantize_groups", (_asym_not_widened,), "scale|zero|half a step"),
     ("pack_int4", (_swapped_nibbles, lambda p: torch.stack([p & 15, p >> 4], -1).flatten(-2)), "byte"),
     ("gptq_column_update", (_skips_column_j,), "W after the update"),
-    ("fake_quantize_ste", (_zero_gradient,), "gradient"),
+    ("fake_quantize_ste", (_fake_quant, _step_without_ste), "unchanged"),
+    ("fake_quantize_ste", (_fake_quant, _step_on_float_weights), "after one QAT step"),
     ("dequantize_groups", (lambda q, s, z, g: q.float() * s.repeat_interleave(g, 1),), "dequantized"),
 ]
 

@@ -223,31 +223,36 @@ def gptq_column_update(fn) -> int:
 # ------------------------------------------------------------------------------------------------
 
 @exercise("11.5", "fake quantization with a straight-through estimator")
-def fake_quantize_ste(fn) -> int:
-    """Forward: the RTN-quantized weight (asymmetric, groups). Backward: the identity (the gradient of any
-    loss reaches w unchanged), and w itself untouched."""
+def fake_quantize_ste(fake_fn, step_fn) -> int:
+    """``fake_fn``'s value must be RTN's (asymmetric, groups) and leave w alone; ``step_fn`` (one QAT step:
+    fake-quantized forward, MSE loss, backward, SGD update, all in your own process) must move the float
+    weights exactly as the straight-through gradient does: a gradient stopped by the rounding moves
+    nothing, a gradient of the rounding's slope moves them wrongly."""
     rng = random.Random()
     cases = 0
     for bits, g, (N, K) in ((4, 16, (3, 32)), (3, 8, (5, 24)), (8, 32, (2, 64))):
-        w = _weights(rng, N, K).requires_grad_(True)
-        before = w.detach().clone()
+        w = _weights(rng, N, K)
         case = f"w of shape ({N}, {K}), bits={bits}, group_size={g}"
-        out = call_student(fn, w, bits, g, case=case)
-        expected = quantize_dequantize(before, bits, symmetric=False, group_size=g)
+        out = call_student(fake_fn, w.clone(), bits, g, case=case)
+        expected = quantize_dequantize(w, bits, symmetric=False, group_size=g)
         if not isinstance(out, torch.Tensor):
             fail(f"expected a tensor, got {type(out).__name__}", case=case)
         assert_close(out.detach(), expected, what="forward value", case=case, atol=1e-7, rtol=1e-5,
                      hint="the value must be dequantize(quantize(w)): what the int model computes with")
-        if not out.requires_grad:
-            fail("the output does not require grad: the gradient cannot reach w", case=case,
-                 hint="return w + (w_q − w).detach(): value w_q, gradient 1")
-        upstream = torch.randn(N, K)
-        (out * upstream).sum().backward()
-        if w.grad is None:
-            fail("no gradient reached w", case=case, hint="return w + (w_q − w).detach()")
-        assert_close(w.grad, upstream, what="gradient w.r.t. w", case=case, atol=1e-6, rtol=1e-6,
-                     hint="straight-through: d out / d w must be the identity (round has zero gradient: detach it)")
-        if not torch.equal(w.detach(), before):
-            fail("your function changed w in place", case=case)
+        # One QAT step, computed in the student's process (autograd does not cross to the checker).
+        x, target, lr = torch.randn(7, K), torch.randn(7, N) * 0.1, 0.05
+        step_case = f"{case}; qat_step(w, x [7, {K}], target [7, {N}], lr={lr})"
+        new_w = call_student(step_fn, w.clone(), x, target, bits, g, lr, case=step_case)
+        w_ref = w.clone().requires_grad_(True)
+        wq = w_ref + (quantize_dequantize(w_ref.detach(), bits, symmetric=False, group_size=g) - w_ref).detach()
+        ((x @ wq.T - target) ** 2).mean().backward()
+        expected_w = (w - lr * w_ref.grad).detach()
+        if isinstance(new_w, torch.Tensor) and tuple(new_w.shape) == tuple(w.shape) and torch.equal(new_w, w):
+            fail("qat_step returned w unchanged: no gradient reached the float weights", case=step_case,
+                 hint="the rounding has zero gradient: fake_quantize_ste must return w + (w_q − w).detach(), "
+                      "and qat_step must call backward on a loss computed from it")
+        assert_close(new_w, expected_w, what="w after one QAT step", case=step_case, atol=1e-6, rtol=1e-5,
+                     hint="straight-through: d loss / d w = d loss / d w_q (the rounding counts as the identity); "
+                          "update w − lr · w.grad")
         cases += 1
     return cases
