@@ -188,3 +188,49 @@ def make_expert_parallel(model, rank: int, world: int, capacity_factor: float | 
             layer.mlp = EPMoeBlock(layer.mlp, rank, world, capacity_factor, group, dispatch)
     return model
 
+
+
+class ExpertShardedBlock(nn.Module):
+    """Expert parallel for *replicated* tokens (what ``LLM(moe_path, tensor_parallel_size=N)`` runs): every
+    rank sees every token of the step (attention replicated), runs only its X/N experts on the pairs routed
+    to them, and one all-reduce sums the experts' contributions. No capacity, nothing dropped; the
+    all-reduce replaces the two all-to-alls of :class:`EPMoeBlock`, which need each rank to own its tokens."""
+
+    def __init__(self, block: Qwen2MoeSparseBlock, rank: int, world: int, group=None):
+        super().__init__()
+        X = block.experts.num_experts
+        if X % world:
+            raise ValueError(f"expert parallel: num_experts ({X}) is not divisible by the number of ranks ({world})")
+        per = X // world
+        self.first, self.group = rank * per, group
+        self.gate, self.top_k, self.norm_topk_prob = block.gate, block.top_k, block.norm_topk_prob
+        self.gate_up_proj = nn.Parameter(block.experts.gate_up_proj[rank * per:(rank + 1) * per].detach().clone(),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(block.experts.down_proj[rank * per:(rank + 1) * per].detach().clone(),
+                                      requires_grad=False)
+        self.shared_expert, self.shared_expert_gate = block.shared_expert, block.shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from miniinfer.distributed.comm import all_reduce
+
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = route(self.gate(x), self.top_k, self.norm_topk_prob)
+        out = torch.zeros_like(x)
+        for local in range(self.gate_up_proj.shape[0]):
+            tokens, choice = torch.nonzero(experts == self.first + local, as_tuple=True)
+            if len(tokens):
+                y = expert_forward(x[tokens], self.gate_up_proj[local], self.down_proj[local])
+                out.index_add_(0, tokens, y * weights[tokens, choice, None].to(y.dtype))
+        out = all_reduce(out, self.group)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+
+def shard_experts(model, rank: int, world: int, group=None):
+    """Replace every sparse block by its :class:`ExpertShardedBlock` (in place) -> model."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, Qwen2MoeSparseBlock):
+            layer.mlp = ExpertShardedBlock(layer.mlp, rank, world, group)
+    return model

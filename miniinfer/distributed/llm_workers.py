@@ -13,6 +13,10 @@ cache with the same block layout. Every forward of the engine becomes:
    rank; pipeline parallel: stage s receives the hidden states from s−1, sends them to s+1, and the last
    stage sends the logits rows to rank 0.
 
+A mixture-of-experts model (Qwen2-MoE) with ``tensor_parallel_size=N`` runs **expert parallel** instead:
+attention and the shared expert replicated, the routed experts split N ways, one all-reduce per sparse
+layer (:class:`~miniinfer.distributed.ep.ExpertShardedBlock`).
+
 Copy-on-write block copies (``n > 1``) are broadcast the same way. Compute collectives use the default
 group's timeout, so a rank that dies makes the others raise instead of hang. Not supported together:
 tensor *and* pipeline parallel in one LLM, speculative decoding, CUDA graphs (a broadcast of Python
@@ -41,6 +45,12 @@ def _load(path, tp: int, pp: int, rank: int, dtype, device, components, max_mode
 
     model, tokenizer = load_model(path, dtype=dtype, device=device, components=components,
                                   max_model_len=max_model_len)
+    from miniinfer.models.qwen2_moe import Qwen2MoeForCausalLM
+
+    if tp > 1 and isinstance(model, Qwen2MoeForCausalLM):  # a mixture of experts: expert parallel
+        from miniinfer.distributed.ep import shard_experts
+
+        return shard_experts(model, rank, tp), tokenizer, model.config
     if tp > 1:
         from miniinfer.distributed.tp import shard_qwen2
 
