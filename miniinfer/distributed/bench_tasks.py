@@ -83,7 +83,9 @@ def tp_decode_random(config_kwargs: dict | None, prompt_len: int = 128, new_toke
     from miniinfer.kv_cache import KVCache
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device())
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     torch_dtype = getattr(torch, dtype)
     config = qwen25_7b_config() if config_kwargs is None else qwen25_7b_config().__class__(**config_kwargs)
     H, H_kv = config.num_attention_heads, config.num_key_value_heads
@@ -114,15 +116,15 @@ def tp_decode_random(config_kwargs: dict | None, prompt_len: int = 128, new_toke
     positions = torch.arange(prompt_len, device=device)[None]
     logits = shard(ids, positions, attention=cache)
     token = logits[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    sync()
     dist.barrier()
     start = time.perf_counter()
     for step in range(new_tokens):
         position = torch.tensor([[prompt_len + step]], device=device)
         token = shard(token, position, attention=cache)[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in shard.parameters())
     return {"tok_s": new_tokens / seconds, "ms_per_token": 1000 * seconds / new_tokens,
             "weight_gb_per_rank": weight_bytes / 1e9,
-            "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+            "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None}
