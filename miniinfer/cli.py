@@ -191,6 +191,10 @@ def _grade(args) -> int:
     return grade.main(args)
 
 
+def _missing_course_tools(error: ImportError) -> int:
+    raise ImportError(f"miniinfer grade needs the course tools: pip install 'miniinfer[dev]' ({error})")
+
+
 def _serve(args) -> int:
     from miniinfer.server.serve import run
 
@@ -258,10 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=_chat)
 
     grade = commands.add_parser("grade", help="grade student notebooks against the canonical chapter")
-    from miniinfer.course.grade import add_grade_arguments
-
-    add_grade_arguments(grade)
-    grade.set_defaults(run=_grade)
+    try:
+        from miniinfer.course.grade import add_grade_arguments
+    except ImportError as error:  # the course tools need the dev extra (nbformat, nbclient); a server image lacks them
+        grade.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        grade.set_defaults(run=lambda args, error=error: _missing_course_tools(error))
+    else:
+        add_grade_arguments(grade)
+        grade.set_defaults(run=_grade)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and gRPC)")
     from miniinfer.server.serve import add_serve_arguments
