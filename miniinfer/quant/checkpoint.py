@@ -186,6 +186,7 @@ def _build_layer(tensors: dict, names: tuple[str, ...], bits: int, group_size: i
 def load_gptq_model(folder: str | Path, config, *, dtype: torch.dtype, device: torch.device, components=None):
     """A :class:`~miniinfer.models.qwen2.Qwen2ForCausalLM` whose decoder linears are :class:`GroupQuantLinear`
     built from a GPTQ folder (called by :func:`miniinfer.load_model` when config.json says so)."""
+    from miniinfer import loader
     from miniinfer.loader import _read_safetensors, _safetensors_files
     from miniinfer.models.qwen2 import Qwen2ForCausalLM
 
@@ -193,7 +194,8 @@ def load_gptq_model(folder: str | Path, config, *, dtype: torch.dtype, device: t
     bits, group_size, v1 = _check_quantization_config(quantization_config(folder), folder)
     tensors = _read_safetensors(_safetensors_files(folder))
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config, components)
+        # The loader's class for this model_type (Llama and Qwen3 share Qwen2's decoder, with switches).
+        model = getattr(loader, "MODEL_CLASSES", {}).get(config.model_type, Qwen2ForCausalLM)(config, components)
     for i in range(config.num_hidden_layers):
         for fused, parts in SPLITS.items():
             K = config.intermediate_size if fused == "mlp.down_proj" else (
