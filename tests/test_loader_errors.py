@@ -65,7 +65,8 @@ def test_config_not_json(checkpoint):
     (dict(architectures=["GemmaForCausalLM"], model_type="gemma"),
      "unsupported architecture.*GemmaForCausalLM.*runs.*LlamaForCausalLM.*Qwen3ForCausalLM"),
     (dict(architectures=["LlamaForCausalLM"], model_type="qwen2"), "unsupported architecture"),  # inconsistent
-    (dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe"), "unsupported architecture"),
+    # Qwen2-MoE is supported (chapter 12): a dense checkpoint relabelled as MoE names the missing field
+    (dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe"), "num_experts must be a positive integer"),
     (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None), "sliding-window"),
     (dict(layer_types=["full_attention", "sliding_attention"]), "sliding-window"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope scaling 'yarn'"),
