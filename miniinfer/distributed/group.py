@@ -203,7 +203,7 @@ class WorkerPool:
                     q.put(None)
                 except Exception:  # noqa: BLE001
                     pass
-            deadline = time.monotonic() + 3
+            deadline = time.monotonic() + 1  # nothing to flush: a worker stuck in a group destructor is killed
             for p in self._procs:
                 p.join(timeout=max(0.1, deadline - time.monotonic()))
         for p in self._procs:
