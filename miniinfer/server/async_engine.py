@@ -67,6 +67,10 @@ def admission_rule(num_waiting: int, max_waiting: int, finish_rate: float) -> in
     return max(1, min(60, math.ceil((num_waiting - max_waiting + 1) / finish_rate)))
 
 
+# engine.stats() walks the prefix cache's tree (O(cached blocks)): while busy, the snapshot that
+# /metrics and the admission rule read is refreshed at most this often, not after every step.
+STATS_INTERVAL_S = 0.05
+
 class QueueFull(Exception):
     """The waiting queue is at its bound: try again later (HTTP 503 + Retry-After)."""
 
@@ -229,6 +233,7 @@ class AsyncEngine:
         self._accepting = False
         self._stopping = False
         self.stats_snapshot: dict = {}
+        self._stats_published_at = 0.0
         self.num_steps = 0
         self.dead: BaseException | None = None
 
@@ -341,7 +346,8 @@ class AsyncEngine:
             self.num_steps += 1
             self._deliver_all(outputs, now, start)
             self._mark_scheduled(start)
-            self._publish_stats(busy)
+            if now - self._stats_published_at >= STATS_INTERVAL_S:  # idle turns above always publish
+                self._publish_stats(busy)
             if self.on_step is not None:
                 try:
                     self.on_step(engine, now - start)
@@ -465,3 +471,4 @@ class AsyncEngine:
         stats["_busy_seconds"] = busy
         stats["num_tracked"] = len(self._tracked)
         self.stats_snapshot = stats
+        self._stats_published_at = time.perf_counter()
