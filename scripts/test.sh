@@ -16,6 +16,9 @@ step "chapters regenerated from solutions, solution notebooks fresh"
 step "CUDA sources compile (nvcc -arch=sm_90)"
 "$PY" scripts/compile_cuda.py
 
+step "validation tools for deploy/ and /metrics (best effort: their tests skip without them)"
+bash scripts/ensure_tools.sh
+
 step "unit tests (CPU; Triton kernels under TRITON_INTERPRET=1)"
 "$PY" -m pytest -q --timeout=900 tests
 
