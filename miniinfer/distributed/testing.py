@@ -57,22 +57,25 @@ def _build(spec):
 
 
 @torch.no_grad()
-def tp_forward(spec, ids: list[list[int]], greedy_steps: int = 0, group_size: int | None = None) -> dict:
+def tp_forward(spec, ids: list[list[int]], greedy_steps: int = 0, device: str = "cpu") -> dict:
     """Tensor-parallel logits [B, L, V] on this rank, greedy continuations (no KV cache: the full forward each
-    step), and the collectives' bytes per forward."""
+    step), and the collectives' bytes per forward. ``device="cuda"``: on this rank's GPU (NCCL)."""
     from miniinfer.distributed.tp import shard_qwen2
 
     model = build_model(spec)
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+        model.to(device)
     shard = shard_qwen2(model, dist.get_rank(), dist.get_world_size())
     comm.reset_stats()
-    tokens = torch.tensor(ids)
+    tokens = torch.tensor(ids, device=device)
     start = time.perf_counter()
     logits = shard(tokens)
     seconds = time.perf_counter() - start
     stats = comm.snapshot()
     for _ in range(greedy_steps):
         tokens = torch.cat([tokens, shard(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return {"logits": logits, "tokens": tokens[:, len(ids[0]):].tolist(), "comm": stats, "seconds": seconds}
+    return {"logits": logits.cpu(), "tokens": tokens[:, len(ids[0]):].tolist(), "comm": stats, "seconds": seconds}
 
 
 def pp_step(spec, batch: int, length: int, num_micro: int, schedule: str, seed: int = 0,
