@@ -13,9 +13,26 @@ import torch
 from miniinfer.distributed import testing as tasks
 from miniinfer.distributed.group import WorkerPool
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
+pytestmark = [pytest.mark.gpu]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_nccl_path_with_one_rank_equals_the_plain_forward():
+    """What one GPU can prove of the NCCL path: process-group set-up over NCCL, the TP layers with a
+    world of one (every collective a no-op NCCL call) and the worker pool, against the plain model."""
+    model = tasks.build_model("shakespeare")
+    ids = [[5, 99, 7, 1024, 12, 3], [40, 41, 42, 43, 44, 45]]
+    with torch.no_grad():
+        reference = model.to("cuda:0")(torch.tensor(ids, device="cuda:0")).cpu()
+    model.to("cpu")
+    with WorkerPool(1, backend="nccl", task_timeout_s=300) as pool:
+        results = pool.run(tasks.tp_forward, model, ids, 4, "cuda")
+    span = float(reference.max() - reference.min())
+    assert (results[0]["logits"] - reference).abs().max().item() <= 1e-5 * span
+
+
+@two_gpus
 def test_tp_nccl_equals_one_gpu():
     model = tasks.build_model("shakespeare")
     ids = [[5, 99, 7, 1024, 12, 3], [40, 41, 42, 43, 44, 45]]
@@ -48,6 +65,7 @@ print("OK")
 """
 
 
+@two_gpus
 def test_parallel_llm_on_gpus_equals_one_gpu():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
