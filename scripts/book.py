@@ -239,7 +239,7 @@ def build_nav(docs: Path) -> list:
         nav.append({"Chapters": section})
     if (docs / "gpu.md").exists():
         nav.append({"Running on a GPU": "gpu.md"})
-    for title, page in (("Architecture", "architecture.md"), ("API", "api.md")):
+    for title, page in (("Architecture", "architecture.md"), ("API", "api.md"), ("Deployment", "deployment.md")):
         if (docs / page).exists():
             nav.append({title: page})
     if (docs / "performance.md").exists():
