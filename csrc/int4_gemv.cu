@@ -110,7 +110,7 @@ const char* launch(const void* x, const void* qweight, const void* qzeros, const
     const dim3 grid((N + kColsPerBlock - 1) / kColsPerBlock, splits);
     const size_t shared = static_cast<size_t>(groups_per_split) * group_size * sizeof(float);
     if (shared > 48 * 1024) {
-        return "int4_gemv: the K slice does not fit in 48 KiB of shared memory (use more splits)";
+        return "int4_gemv: the K slice (groups_per_split * group_size float32 values of x) does not fit in 48 KiB of shared memory (use more splits)";
     }
     int4_gemv_kernel<scalar_t><<<grid, kThreads, shared, stream>>>(
         static_cast<const scalar_t*>(x), static_cast<const int4*>(qweight), static_cast<const uint32_t*>(qzeros),

@@ -140,3 +140,50 @@ def test_cuda_gemv_index_maps_emulated(K, N, g, groups_per_split):
     reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
     torch.testing.assert_close(partial.sum(0)[None], reference, atol=1e-3 * reference.abs().max().item(),
                                rtol=1e-4)
+
+
+def _guarded(t: torch.Tensor, rows: int, fill) -> torch.Tensor:
+    """``t`` as the first rows of a bigger contiguous tensor whose extra rows hold ``fill``: a kernel that
+    reads a row past the end sees NaN / junk instead of (on a GPU) faulting or (here) reading heap."""
+    big = torch.full((t.shape[0] + rows, *t.shape[1:]), fill, dtype=t.dtype)
+    big[: t.shape[0]] = t
+    view = big[: t.shape[0]]
+    assert view.is_contiguous() and view.data_ptr() == big.data_ptr()
+    return view
+
+
+@needs_triton
+@pytest.mark.parametrize("M,K,N,g,split_k,block_k", [(2, 256, 48, 64, 3, 32), (16, 512, 40, 128, 3, 64),
+                                                     (1, 1024, 24, 128, 3, 64)])
+def test_triton_last_split_reads_no_group_past_the_end(M, K, N, g, split_k, block_k):
+    """The H200 fault (M = 16, K = N = 8192, g128: split_k 5 of 1664 inputs, so the last split has two whole
+    tiles at k0 = 8192, 8256 past K): those tiles loaded scales / zeros row k0 // g = G, past the end.
+    Here the rows past the end are NaN: any such load shows up in the output."""
+    layer, *_ = layer_tensors(K, N, g, torch.float32, K + N + M)
+    def cdiv(a, b):
+        return (a + b - 1) // b
+
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k  # as the wrapper computes it
+    assert cdiv(K, k_per_split) * k_per_split - K >= block_k, "the case must have a whole tile past K"
+    scales = _guarded(layer.scales, 2, float("nan"))
+    qzeros = _guarded(layer.qzeros, 2, -1)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
+    reference = int4_matmul_torch(x, layer.qweight, layer.qzeros, layer.scales, g)
+    got = int4_matmul_triton(x, layer.qweight, qzeros, scales, g, split_k=split_k, block_k=block_k, block_n=32)
+    assert torch.isfinite(got).all(), "the kernel read scales past the last group"
+    torch.testing.assert_close(got, reference, atol=1e-5 * reference.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("K,N", [(8192, 8192), (3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584),
+                                 (4096, 4096)])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_cuda_split_fits_shared_memory(K, N, g, split_k):
+    """The H200 failure (K = 18944, N = 3584, split_k = 1): the K slice of x (float32 in shared memory) must
+    fit in 48 KiB whatever split is asked for; no slice may be empty."""
+    from miniinfer.kernels.int4_matmul import CUDA_SMEM_BYTES, cuda_split
+
+    groups = K // g
+    groups_per_split, splits = cuda_split(N, K, g, 132, split_k)
+    assert groups_per_split * g * 4 <= CUDA_SMEM_BYTES
+    assert (splits - 1) * groups_per_split < groups <= splits * groups_per_split

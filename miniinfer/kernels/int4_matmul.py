@@ -21,7 +21,7 @@ import torch
 from miniinfer.kernels.build import CudaUnavailableError, cuda_kernels_available, load_cuda_extension
 
 __all__ = ["int4_matmul", "int4_matmul_torch", "int4_matmul_triton", "int4_gemv_cuda", "dequantize_int4",
-           "BACKENDS"]
+           "cuda_split", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -124,9 +124,38 @@ def cuda_supports(x: torch.Tensor, N: int, K: int, group_size: int) -> str | Non
         return f"the CUDA kernel is a GEMV (M = 1), got M = {x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {x.dtype}"
-    if N % 4 or group_size % 8 or K % group_size:
-        return "the CUDA kernel needs N % 4 == 0 and group_size a multiple of 8 dividing K"
+    if N % 8 or group_size % 8 or K % group_size:
+        return "the CUDA kernel needs N % 8 == 0 and group_size a multiple of 8 dividing K"
+    if cuda_max_groups_per_split(group_size) < 1:
+        return f"group_size {group_size} does not fit the CUDA kernel's shared memory"
     return None
+
+
+# The CUDA kernel stages its K slice of x in shared memory as float32; a launch takes at most 48 KiB of
+# dynamic shared memory without an opt-in (csrc/int4_gemv.cu checks the same bound).
+CUDA_SMEM_BYTES = 48 * 1024
+
+
+def cuda_max_groups_per_split(group_size: int) -> int:
+    """The most whole groups one K slice of the CUDA kernel can stage (0: not even one)."""
+    return CUDA_SMEM_BYTES // (4 * group_size)
+
+
+def cuda_split(N: int, K: int, group_size: int, num_sms: int, split_k: int | None = None) -> tuple[int, int]:
+    """-> (groups_per_split, split_k) for the CUDA GEMV. ``split_k`` None: enough (512-column tile × K
+    slice) blocks to fill the GPU twice. Either way it is raised until a slice's x fits in shared memory,
+    and lowered so that no slice is empty."""
+    groups = K // group_size
+    if split_k is None:
+        blocks_n = _cdiv(N, 512)
+        split_k = max(1, min(groups, _cdiv(2 * num_sms, blocks_n)))
+    split_k = max(1, min(groups, split_k))
+    max_groups = cuda_max_groups_per_split(group_size)
+    if max_groups < 1:
+        raise ValueError(f"int4_gemv_cuda: group_size {group_size} is too large for the kernel's shared memory")
+    groups_per_split = min(_cdiv(groups, split_k), max_groups)
+    split_k = _cdiv(groups, groups_per_split)
+    return groups_per_split, split_k
 
 
 def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | None = None):
@@ -137,12 +166,7 @@ def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | Non
         raise ValueError(f"int4_gemv_cuda: {why}")
     if scales.dtype != x.dtype:
         raise ValueError(f"int4_gemv_cuda: scales ({scales.dtype}) must have x's dtype ({x.dtype})")
-    groups = K // group_size
-    if split_k is None:
-        blocks_n = _cdiv(N, 512)
-        split_k = max(1, min(groups, _cdiv(2 * _num_sms(x.device), blocks_n)))
-    groups_per_split = _cdiv(groups, split_k)
-    split_k = _cdiv(groups, groups_per_split)
+    groups_per_split, split_k = cuda_split(N, K, group_size, _num_sms(x.device), split_k)
     partial = torch.empty(split_k, N, device=x.device, dtype=torch.float32)
     _cuda_extension().int4_gemv(x.contiguous(), qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
                                 partial, group_size, groups_per_split, torch.cuda.current_stream(x.device).cuda_stream)

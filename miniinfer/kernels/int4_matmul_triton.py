@@ -49,9 +49,13 @@ def int4_matmul_kernel(
                          mask=kn_ok, other=0)
         q = (packed >> ((offs_k % 8) * 4)[:, None]) & 0xF  # [BLOCK_K, BLOCK_N]
         if ONE_GROUP_PER_TILE:
+            # The last split may end in whole tiles past K (k0 >= K): their group k0 // group_size is G or
+            # more, a row past the end of scales / qzeros. Mask those loads by the tile too (x and the
+            # weights are already masked to 0 there, so the tile adds nothing).
             group = k0 // group_size
-            s = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            zp = tl.load(qzeros_ptr + group * stride_zg + offs_n // 8, mask=n_ok, other=0)
+            gn_ok = n_ok & (k0 < K)
+            s = tl.load(scales_ptr + group * stride_sg + offs_n, mask=gn_ok, other=0.0).to(tl.float32)[None, :]
+            zp = tl.load(qzeros_ptr + group * stride_zg + offs_n // 8, mask=gn_ok, other=0)
             z = ((zp >> zero_shift) & 0xF)[None, :]
         else:
             group = offs_k // group_size
