@@ -103,7 +103,7 @@ def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
                     with torch.inference_mode():
                         chain = list(tokens)
                         for _ in range(depth):
-                            chain.append(int(draft(torch.tensor([chain]))[0, -1].argmax()))
+                            chain.append(int(draft(torch.tensor([chain], device=next(draft.parameters()).device))[0, -1].argmax()))
                     tree = build_tree(tokens[-1], [chain[len(tokens):]])
                 path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
                 tokens += [tree.tokens[n] for n in path] + [token]
