@@ -10,21 +10,17 @@ import torch
 
 from miniinfer.course import CheckFailed, NotImplementedYet
 from miniinfer.course import check as checks
-from miniinfer.course.notebooks import chapters_dir, read_py, solutions_dir
+from miniinfer.course.notebooks import chapters_dir, solutions_dir
 from miniinfer.speculative.acceptance import accept_draft as package_accept
 from miniinfer.speculative.acceptance import draw_from
+from tests.chapter_answers import exercise_answers
 
 CHAPTER = "10_speculative_decoding"
 EXERCISES = ["accept_draft", "expected_tokens_per_step", "rollback_blocks", "tree_attention_mask"]
 
 
 def _answers(path) -> dict:
-    namespace = {}
-    exec("import torch\nfrom miniinfer.speculative.acceptance import draw_from\n", namespace)
-    for cell in read_py(path).cells:
-        if cell.cell_type == "code" and "exercise" in cell.metadata.get("tags", []):
-            exec(cell.source, namespace)
-    return namespace
+    return exercise_answers(path, "import torch\nfrom miniinfer.speculative.acceptance import draw_from\n")
 
 
 @pytest.mark.parametrize("name", EXERCISES)

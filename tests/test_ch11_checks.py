@@ -10,8 +10,9 @@ import torch
 
 from miniinfer.course import CheckFailed, NotImplementedYet
 from miniinfer.course.check import ch11_quantization as checks
-from miniinfer.course.notebooks import chapters_dir, read_py, solutions_dir
+from miniinfer.course.notebooks import chapters_dir, solutions_dir
 from miniinfer.quant.quantize import quantize_dequantize
+from tests.chapter_answers import exercise_answers
 
 CHAPTER = "11_quantization"
 EXERCISES = {"quantize_groups": ("quantize_groups",), "dequantize_groups": ("dequantize_groups",),
@@ -20,12 +21,7 @@ EXERCISES = {"quantize_groups": ("quantize_groups",), "dequantize_groups": ("deq
 
 
 def _answers(path) -> dict:
-    namespace = {}
-    exec("import torch\nfrom miniinfer.quant import quantize_dequantize\n", namespace)
-    for cell in read_py(path).cells:
-        if cell.cell_type == "code" and "exercise" in cell.metadata.get("tags", []):
-            exec(cell.source, namespace)
-    return namespace
+    return exercise_answers(path, "import torch\nfrom miniinfer.quant import quantize_dequantize\n")
 
 
 @pytest.mark.parametrize("check_name", list(EXERCISES))

@@ -10,20 +10,16 @@ import torch.nn.functional as F
 
 from miniinfer.course import CheckFailed, NotImplementedYet
 from miniinfer.course import check as checks
-from miniinfer.course.notebooks import chapters_dir, read_py, solutions_dir
+from miniinfer.course.notebooks import chapters_dir, solutions_dir
 from miniinfer.distributed.pp import gpipe_schedule
+from tests.chapter_answers import exercise_answers
 
 CHAPTER = "12_parallelism"
 EXERCISES = ["shard_linear", "tp_mlp", "one_f_one_b", "dispatch_permutation"]
 
 
 def _answers(path) -> dict:
-    namespace = {}
-    exec("import torch\n", namespace)
-    for cell in read_py(path).cells:
-        if cell.cell_type == "code" and "exercise" in cell.metadata.get("tags", []):
-            exec(cell.source, namespace)
-    return namespace
+    return exercise_answers(path, "import torch\n")
 
 
 @pytest.mark.parametrize("name", EXERCISES)

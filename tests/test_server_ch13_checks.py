@@ -10,18 +10,15 @@ import pytest
 
 from miniinfer.course import CheckFailed, NotImplementedYet
 from miniinfer.course import check as checks
-from miniinfer.course.notebooks import chapters_dir, read_py, solutions_dir
+from miniinfer.course.notebooks import chapters_dir, solutions_dir
+from tests.chapter_answers import exercise_answers
 
 CHAPTER = "13_serving"
 EXERCISES = ["format_sse", "deliver", "admission"]
 
 
 def _answers(path) -> dict:
-    namespace = {"math": math}
-    for cell in read_py(path).cells:
-        if cell.cell_type == "code" and "exercise" in cell.metadata.get("tags", []):
-            exec(cell.source, namespace)
-    return namespace
+    return exercise_answers(path, "", namespace={"math": math})
 
 
 @pytest.mark.parametrize("name", EXERCISES)
