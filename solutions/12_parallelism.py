@@ -111,7 +111,7 @@ check.shard_linear(shard_linear)
 # gate/up projection ($[2 I/N, E]$: its $I/N$ gate rows, then its $I/N$ up rows), `down` its row shard
 # ($[E, I/N]$). `all_reduce(t)` returns the sum of `t` over the ranks. Call it **once**, where the
 # partial results must be summed, and return the full MLP output $[T, E]$. (The check runs your function
-# on every rank at once, in threads, and counts the calls.)
+# as every rank, hands each all-reduce the sum over the ranks, and counts the calls.)
 
 # %% tags=["exercise"] exercise="12.2"
 def tp_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, all_reduce) -> torch.Tensor:
