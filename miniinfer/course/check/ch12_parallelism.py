@@ -27,7 +27,10 @@ def shard_linear(fn) -> int:
     rng = random.Random()
     cases = 0
     for world in (1, 2, 3, 4):
-        out_features, in_features = world * rng.randint(1, 5), world * rng.randint(1, 5)
+        # With two ranks or more every shard holds at least two rows and two columns: with one-row shards an
+        # interleaved split (rank r takes rows r, r+N, ...) is the same as the contiguous one and would pass.
+        smallest = 1 if world == 1 else 2
+        out_features, in_features = world * rng.randint(smallest, 5), world * rng.randint(smallest, 5)
         weight = torch.randn(out_features, in_features, dtype=torch.float64)
         x = torch.randn(3, in_features, dtype=torch.float64)
         expected = x @ weight.T
