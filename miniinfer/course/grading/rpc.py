@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import threading
 import time
 import traceback
 
@@ -85,6 +86,12 @@ class Peer:
         self._exported: dict[int, object] = {}
         self._number_of: dict[int, int] = {}  # id(obj) -> handle number (exported objects stay alive)
         self._proxies: dict[int, object] = {}
+        # One conversation at a time: the pipe carries a single exchange, so a second thread's request
+        # would interleave its messages with the first one's. Nested requests on the same thread (a call
+        # served while waiting for a reply) are fine; another thread gets a clear error, not a garbled wire.
+        self._guard = threading.Lock()
+        self._owner: int | None = None  # the thread inside request(), if any
+        self._depth = 0
 
     # -- handles ----------------------------------------------------------------------------------------
     def handle_for(self, obj) -> tuple[str, int]:
@@ -133,6 +140,22 @@ class Peer:
 
     def request(self, op: str, *args):
         """Ask the other side to perform ``op``; serve its requests meanwhile; return (value, echo)."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner not in (None, me):
+                raise RuntimeError("the other side was called from two threads at once; calls across the "
+                                   "grader's connection must come from one thread (run the ranks or workers "
+                                   "one after another)")
+            self._owner, self._depth = me, self._depth + 1
+        try:
+            return self._exchange(op, args)
+        finally:
+            with self._guard:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+
+    def _exchange(self, op: str, args):
         self.send(("call", op, args))
         while True:
             message = self.receive()
