@@ -35,6 +35,18 @@ What it does:
   in pipeline.py's format (so finalize.py installs it unchanged) and ``distill_draft.json`` (this run:
   config, steps, wall time, parameters, bytes, agreement).
 
+* **Generated data** (``--generated FILE...`` from gen_samples.py, and/or ``--generate-s S``: sample the
+  target on the device for ~S seconds first, batches of ``--generate-batch`` x (seq_len + 1) tokens from
+  ``--generate-prefix`` real training tokens, temperature 1, every other batch top-p
+  ``--generate-top-p``): ``--generated-fraction F`` of every training batch are windows of those
+  samples, the rest real windows, so the draft learns the target's behaviour on text it has not
+  memorised instead of repeating the 1.4 M real tokens for 35 epochs. Validation is unchanged (the
+  real held-out works). If no sample is usable it falls back to the real corpus alone.
+* **Budget**: ``--total-budget-s T`` gives training what is left of T seconds (counted from the
+  script's start) less ``--reserve-s`` for export and measurement; ``--decay-frac`` (train.py) anneals
+  the learning rate linearly to 0 over that last share of the training budget. ``--freeze-embed`` keeps
+  the copied tied embedding fixed (1.05 M of the 1.67 M parameters).
+
 The prepared data it needs is only ``DATA/tokens/{train,val}.u16`` + ``meta.json`` and
 ``DATA/corpus/manifest.json`` (~3 MB): ``--prepare-from`` tokenises prepare_corpus.py's output with the
 *bundled* tokenizer (not a retrained one), and checks the counts against the shipped training record.
@@ -117,6 +129,85 @@ def prepare(corpus_dir: Path, data_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Generated data: the target's own samples as extra training windows (issue 13: the real corpus is
+# ~1.4 M tokens, and on the text it was trained on the target is more confident than on new text).
+
+
+def load_generated(path: Path, seq_len: int | None = None) -> np.ndarray:
+    """gen_samples.py's ``path`` (uint16 sequences one after another) -> ``[n, S]``; S from its .json."""
+    meta = path.with_suffix(".json")
+    S = seq_len or (read_json(meta)["seq_len"] if meta.exists() else 1025)
+    ids = np.fromfile(path, dtype=np.uint16)
+    n = ids.size // S
+    return ids[:n * S].reshape(n, S)
+
+
+@torch.no_grad()
+def generate_on_device(teacher_dir: Path, data_dir: Path, device, seconds: float, batch: int, total: int,
+                       prefix: int, top_p: float | None, seed: int) -> tuple[torch.Tensor, dict]:
+    """Sample ``[n, total]`` sequences from the target on ``device`` for about ``seconds`` (whole batches)."""
+    from common import load_tokens
+    from gen_samples import sample
+    from train import load_teacher
+
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = load_teacher(teacher_dir, device)
+    train_ids = torch.from_numpy(load_tokens("train", data_dir).astype(np.int64)).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    seqs, batches, last = [], [], 0.0
+    while True:
+        spent = time.perf_counter() - t0
+        if batches and spent + last > seconds:
+            break
+        starts = torch.randint(0, train_ids.numel() - prefix, (batch,), generator=gen, device=device)
+        p = top_p if (top_p and len(batches) % 2 == 1) else None
+        t1 = time.perf_counter()
+        s = sample(model, train_ids[starts[:, None] + torch.arange(prefix, device=device)], total, p, gen,
+                   deadline=t0 + seconds * 1.5 + 3.0)  # a batch far slower than expected is cut short
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        last = time.perf_counter() - t1
+        batches.append({"n": batch, "top_p": p, "s": round(last, 2), "len": s.shape[1]})
+        print(f"[distill] generated {batch}x{s.shape[1]} (top_p {p}) in {last:.1f} s", flush=True)
+        if s.shape[1] < total:
+            print(f"[distill] generation too slow: cut at {s.shape[1]} of {total} tokens, batch dropped", flush=True)
+            break
+        seqs.append(s)
+    out = torch.cat(seqs).to(torch.int64) if seqs else torch.zeros(0, total, dtype=torch.int64)
+    info = {"sequences": out.shape[0], "seq_len": total, "tokens": out.numel(), "prefix": prefix,
+            "batches": batches, "wall_s": round(time.perf_counter() - t0, 1)}
+    del model
+    return out, info
+
+
+def mixed_sampler(generated: torch.Tensor, fraction: float):
+    """A replacement for train.sample_batch: round(B x fraction) of the B windows come from random
+    rows of ``generated [n, S]`` (a random offset in the row when L + 1 < S), the rest from the real stream."""
+    import train as train_step
+
+    real_sampler = train_step.sample_batch
+
+    def sample_batch(data, B, L, gen):
+        n_gen = int(round(B * fraction))
+        parts = []
+        if n_gen:
+            n, S = generated.shape
+            assert S >= L + 1, f"generated sequences of {S} tokens are too short for windows of {L}"
+            row = torch.randint(0, n, (n_gen,), generator=gen, device=gen.device)
+            off = torch.randint(0, S - L, (n_gen,), generator=gen, device=gen.device)
+            parts.append(generated[row[:, None], off[:, None] + torch.arange(L + 1, device=generated.device)])
+        if B - n_gen:
+            x, y = real_sampler(data, B - n_gen, L, gen)
+            parts.append(torch.cat([x, y[:, -1:]], dim=1))
+        chunk = torch.cat([p.long() for p in parts])
+        return chunk[:, :-1], chunk[:, 1:]
+
+    return sample_batch
+
+
+# ---------------------------------------------------------------------------------------------------
 # Model: spec and initialisation from the target.
 
 
@@ -195,6 +286,9 @@ def run(args) -> dict:
         m = CausalLM(s, dropout=dropout)
         if s.name == DRAFT:
             init_log[:] = init_from_target(m, teacher_sd, args.init)
+            if args.freeze_embed:  # the tied embedding/head stays the target's (no gradient, no decay)
+                m.model.embed_tokens.weight.requires_grad_(False)
+                init_log.insert(-1 if init_log else 0, "(embedding frozen)")
             print(f"[distill] init {args.init}: copied {len(init_log)} tensors from {teacher_dir} "
                   f"{init_log[-1] if init_log else ''}", flush=True)
         return m
@@ -206,10 +300,43 @@ def run(args) -> dict:
     overrides |= {k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}
     cfg = train_step.TrainConfig(**(asdict(cfg) | overrides))
     run_dir = args.work / "runs" / "shakespeare-draft-distill"
+
+    # Extra training windows: the target's samples, from files and/or generated here on the device.
+    gen_parts, gen_info = [], {"files": [], "fraction": args.generated_fraction}
+    for path in args.generated or []:
+        if path.exists():
+            arr = load_generated(path)
+            gen_parts.append(torch.from_numpy(arr.astype(np.int64)))
+            gen_info["files"].append({"path": str(path), "sequences": arr.shape[0], "seq_len": arr.shape[1]})
+            print(f"[distill] generated file {path}: {arr.shape[0]} x {arr.shape[1]} tokens", flush=True)
+        else:
+            print(f"[distill] generated file {path} missing, skipped", flush=True)
+    if args.generate_s > 0 and args.generated_fraction > 0:
+        g, gen_info["on_device"] = generate_on_device(
+            teacher_dir, args.data, device, args.generate_s, args.generate_batch, cfg.seq_len + 1,
+            args.generate_prefix, args.generate_top_p, cfg.seed + 17)
+        gen_parts.append(g.cpu())
+    gen_parts = [p for p in gen_parts if p.shape[0] and p.shape[1] >= cfg.seq_len + 1]
+    if args.generated_fraction > 0 and not gen_parts:
+        print("[distill] WARNING: no usable generated sequences; training on the real corpus only", flush=True)
+        gen_info["fallback"] = "real only"
+    elif args.generated_fraction > 0:
+        S = min(p.shape[1] for p in gen_parts)
+        generated = torch.cat([p[:, :S] for p in gen_parts]).to(device)
+        gen_info |= {"sequences": generated.shape[0], "seq_len": S, "tokens": generated.numel()}
+        print(f"[distill] generated pool: {generated.shape[0]} x {S} = {generated.numel():,} tokens; "
+              f"{args.generated_fraction:.0%} of each batch from it", flush=True)
+        train_step.sample_batch = mixed_sampler(generated, args.generated_fraction)
+    if args.total_budget_s:  # training gets what is left of the total, less the export/evaluation reserve
+        left = args.total_budget_s - (time.time() - args.started_at) - args.reserve_s
+        cfg = train_step.TrainConfig(**(asdict(cfg) | {"time_budget_s": max(5.0, left)}))
+        print(f"[distill] {time.time() - args.started_at:.1f} s since start; training budget "
+              f"{cfg.time_budget_s:.1f} s", flush=True)
     print(f"[distill] draft {spec.to_dict()}", flush=True)
     print(f"[distill] config {asdict(cfg)}", flush=True)
     summary = train_step.train(DRAFT, cfg, args.data, run_dir, device, teacher_path=teacher_dir)
-    summary["init"] = {"mode": args.init, "copied": init_log}
+    summary["init"] = {"mode": args.init, "copied": init_log, "freeze_embed": args.freeze_embed}
+    summary["generated"] = gen_info
     summary["command"] = args.command
     write_json(run_dir / "summary.json", summary)
 
@@ -269,6 +396,7 @@ def run(args) -> dict:
         "train_config": summary["config"], "steps": summary["steps"], "epochs": summary["epochs"],
         "tokens_seen": summary["tokens_seen"], "stop_reason": summary["stop_reason"],
         "lr_halvings": summary["lr_halvings"], "train_wall_s": summary["wall_s"],
+        "generated": gen_info,
         "best_during_training": summary["best"],
         "agreement_measure": "evaluate.py: HF fp32 greedy agreement with miniinfer/data/models/shakespeare",
         "val_agreement": metrics.get("val", {}).get("agreement"),
@@ -279,6 +407,7 @@ def run(args) -> dict:
         "bundled_size_limit": SIZE_LIMIT, "within_size_limit": total <= SIZE_LIMIT,
         "hf_logits_max_diff": diff, "eval_wall_s": metrics["eval_wall_s"],
         "total_wall_s": round(time.perf_counter() - t_start, 1),
+        "wall_s_since_start": round(time.time() - args.started_at, 1),
         "tarball": tarball.name,
     }
     write_json(dest / "distill_draft.json", report)
@@ -307,6 +436,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init", choices=["layers", "embed", "none"], default="layers")
     for k, v in DEFAULT_ARCH.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    ap.add_argument("--freeze-embed", action="store_true", help="keep the copied (tied) embedding fixed")
+    ap.add_argument("--generated", type=Path, nargs="*", help="gen_samples.py files of target samples")
+    ap.add_argument("--generated-fraction", type=float, default=0.0,
+                    help="share of each training batch taken from the generated sequences (validation unchanged)")
+    ap.add_argument("--generate-s", type=float, default=0.0,
+                    help="first sample the target on the device for about this many seconds (whole batches)")
+    ap.add_argument("--generate-batch", type=int, default=1024)
+    ap.add_argument("--generate-prefix", type=int, default=4, help="real training tokens each sample starts from")
+    ap.add_argument("--generate-top-p", type=float, default=0.95, help="every other batch: nucleus sampling")
+    ap.add_argument("--total-budget-s", type=float, default=0.0,
+                    help="whole-run wall budget: training gets it less the time so far and --reserve-s")
+    ap.add_argument("--reserve-s", type=float, default=20.0, help="kept for export, HF check, evaluation, packing")
+    ap.add_argument("--started-at", type=float, default=None,
+                    help="Unix time the run began (--total-budget-s counts from it; default: now)")
     ap.add_argument("--command", default=None, help="how this run was started (for the model card)")
     from train import TrainConfig
 
@@ -316,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         ap.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None)
     args = ap.parse_args(argv)
+    if args.started_at is None:
+        args.started_at = time.time()
 
     if args.prepare_from:
         prepare(args.prepare_from, args.data)

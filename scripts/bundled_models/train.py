@@ -70,6 +70,7 @@ class TrainConfig:
     max_epochs: float = 40.0
     max_steps: int = 0  # 0 = no limit (smoke runs set it)
     time_budget_s: float = 120.0  # training stops after this wall time (the GPU command has 10 minutes)
+    decay_frac: float = 0.0  # > 0: the learning rate falls linearly to 0 over this last share of time_budget_s
     eval_windows: int = 0  # 0 = the whole validation stream; smoke runs use a few windows
     eval_batch: int = 32
     seed: int = 1234
@@ -247,6 +248,9 @@ def train(name: str, cfg: TrainConfig, data_dir: Path, run_dir: Path, device: to
     while step < max_steps:
         x, y = sample_batch(train_ids, B, L, gen)
         lr = cfg.lr * lr_scale * min(1.0, (step + 1) / cfg.warmup_steps)
+        if cfg.decay_frac > 0:  # anneal towards the end of the wall-clock budget
+            left = cfg.time_budget_s - (time.perf_counter() - t0)
+            lr *= min(1.0, max(0.0, left) / (cfg.decay_frac * cfg.time_budget_s))
         for group in opt.param_groups:
             group["lr"] = lr
         try:

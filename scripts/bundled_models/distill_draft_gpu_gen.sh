@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 13, the ~100-second GPU shot: distil shakespeare-draft (1.67 M parameters) from the bundled
+# target on a mix of the real training works and the target's own samples, generated on the GPU at the
+# start of the run (the real corpus alone, ~1.4 M tokens, gave 64.1 % after 35 epochs).
+#
+#   bash scripts/bundled_models/distill_draft_gpu_gen.sh [more distill_draft.py options]
+#
+# Needs only .gpu/bundled_data/ (tokens/{train,val}.u16 + meta.json, corpus/manifest.json: ~3 MB,
+# from `distill_draft.py --prepare-from`) and the bundled target; no network. Whole run ~80 s:
+# ~8 s start-up, --generate-s 10 of sampling (batches of 2048 x 1025 tokens, temperature 1, every other
+# batch top-p 0.95), training until --total-budget-s 80 less --reserve-s 20 (the learning rate
+# annealed linearly to 0 over the last 30 % of it), then export, HF check, agreement, tarball.
+# Writes into $OUT (default .gpu/out) what distill_draft_gpu.sh writes; then, on the CPU machine:
+#   python scripts/bundled_models/finalize.py --from <that folder> --models shakespeare-draft
+set -euo pipefail
+STARTED_AT="$(date +%s.%N)"  # --total-budget-s counts from here
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+OUT="${OUT:-.gpu/out}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+{
+  echo "distill_draft_gpu_gen.sh: $(date -u +%FT%TZ) on $(hostname)"
+  "$PYTHON" scripts/bundled_models/distill_draft.py --out "$OUT/shakespeare-draft" \
+    --work "${BUNDLED_WORK:-/tmp/bundled_work}" \
+    --generated-fraction 0.6 --generate-s 10 --generate-batch 2048 --generate-top-p 0.95 \
+    --distill-alpha 1.0 --decay-frac 0.3 --evals-per-epoch 1 --patience 4 \
+    --total-budget-s 80 --reserve-s 20 --started-at "$STARTED_AT" \
+    --command "bash scripts/bundled_models/distill_draft_gpu_gen.sh${*:+ $*}" "$@"
+  echo "done: $(date -u +%FT%TZ)"
+  ls -la "$OUT" "$OUT/shakespeare-draft"
+} 2>&1 | tee "$OUT/distill_draft.log"
