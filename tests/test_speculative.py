@@ -148,9 +148,8 @@ def test_greedy_speculation_is_token_for_token_greedy(target, greedy_reference, 
     stats = engine.stats()
     assert stats["spec_draft_tokens"] > 0 and stats["prefix_cache_hit_tokens"] > 0
     assert all_blocks_free(engine)
-    if proposer != "ngram":  # the draft's own pool is empty again too
-        manager = engine.speculator.proposer.block_manager
-        assert manager.num_free_blocks == manager.num_blocks
+    if proposer != "ngram":  # the draft has forgotten every finished sequence (its cache rows are free)
+        assert engine.speculator.proposer.num_tracked == 0
 
 
 def test_greedy_speculation_with_preemption_and_auto_gamma(target, greedy_reference):
@@ -400,3 +399,78 @@ def test_batch_of_16_greedy_speculation(target):
     engine = make_engine(target, speculative_model=DRAFT, num_speculative_tokens=3)
     assert generate(engine, prompts, params) == reference
     assert engine.stats()["spec_verified_seqs"] >= 16 and all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("kind", ["draft", "self"])
+def test_draft_proposer_fast_paths_match_plain_forwards(target, kind):
+    """The lean draft (contiguous KV rows, LeanForward, padded batches) against the readable model: the
+    flat forward gives the module forward's logits, and the guesses over several calls — with
+    rejections rolled back, batched rows of different lengths, a long catch-up run on its own — are
+    the greedy continuations of plain, cache-free forwards of the draft."""
+    from miniinfer.engine.sequence import Sequence
+    from miniinfer.speculative.proposers import (
+        ContiguousKVContext,
+        DraftKVCache,
+        DraftModelProposer,
+        LeanForward,
+        self_draft_model,
+    )
+
+    model, tokenizer = target
+    draft = load_model(DRAFT, device="cpu")[0] if kind == "draft" else self_draft_model(model, 2)
+    assert LeanForward.supports(draft)
+    ids, positions = torch.randint(0, 4096, (2, 5)), torch.arange(3, 8).expand(2, 5)
+    with torch.inference_mode():
+        logits = []
+        for forward in (draft, LeanForward(draft)):
+            cache = DraftKVCache(draft.config, 32, torch.device("cpu"), torch.float32)
+            rows = [cache.allocate_row(), cache.allocate_row()]
+            for row in rows:  # the same cached prefix of 3 tokens in both rows
+                for layer in range(model.config.num_hidden_layers):
+                    cache.layer(layer)[0][row, :, :3] = cache.layer(layer)[1][row, :, :3] = 0.5
+            logits.append(forward(ids, positions, attention=ContiguousKVContext(cache, rows, [3, 3], [5, 4])))
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+    def greedy_chain(tokens, k):
+        with torch.inference_mode():
+            tokens = list(tokens)
+            for _ in range(k):
+                logits = draft(torch.tensor([tokens]), torch.arange(len(tokens))[None])  # no KV cache
+                tokens.append(int(logits[0, -1].argmax()))
+        return tokens[-k:]
+
+    proposer = DraftModelProposer(draft, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    seqs = [Sequence(str(i), tokenizer.encode(p), params, stream_seed=i) for i, p in enumerate(PROMPTS[:3])]
+    for step in range(5):
+        wanted = [3, 2 + step % 2, 4, 3][:len(seqs)]
+        proposals = proposer.propose(seqs, wanted)
+        for seq, k, proposal in zip(seqs, wanted, proposals):
+            assert proposal.tokens == greedy_chain(seq.token_ids, k) and proposal.probs is None
+            # Accept a prefix of the guesses, then a token of "the target's" (different from the next guess).
+            accepted = proposal.tokens[:step % (k + 1)]
+            seq.token_ids += accepted + [(proposal.tokens[len(accepted)] + 1) % 4096 if len(accepted) < k else 7]
+        if step == 2:  # a sequence the draft has not seen joins: its prompt is a long catch-up
+            seqs.append(Sequence("new", tokenizer.encode(PROMPTS[0] * 3), params, stream_seed=9))
+    assert proposer.num_tracked == 4
+    for seq in seqs:
+        proposer.release(seq)
+    assert proposer.num_tracked == 0 and len(proposer.cache.free_rows) == proposer.cache.capacity
+
+
+def test_speculation_gate_follows_measured_cost():
+    """"auto" speculates only while it measures cheaper per token than plain decoding, per batch size,
+    probing the other kind now and then; a new batch size starts from its nearest measured neighbour."""
+    from miniinfer.speculative import SpeculationGate
+
+    gate = SpeculationGate(probe_every=4)
+    assert gate.speculate(16) is True
+    gate.observe(16, True, 3.0, 10)          # 0.3 s per token speculating (a compute-bound batch)
+    assert gate.speculate(16) is False
+    gate.observe(16, False, 1.0, 10)         # 0.1 s per token plain: plain wins at this batch size
+    assert [gate.speculate(16) for _ in range(8)] == [False, True, False, False, False, True, False, False]
+    assert gate.speculate(1) is True         # a new size: the neighbour says plain, so its first step probes
+    gate.observe(1, True, 0.5, 3)
+    assert gate.speculate(1) is False
+    gate.observe(1, False, 0.3, 1)
+    assert [gate.speculate(1) for _ in range(3)] == [True, False, True]   # batch 1: speculation pays (a probe)

@@ -14,7 +14,13 @@
 from __future__ import annotations
 
 from miniinfer.speculative.acceptance import accept_draft, expected_tokens_per_step, residual_distribution
-from miniinfer.speculative.adaptive import AdaptiveGamma, best_gamma, select_proposer, speedup
+from miniinfer.speculative.adaptive import (
+    AdaptiveGamma,
+    SpeculationGate,
+    best_gamma,
+    select_proposer,
+    speedup,
+)
 from miniinfer.speculative.decoder import SpeculativeDecoder
 from miniinfer.speculative.proposers import (
     DraftModelProposer,
@@ -25,22 +31,19 @@ from miniinfer.speculative.proposers import (
     self_draft_model,
 )
 
-__all__ = ["accept_draft", "expected_tokens_per_step", "residual_distribution", "AdaptiveGamma", "best_gamma",
+__all__ = ["accept_draft", "expected_tokens_per_step", "residual_distribution", "AdaptiveGamma", "SpeculationGate",
+           "best_gamma",
            "select_proposer", "speedup", "SpeculativeDecoder", "DraftModelProposer", "LayerSkipModel",
            "NgramProposer", "Proposal", "Proposer", "self_draft_model", "build_proposer", "build_speculative_decoder"]
 
 
 def build_proposer(engine, speculative_model) -> Proposer:
-    """The proposer for ``speculative_model`` ("ngram", "self", or a draft checkpoint folder), sized like
-    the engine (a draft gets a KV pool of as many tokens as the engine's)."""
+    """The proposer for ``speculative_model`` ("ngram", "self", or a draft checkpoint folder); a draft's
+    KV cache rows hold ``max_model_len`` tokens, like the engine's sequences."""
     if speculative_model == "ngram":
         return NgramProposer()
-    config = engine.config
-    options = dict(num_blocks=engine.num_kv_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-                   max_num_batched_tokens=engine.max_num_batched_tokens, max_model_len=engine.max_model_len,
-                   backend=engine.backend if engine.backend.name != "components" else None)
     if speculative_model == "self":
-        return DraftModelProposer(self_draft_model(engine.model), name="self", **options)
+        return DraftModelProposer(self_draft_model(engine.model), max_model_len=engine.max_model_len, name="self")
     from miniinfer.loader import load_model
 
     draft, _ = load_model(speculative_model, dtype=engine.dtype, device=engine.device,
@@ -48,7 +51,7 @@ def build_proposer(engine, speculative_model) -> Proposer:
     if draft.config.vocab_size != engine.model.config.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
                          f"target's ({engine.model.config.vocab_size}): they must share a tokenizer")
-    return DraftModelProposer(draft, name="draft", **options)
+    return DraftModelProposer(draft, max_model_len=engine.max_model_len, name="draft")
 
 
 def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=4, accept_fn=None,
@@ -70,5 +73,8 @@ def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=
         if draft.config.vocab_size != engine.model.config.vocab_size:
             raise ValueError("the draft model's vocabulary differs from the target's")
         proposer = TreeDraftProposer(draft, speculative_tree)
+    import time
+
     return SpeculativeDecoder(proposer, num_speculative_tokens, accept_fn=accept_fn,
-                              max_model_len=engine.max_model_len, tree_width=speculative_tree)
+                              max_model_len=engine.max_model_len, tree_width=speculative_tree,
+                              clock=time.process_time if engine.device.type == "cpu" else time.perf_counter)

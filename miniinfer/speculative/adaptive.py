@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from miniinfer.speculative.acceptance import expected_tokens_per_step
 
-__all__ = ["speedup", "best_gamma", "AdaptiveGamma", "select_proposer"]
+__all__ = ["speedup", "best_gamma", "AdaptiveGamma", "select_proposer", "SpeculationGate"]
 
 
 def speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
@@ -84,3 +84,60 @@ def select_proposer(measurements: dict[str, tuple[float, float]], max_gamma: int
     if best is None:
         raise ValueError("select_proposer: no measurements")
     return best
+
+
+def _batch_bucket(batch_size: int) -> int:
+    """Batch sizes grouped by powers of two (1, 2, 4, 8, 16, …): a step's cost changes with its batch."""
+    return 1 << (max(batch_size, 1).bit_length() - 1)
+
+
+@dataclass
+class SpeculationGate:
+    """Whether to speculate at all, from measured cost per emitted token rather than from the model above.
+
+    :func:`speedup` assumes a verify forward of γ + 1 tokens costs about one decode step. That holds
+    while decoding is bound by reading the weights (a GPU at small batch), not where the matmuls are
+    bound by arithmetic — a CPU, or a large batch anywhere: there a batch of 16 verifying 5 tokens each
+    is an 80-row forward, several times a 16-row decode step, and speculation loses even at a good α.
+    So ``num_speculative_tokens="auto"`` also keeps, per batch size (powers of two), a moving average of
+    the seconds per emitted token of speculative steps and of plain ones, and speculates while that is
+    the cheaper; every ``probe_every``-th decode step of a batch size runs the other kind once, so a
+    change (longer contexts, another mix of requests) is noticed.
+    """
+
+    probe_every: int = 12
+    decay: float = 0.7
+    margin: float = 1.0   # speculate while its cost per token < margin × plain's
+
+    def __post_init__(self):
+        self.seconds_per_token: dict[tuple[int, bool], float] = {}
+        self.num_steps: dict[int, int] = {}
+
+    def speculate(self, batch_size: int) -> bool:
+        """Decide for one decode step of ``batch_size`` sequences (call once per such step)."""
+        bucket = _batch_bucket(batch_size)
+        step = self.num_steps[bucket] = self.num_steps.get(bucket, 0) + 1
+        spec, plain = self.seconds_per_token.get((bucket, True)), self.seconds_per_token.get((bucket, False))
+        if spec is None or plain is None:
+            measured = [b for b, _ in self.seconds_per_token if (b, True) in self.seconds_per_token
+                        and (b, False) in self.seconds_per_token]
+            if not measured:  # nothing known yet: measure both kinds, speculation first
+                return spec is None
+            # A new batch size (requests came or went): start from the nearest measured one's choice;
+            # the probes measure this one.
+            nearest = min(measured, key=lambda b: abs(b.bit_length() - bucket.bit_length()))
+            spec, plain = self.seconds_per_token[nearest, True], self.seconds_per_token[nearest, False]
+            better = spec < self.margin * plain
+            if step % self.probe_every == 1 or self.probe_every == 1:  # its first step probes the other kind
+                return not better
+            return better
+        better = spec < self.margin * plain
+        return better != (step % self.probe_every == 0)  # the probe runs the other kind
+
+    def observe(self, batch_size: int, speculative: bool, seconds: float, tokens: int) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        key = (_batch_bucket(batch_size), speculative)
+        cost = seconds / tokens
+        old = self.seconds_per_token.get(key)
+        self.seconds_per_token[key] = cost if old is None else self.decay * old + (1 - self.decay) * cost

@@ -46,7 +46,7 @@ from miniinfer.sampler import (
     uniform_from_seed,
 )
 from miniinfer.speculative.acceptance import accept_draft
-from miniinfer.speculative.adaptive import AdaptiveGamma
+from miniinfer.speculative.adaptive import AdaptiveGamma, SpeculationGate
 from miniinfer.speculative.proposers import Proposer
 from miniinfer.speculative.verify_attention import MAX_VERIFY_QUERIES
 
@@ -68,20 +68,25 @@ class SpeculativeDecoder:
     plug-in replaces it) and the counters."""
 
     def __init__(self, proposer: Proposer, num_speculative_tokens: int | str = 4, accept_fn=None,
-                 max_gamma: int = 8, max_model_len: int = 1 << 30, tree_width: int | None = None):
+                 max_gamma: int = 8, max_model_len: int = 1 << 30, tree_width: int | None = None, clock=None):
         self.tree_width = tree_width
+        # Step timings for "auto": CPU time of this process on a CPU (what the work costs, whatever else the
+        # machine runs), wall time on a GPU (each step ends with a device -> host copy, so it is complete).
+        self.clock = clock or time.perf_counter
+        self._gate_step: tuple[int, bool, float] | None = None
         self._trees: dict[int, list[int]] = {}
         self._plan = None
         self._runner = None
         if num_speculative_tokens == "auto":
             self.adaptive: AdaptiveGamma | None = AdaptiveGamma(max_gamma=max_gamma)
+            self.gate: SpeculationGate | None = SpeculationGate()  # and whether to speculate at all
             self.fixed_gamma = None
         else:
             if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
                     or num_speculative_tokens < 1:
                 raise ValueError(f"num_speculative_tokens must be a positive integer or 'auto', "
                                  f"got {num_speculative_tokens!r}")
-            self.adaptive, self.fixed_gamma = None, num_speculative_tokens
+            self.adaptive, self.gate, self.fixed_gamma = None, None, num_speculative_tokens
         self.proposer = proposer
         self.accept_fn = accept_fn or accept_draft
         self.custom_rule = accept_fn is not None
@@ -102,6 +107,7 @@ class SpeculativeDecoder:
         """Add guesses to the plan's decoding sequences and give them slots (never by evicting or
         preempting: a sequence that does not fit guesses fewer tokens, or none)."""
         plan.draft_tokens = plan.draft_probs = None
+        self._gate_step = None
         self._trees: dict[int, list[int]] = {}   # id(seq) -> parents of its token tree (tree speculation)
         if self.tree_width and max(plan.num_new_tokens) > MAX_VERIFY_QUERIES:
             return  # a long prefill chunk in this step: tree masks need the batched verify attention
@@ -124,6 +130,11 @@ class SpeculativeDecoder:
                 wanted.append(limit)
         if not candidates:
             return
+        if self.gate is not None and all(n == 1 for n in plan.num_new_tokens):  # a decode step: timed
+            speculate = self.gate.speculate(len(plan.seqs))
+            self._gate_step = (len(plan.seqs), speculate, self.clock())
+            if not speculate:
+                return
         start = time.perf_counter()
         proposals = self.proposer.propose([plan.seqs[b] for b in candidates], wanted)
         self._draft_seconds = time.perf_counter() - start
@@ -361,6 +372,11 @@ class SpeculativeDecoder:
     # -- 3. after the commit ---------------------------------------------------------------------
 
     def after_commit(self, plan: StepPlan, sampled: SampledTokens) -> None:
+        if self._gate_step is not None:
+            batch_size, speculative, start = self._gate_step
+            accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
+            self.gate.observe(batch_size, speculative, self.clock() - start, len(plan.samples) + accepted)
+            self._gate_step = None
         if plan.draft_tokens is not None:
             verify_seconds = time.perf_counter() - self._verify_start
             proposed = sum(len(t) for t in plan.draft_tokens)

@@ -8,9 +8,10 @@ lookup). The target then verifies them all in one forward (:mod:`miniinfer.specu
 * :class:`NgramProposer` — prompt lookup: find the sequence's latest ``n`` tokens earlier in itself
   and guess what followed them then. Free, and very good when the output quotes the prompt.
 * :class:`DraftModelProposer` — a small model of the same vocabulary (the bundled
-  ``shakespeare-draft``), with its own paged KV pool and model runner, batched over the sequences.
-  It keeps each sequence's KV between steps and rolls it back to the target's tokens when guesses
-  were rejected.
+  ``shakespeare-draft``), batched over the sequences, with its own contiguous KV cache
+  (:class:`DraftKVCache`: a row per sequence) and no engine machinery between its forwards. It keeps
+  each sequence's KV between steps and rolls it back to the target's tokens when guesses were
+  rejected.
 * :func:`self_draft_model` — the target itself with only some of its layers (early exit): no second
   model to train or load; a :class:`DraftModelProposer` runs it.
 """
@@ -22,8 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from miniinfer.engine.block_manager import BlockManager
-from miniinfer.engine.scheduler import SampleRow, StepPlan
 from miniinfer.engine.sequence import Sequence
 from miniinfer.sampler import (
     SamplingBatch,
@@ -122,114 +121,277 @@ def self_draft_model(target: nn.Module, num_layers: int | None = None) -> LayerS
     return LayerSkipModel(target, list(range(num_layers)))
 
 
-class DraftModelProposer(Proposer):
-    """A small model guessing autoregressively, batched over sequences, with its own paged KV pool.
+class LeanForward:
+    """A Qwen2 / Llama model's forward (the readable one: :meth:`Qwen2ForCausalLM.forward
+    <miniinfer.models.qwen2.Qwen2ForCausalLM.forward>`, same contract and math) as one flat function
+    over weights fetched once.
 
-    For each target sequence it keeps a *shadow* :class:`Sequence` holding the draft's own KV. At
-    every call the shadow is synchronised with the target's tokens — its computed count cut back
-    to the common prefix (the KV of rejected guesses is simply overwritten later; whole blocks past
-    it are released) — then each shadow catches up on new tokens and guesses one token at a time.
+    Why: a draft is so small that a forward of one token is mostly Python — every ``nn.Module`` call and
+    attribute lookup costs about as much as the tiny matmul it wraps. This runs the same operations
+    (:func:`~miniinfer.layers.rms_norm`, the fused q/k/v projection, :func:`~miniinfer.rope.apply_rope`,
+    the attention context, SwiGLU) without the module tree. Only for models on the default components
+    without per-head q/k norms (:meth:`supports`); anything else keeps the model's own forward. Works for a
+    :class:`LayerSkipModel` too (its kept layers, their own indices).
+    """
+
+    def __init__(self, model: nn.Module):
+        from miniinfer.layers import rms_norm
+        from miniinfer.rope import apply_rope
+
+        self.rms_norm, self.apply_rope = rms_norm, apply_rope
+        base = model.target if isinstance(model, LayerSkipModel) else model
+        indices = model.layer_indices if isinstance(model, LayerSkipModel) else range(base.config.num_hidden_layers)
+        inner, config = base.model, base.config
+        self.eps = config.rms_norm_eps
+        self.H, self.H_kv, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.embed, self.norm, self.head = inner.embed_tokens.weight, inner.norm.weight, base.lm_head_weight
+        self.cos, self.sin = inner.rotary_emb.cos, inner.rotary_emb.sin
+        self.layers = []
+        for index in indices:
+            layer = inner.layers[index]
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append((attn.layer_index, attn.scale, layer.input_layernorm.weight, attn.qkv_proj.weight,
+                                attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+                                layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight))
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        from miniinfer.components import Components
+        from miniinfer.models.qwen2 import MODEL_CLASSES
+
+        base = model.target if isinstance(model, LayerSkipModel) else model
+        return (type(base) in MODEL_CLASSES.values() and base.components == Components()
+                and not base.config.qk_norm and not base.fused_kernels)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention,
+                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        F = torch.nn.functional
+        rms_norm, apply_rope, eps = self.rms_norm, self.apply_rope, self.eps
+        H, H_kv, D = self.H, self.H_kv, self.D
+        shape = input_ids.shape
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = F.embedding(input_ids, self.embed)
+        for index, scale, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, w_down in self.layers:
+            qkv = F.linear(rms_norm(x, norm1, eps), w_qkv, b_qkv).view(*shape, H + 2 * H_kv, D)
+            qk = apply_rope(qkv[..., :H + H_kv, :], cos, sin)
+            out = attention.attend(index, qk[..., :H, :], qk[..., H:, :], qkv[..., H + H_kv:, :], scale)
+            x = x + F.linear(out.reshape(*shape, H * D), w_o, b_o)
+            gate, up = F.linear(rms_norm(x, norm2, eps), w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        if logits_indices is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
+        return F.linear(rms_norm(x, self.norm, eps), self.head)
+
+
+class DraftKVCache:
+    """The draft model's own KV cache: one contiguous row of ``max_len`` positions per sequence.
+
+    A draft is tiny, so the engine's paging machinery (block tables, slot mappings, a scheduler round
+    trip per guessed token) costs far more than its forward; here a sequence owns a row, position p
+    of its keys sits at ``[row, :, p]``, and rolling back is lowering its computed count. Per layer:
+    ``k[layer], v[layer]: [rows, H_kv, max_len + 1, D]`` (the last position takes the padding rows'
+    writes). Rows are allocated on first use and grow by doubling.
+    """
+
+    def __init__(self, config, max_len: int, device, dtype):
+        self.max_len = max_len
+        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.device, self.dtype = device, dtype
+        self.k: dict[int, torch.Tensor] = {}   # layer index -> keys (a self-draft uses some of the target's indices)
+        self.v: dict[int, torch.Tensor] = {}
+        self.capacity = 0
+        self.free_rows: list[int] = []
+
+    def _empty(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, self.num_kv_heads, self.max_len + 1, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    def allocate_row(self) -> int:
+        if not self.free_rows:
+            grown = max(4, 2 * self.capacity)
+            for pool in (self.k, self.v):
+                for layer, cache in pool.items():
+                    pool[layer] = torch.cat([cache, self._empty(grown - self.capacity)])
+            self.free_rows = list(range(grown - 1, self.capacity - 1, -1))
+            self.capacity = grown
+        return self.free_rows.pop()
+
+    def free_row(self, row: int) -> None:
+        self.free_rows.append(row)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if index not in self.k:
+            self.k[index], self.v[index] = self._empty(self.capacity), self._empty(self.capacity)
+        return self.k[index], self.v[index]
+
+
+class ContiguousKVContext:
+    """The attention context of one draft forward over a padded batch ``[B, L]``: sequence b's new
+    tokens sit at positions ``starts[b] …`` (``lengths[b]`` of them; the rest of its L are padding).
+    ``attend`` stores the new K/V in the sequences' rows, then attends each query to its row's keys up
+    to its own position (:class:`miniinfer.attention.AttentionContext`'s contract)."""
+
+    def __init__(self, cache: DraftKVCache, rows: list[int], starts: list[int], lengths: list[int]):
+        self.cache = cache
+        B, L = len(rows), max(lengths)
+        self.single = B == 1  # one sequence: slices of its row, no index tensors
+        self.row, self.start, self.L = rows[0], starts[0], L
+        self.S = max(s + n for s, n in zip(starts, lengths))   # keys the longest sequence attends to
+        self.mask = None
+        if self.single:
+            if L > 1:  # query i (position start + i) sees keys 0 … start + i
+                self.mask = torch.ones(L, self.S, dtype=torch.bool, device=cache.device).tril_(self.S - L)
+        else:
+            device = cache.device
+            offsets = torch.arange(L, device=device)
+            starts_t = torch.tensor(starts, device=device)
+            positions = starts_t[:, None] + offsets                                     # [B, L]
+            padding = offsets[None, :] >= torch.tensor(lengths, device=device)[:, None]
+            self.rows = torch.tensor(rows, device=device)
+            self.write_rows = self.rows[:, None].expand(B, L)
+            self.write_positions = positions.masked_fill(padding, cache.max_len)     # padding: the spare slot
+            key_positions = torch.arange(self.S, device=device)
+            self.mask = (key_positions[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, L, S]
+
+    def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, L, H, D]; k, v [B, L, H_kv, D] -> [B, L, H, D]."""
+        k_cache, v_cache = self.cache.layer(layer_index)
+        gqa = q.shape[-2] != k.shape[-2]
+        if self.single:
+            r, s, e = self.row, self.start, self.start + self.L
+            k_cache[r, :, s:e] = k[0].transpose(0, 1)
+            v_cache[r, :, s:e] = v[0].transpose(0, 1)
+            # 4-D inputs: torch's CPU flash kernel (3-D ones fall back to the unfused "math" path).
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k_cache[r:r + 1, :, :self.S], v_cache[r:r + 1, :, :self.S], attn_mask=self.mask,
+                scale=scale, enable_gqa=gqa)                                           # [1, H, L, D]
+            return out.transpose(1, 2)
+        k_cache[self.write_rows, :, self.write_positions] = k
+        v_cache[self.write_rows, :, self.write_positions] = v
+        keys, values = k_cache[self.rows, :, :self.S], v_cache[self.rows, :, :self.S]     # [B, H_kv, S, D]
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
+                                                               scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+
+@dataclass
+class _DraftState:
+    """What the draft knows of one target sequence: its tokens, how many have K/V in its cache row."""
+
+    target: Sequence
+    row: int
+    token_ids: list[int]
+    num_computed: int = 0
+
+
+class DraftModelProposer(Proposer):
+    """A small model guessing autoregressively, batched over sequences, with its own KV cache.
+
+    For each target sequence it keeps a :class:`_DraftState` and a row of a :class:`DraftKVCache`. At
+    every call the state is synchronised with the target's tokens — its computed count cut back to
+    the common prefix (the K/V of rejected guesses are simply overwritten later) — then each sequence
+    catches up on its new tokens (usually one or two: the target's token after the accepted guesses)
+    and guesses one token at a time. A guess is one forward of the draft over the batch: no scheduler,
+    no block tables — on a CPU the engine's per-step machinery costs more than a tiny draft's forward.
     """
 
     name = "draft"
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int = 1024, eos_token_ids=(),
-                 name: str = "draft", backend=None):
-        from miniinfer.engine.attention_backends import select_attention_backend
-        from miniinfer.engine.model_runner import ModelRunner
 
+    def __init__(self, model: nn.Module, max_model_len: int = 1024, name: str = "draft"):
         self.name = name
         self.model = model
         parameter = next(model.parameters())
-        if backend is None:  # the engine passes its own; alone: the CPU's default, or Triton on a GPU
-            backend = select_attention_backend("auto" if parameter.device.type == "cpu" else "triton",
-                                               parameter.device, parameter.dtype, model.config, block_size,
-                                               max_model_len=max_model_len)
-        from miniinfer.speculative.verify_attention import wrap_backend
+        self.device = parameter.device
+        self.cache = DraftKVCache(model.config, max_model_len, parameter.device, parameter.dtype)
+        # The same forward without the module tree, where the model allows it (see LeanForward).
+        self.forward = LeanForward(model) if LeanForward.supports(model) else model
+        self.states: dict[int, _DraftState] = {}  # target seq_id -> state
 
-        backend = wrap_backend(backend)  # catch-up chunks of a few tokens: batched, not per sequence
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size, backend, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                  eos_token_ids=tuple(eos_token_ids))
-        self.budget = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
-        self.shadows: dict[int, tuple[Sequence, Sequence]] = {}  # target seq_id -> (target, shadow)
+    @property
+    def num_tracked(self) -> int:
+        """Sequences the draft holds a cache row for (0 once every request finished)."""
+        return len(self.states)
 
     def release(self, seq: Sequence) -> None:
-        entry = self.shadows.pop(seq.seq_id, None)
-        if entry is not None:
-            self.block_manager.free(entry[1])
+        state = self.states.pop(seq.seq_id, None)
+        if state is not None:
+            self.cache.free_row(state.row)
 
-    def _sync(self, seq: Sequence) -> Sequence:
-        entry = self.shadows.get(seq.seq_id)
-        if entry is None:
-            shadow = Sequence(seq.request_id, list(seq.token_ids), seq.params, stream_seed=seq.stream_seed)
-            self.shadows[seq.seq_id] = (seq, shadow)
-            return shadow
-        shadow = entry[1]
-        old, new = shadow.token_ids, seq.token_ids
-        common = min(len(old), len(new), shadow.num_computed_tokens)
+    def _sync(self, seq: Sequence) -> _DraftState:
+        state = self.states.get(seq.seq_id)
+        if state is None:
+            state = _DraftState(seq, self.cache.allocate_row(), list(seq.token_ids))
+            self.states[seq.seq_id] = state
+            return state
+        old, new = state.token_ids, seq.token_ids
+        common = min(len(old), len(new), state.num_computed)
         while common > 0 and old[common - 1] != new[common - 1]:
             common -= 1
-        if old[:common] != new[:common]:  # diverged earlier (should not happen): start over
+        if old[:common] != new[:common]:  # diverged earlier (a preempted, recomputed sequence): start over
             common = 0
-        shadow.num_computed_tokens = common
-        shadow.token_ids = list(new)
-        keep = -(-common // self.block_manager.block_size)
-        for block in shadow.block_table[keep:]:   # rolled back: whole blocks past the kept KV go back
-            self.block_manager.release(block)
-        del shadow.block_table[keep:]
-        return shadow
+        # At least the newest token is computed again: its logits give the first guess.
+        state.num_computed = min(common, len(new) - 1)
+        state.token_ids = list(new)
+        return state
 
     def _collect_finished(self) -> None:
-        for target, _ in list(self.shadows.values()):
-            if target.is_finished:
-                self.release(target)
+        for state in list(self.states.values()):
+            if state.target.is_finished:
+                self.release(state.target)
+
+    def _forward(self, states: list[_DraftState]) -> torch.Tensor:
+        """One draft forward computing every uncomputed token of ``states`` (a padded batch) -> logits
+        [B, V] at each sequence's last token."""
+        lengths = [len(s.token_ids) - s.num_computed for s in states]
+        L = max(lengths)
+        ids, positions = [], []
+        for state, n in zip(states, lengths):
+            start = state.num_computed
+            ids.extend(state.token_ids[start:] + [0] * (L - n))
+            positions.extend(range(start, start + L))
+        B = len(states)
+        shape = (B, L)
+        context = ContiguousKVContext(self.cache, [s.row for s in states], [s.num_computed for s in states], lengths)
+        input_ids = torch.tensor(ids, device=self.device).view(shape)
+        positions_t = torch.tensor(positions, device=self.device).clamp_(max=self.cache.max_len - 1).view(shape)
+        logits_indices = None
+        if L > 1:
+            logits_indices = torch.tensor([b * L + n - 1 for b, n in enumerate(lengths)], device=self.device)
+        logits = self.forward(input_ids, positions_t, attention=context, logits_indices=logits_indices)
+        for state in states:
+            state.num_computed = len(state.token_ids)
+        return logits.reshape(B, -1).float()
+
+    @staticmethod
+    def _padded_groups(active: list[int], states: dict[int, _DraftState]) -> list[list[int]]:
+        """Split one round's sequences into padded batches: all together, unless padding every row to
+        the longest catch-up (a whole prompt the draft has not seen, beside one-token rows) would more
+        than double the work — then the longest runs on its own, and so on."""
+        def uncomputed(b):
+            return len(states[b].token_ids) - states[b].num_computed
+
+        pending = sorted(active, key=uncomputed)
+        groups = []
+        while len(pending) > 1 and len(pending) * uncomputed(pending[-1]) > 2 * sum(map(uncomputed, pending)) + 8:
+            groups.append([pending.pop()])
+        return groups + [pending]
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
         self._collect_finished()
         proposals = [Proposal([]) for _ in seqs]
         want = {b: k for b, k in enumerate(num_tokens) if k > 0}
-        shadows = {b: self._sync(seqs[b]) for b in want}
-        start = {b: len(shadows[b].token_ids) for b in want}
+        states = {b: self._sync(seqs[b]) for b in want}
+        start = {b: len(states[b].token_ids) for b in want}
         probs: dict[int, list[torch.Tensor]] = {b: [] for b in want}
-        manager = self.block_manager
         while want:
-            plan, rows = StepPlan(), []
-            budget = self.budget
-            for b in list(want):
-                shadow = shadows[b]
-                num_new = min(shadow.num_uncomputed_tokens, budget)
-                if num_new <= 0 or len(plan.seqs) >= self.max_num_seqs:
-                    continue
-                if not manager.can_allocate(shadow, num_new):
-                    self.release(seqs[b])  # the draft pool is full: this sequence gets no more guesses
-                    del want[b]
-                    continue
-                manager.allocate(shadow, num_new)
-                plan.seqs.append(shadow)
-                plan.num_new_tokens.append(num_new)
-                budget -= num_new
-                if shadow.num_computed_tokens + num_new == shadow.num_tokens:
-                    plan.samples.append(SampleRow(shadow, 0, shadow.stream_seed))
-                    rows.append(b)
-            if not plan.seqs:
-                break
-            plan.copies = manager.take_pending_copies()
-            self.runner.copy_blocks(plan.copies)
-            inputs = self.runner.prepare(plan, manager)
-            logits = self.model(inputs.input_ids, inputs.positions, attention=self.runner.context(inputs.metadata),
-                                logits_indices=inputs.logits_indices).float()
-            for shadow, num_new in zip(plan.seqs, plan.num_new_tokens):
-                shadow.num_computed_tokens += num_new
-            if rows:
-                tokens, row_probs = self._choose(logits, [shadows[b] for b in rows], [seqs[b] for b in rows],
-                                                 [len(shadows[b].token_ids) - start[b] for b in rows])
-                for i, b in enumerate(rows):
-                    shadows[b].token_ids.append(tokens[i])
+            for group in self._padded_groups(list(want), states):
+                logits = self._forward([states[b] for b in group])
+                tokens, row_probs = self._choose(logits, [seqs[b] for b in group],
+                                                 [len(states[b].token_ids) - start[b] for b in group])
+                for i, b in enumerate(group):
+                    states[b].token_ids.append(tokens[i])
                     proposals[b].tokens.append(tokens[i])
                     if row_probs is not None:
                         probs[b].append(row_probs[i])
@@ -240,7 +402,7 @@ class DraftModelProposer(Proposer):
                 proposals[b].probs = torch.stack(rows_of_b)
         return proposals
 
-    def _choose(self, logits: torch.Tensor, shadows: list[Sequence], targets: list[Sequence], offsets: list[int]):
+    def _choose(self, logits: torch.Tensor, targets: list[Sequence], offsets: list[int]):
         """Greedy rows take the argmax (their proposal is one-hot); sampled rows draw from the draft's
         distribution under the request's temperature / top-k / top-p / min-p, from their own stream."""
         if all(t.params.greedy for t in targets):

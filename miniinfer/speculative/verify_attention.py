@@ -54,16 +54,40 @@ def batched_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     """q [T, H, D] packed by ``cu_seqlens_q``; caches [N, P, H_kv, D] -> [T, H, D]."""
     T, H, D = q.shape
     H_kv = k_cache.shape[2]
+    if metadata.block_tables.shape[0] == 1 and getattr(metadata, "tree_masks", None) is None:
+        return _single_sequence_verify_attention(q, k_cache, v_cache, metadata, scale)
     rows, valid, slots, allowed = _layout(metadata, k_cache.shape[1], q.device)
     qb = q[rows].transpose(1, 2)                                                     # [B, H, L, D]
     k = k_cache.view(-1, H_kv, D)[slots].transpose(1, 2)                             # [B, H_kv, S, D]
     v = v_cache.view(-1, H_kv, D)[slots].transpose(1, 2)
-    if H != H_kv:
-        k = k.repeat_interleave(H // H_kv, dim=1)
-        v = v.repeat_interleave(H // H_kv, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed,
-                                                           scale=scale)
+                                                           scale=scale, enable_gqa=H != H_kv)
     return out.transpose(1, 2)[valid]                                                # [T, H, D]
+
+
+def _single_sequence_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      metadata: PagedAttentionMetadata, scale: float) -> torch.Tensor:
+    """:func:`batched_verify_attention` for a step of one sequence (batch 1, the common case of
+    speculation): its T new tokens are the last T of its ``S = max_seq_len`` keys, so nothing needs
+    packing or unpacking, and the mask is a causal band known on the host — no per-step index building
+    beyond the key gather (shared by all layers)."""
+    T, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    cached = getattr(metadata, "_verify_single", None)
+    if cached is None:
+        S = int(metadata.seq_lens[0])
+        slots, _ = metadata.decode_gather_index(k_cache.shape[1])                    # [1, S]
+        # Query i (position S − T + i) sees keys 0 … S − T + i.
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
+        cached = metadata._verify_single = (slots[0], allowed)
+    slots, allowed = cached
+    k = k_cache.view(-1, H_kv, D).index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, H_kv, S, D]
+    v = v_cache.view(-1, H_kv, D).index_select(0, slots).transpose(0, 1).unsqueeze(0)
+    # 4-D inputs: torch's CPU flash kernel (3-D ones fall back to the unfused "math" path).
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=scale,
+        enable_gqa=H != H_kv)                                                        # [1, H, T, D]
+    return out[0].transpose(0, 1)
 
 
 class VerifyBackend:
