@@ -30,7 +30,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miniinfer.server.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, RequestTimeout
 from miniinfer.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from miniinfer.server.protocol import APIError, bad, parse_chat, parse_completion
+from miniinfer.server.protocol import (
+    CHAT_RESPONSE_SCHEMA,
+    COMPLETION_RESPONSE_SCHEMA,
+    ERROR_SCHEMA,
+    MAX_N,
+    APIError,
+    bad,
+    chat_request_schema,
+    completion_request_schema,
+    parse_chat,
+    parse_completion,
+)
 from miniinfer.server.sse import format_sse
 from miniinfer.server.tracing import TraceContext, Tracer, parse_traceparent
 
@@ -133,9 +144,13 @@ async def _submit_all(state: ServerState, prompts: list[list[int]], params, requ
     except EngineStopped as error:
         _abort(streams)
         raise APIError(503, str(error), code="shutting_down", headers={"Retry-After": "5"}) from None
-    except ValueError as error:
+    except ValueError as error:  # the engine's own checks: a sampling parameter, or the prompt
         _abort(streams)
-        raise bad(str(error), "prompt") from None
+        message = str(error)
+        param = "n" if message.startswith("n=") else "prompt"
+        if message.startswith("SamplingParams."):  # "SamplingParams.logit_bias names token 99999, ..."
+            param = message.split(" ")[0].removeprefix("SamplingParams.")
+        raise bad(message, param) from None
     except BaseException:
         _abort(streams)
         raise
@@ -265,6 +280,57 @@ def _sse(state: ServerState, payload) -> str:
     return state.format_sse(payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False))
 
 
+# -- the OpenAPI description -----------------------------------------------------------------------------
+#
+# The handlers take the raw Request and validate bodies in protocol.py, so FastAPI cannot infer the request
+# bodies: without the lines below /openapi.json would show POST /v1/completions with no body at all. The
+# schemas are written by hand in protocol.py and attached here; they describe, they do not validate.
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(name)}}}}
+
+
+def _errors(*statuses: int) -> dict:
+    reasons = {400: "Invalid request (the error's param names the field)", 404: "Unknown model",
+               413: "Request body too large", 500: "Internal error, or this request's generation failed",
+               503: "Overloaded (see Retry-After) or shutting down", 504: "The request's timeout ran out"}
+    error = {"application/json": {"schema": _ref("ErrorResponse")}}
+    return {status: {"description": reasons[status], "content": error} for status in statuses}
+
+
+# One server-sent event of a stream (each event is described on its own, as schemathesis validates them):
+# a JSON chunk, an error object, or the final "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"const": "message"},
+    "data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"}}}
+
+
+def _generation_responses(response_schema: str, chunk_object: str) -> dict:
+    return {200: {"description": f"The whole answer, or with stream: true server-sent events of "
+                                 f"{chunk_object} chunks ending in 'data: [DONE]'",
+                  "content": {"application/json": {"schema": _ref(response_schema)},
+                              "text/event-stream": {"schema": _SSE_EVENT}}},
+            **_errors(400, 404, 413, 500, 503, 504)}
+
+
+def _openapi_components(state: ServerState) -> dict:
+    """The hand-written schemas, with this server's limits (context, vocabulary, sequences per step)."""
+    engine = getattr(state.engine, "engine", None)
+    vocab_size = getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", None) or 2**31
+    max_num_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None) or MAX_N
+    limits = dict(model_name=state.model_name, max_model_len=state.max_model_len, vocab_size=vocab_size,
+                  max_n=min(MAX_N, max_num_seqs))  # n > max_num_seqs is refused: the n sequences run at once
+    return {"CompletionRequest": completion_request_schema(**limits),
+            "ChatCompletionRequest": chat_request_schema(**limits),
+            "CompletionResponse": COMPLETION_RESPONSE_SCHEMA, "ChatCompletionResponse": CHAT_RESPONSE_SCHEMA,
+            "ErrorResponse": ERROR_SCHEMA}
+
+
 # -- the app ----------------------------------------------------------------------------------------
 
 
@@ -334,12 +400,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_errors(404))
     async def model(model_id: str):
         _check_model(state, model_id)
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body("CompletionRequest"),
+              responses=_generation_responses("CompletionResponse", "text_completion"))
     async def completions(request: Request):
         body = await _read_json(request)
         parsed = parse_completion(body, state.defaults)
@@ -368,7 +435,8 @@ def create_app(state: ServerState) -> FastAPI:
         return {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "usage": _usage(outputs)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body("ChatCompletionRequest"),
+              responses=_generation_responses("ChatCompletionResponse", "chat.completion.chunk"))
     async def chat_completions(request: Request):
         body = await _read_json(request)
         parsed = parse_chat(body, state.defaults, default_stop=state.chat_stop)
@@ -399,6 +467,16 @@ def create_app(state: ServerState) -> FastAPI:
         return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "usage": _usage(outputs)}
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's generated schema plus our hand-written components (built once, then cached)."""
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_openapi_components(state))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
