@@ -113,6 +113,9 @@ def uniform_from_seed_reference(seed: int, step: int) -> float:
     return (bits >> 24) * 2.0 ** -40
 
 
+_SMALLEST_TOP_P = 1e-30  # well above float32's smallest normal (1.2e-38), far below any 1/V
+
+
 @dataclass
 class SamplingRow:
     """The host-side description of one row (one sequence) of a sampling step."""
@@ -205,7 +208,11 @@ class SamplingBatch:
         # top_k >= V keeps everything: the same as off, and keeps torch.topk's k <= V.
         top_k = [p.top_k if 0 < p.top_k < V and not g else 0 for p, g in zip(params, greedy)]
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        floats = _to_device([[1.0 if g else p.temperature, p.top_p, p.min_p] for p, g in zip(params, greedy)],
+        # top_p is clamped to a float32 normal number: a positive top_p such as 1e-46 would round to 0 in
+        # float32, and a 0 would keep no token at all. Any top_p at or below the largest probability (at
+        # least 1/V) keeps just the top token, so the clamp changes nothing else.
+        floats = _to_device([[1.0 if g else p.temperature, max(p.top_p, _SMALLEST_TOP_P), p.min_p]
+                             for p, g in zip(params, greedy)],
                             torch.float32, device)
         ints = _to_device([[k, _signed64(r.seed), r.step, g] for r, k, g in zip(rows, top_k, greedy)],
                           torch.int64, device)

@@ -121,8 +121,10 @@ class SamplingParams:
         for field in ("presence_penalty", "frequency_penalty"):
             if not _is_number(getattr(self, field)) or not (-2 <= getattr(self, field) <= 2):
                 bad(field, "must be in [-2, 2] (0 = off)")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be a finite number > 0 (1.0 = off)")
+        # Bounded away from 0 and infinity: the penalty divides or multiplies float32 logits, and 1e-38
+        # (or 5e-324, which float32 rounds to 0) would turn them into infinities.
+        if not _is_number(self.repetition_penalty) or not (2**-31 <= self.repetition_penalty <= 2**31):
+            bad("repetition_penalty", "must be a number in [2**-31, 2**31] (1.0 = off)")
         for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             set_(field, float(getattr(self, field)))
         if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed < 2**64)):

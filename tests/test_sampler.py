@@ -360,3 +360,19 @@ def test_untouched_features_build_nothing():
     assert batch.seeds.dtype == torch.int64 and batch.temperature.dtype == torch.float32
     big = SamplingBatch.build([row(SamplingParams(), seed=2**64 - 1)], 40, "cpu")
     assert big.seeds.item() == -1  # the same 64 bits, as int64
+
+
+@pytest.mark.parametrize("top_p", [1e-46, 1e-40, 5e-324, 1e-9])
+def test_a_top_p_too_small_for_float32_keeps_the_top_token(top_p):
+    """A positive top_p that float32 rounds to 0 (found by the server's schema fuzzing: top_p=1e-46 drew
+    from the whole vocabulary) keeps exactly the most likely token, like any top_p below its probability."""
+    logits = torch.randn(64, V) * 3
+    rows = [row(SamplingParams(temperature=1.5, top_p=top_p), seed=i) for i in range(64)]
+    tokens = sample_batch(logits.clone(), SamplingBatch.build(rows, V, "cpu")).token_ids
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-38, 2.0**-32, 2.0**32, float("inf")])
+def test_repetition_penalties_that_overflow_float32_are_refused(penalty):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=penalty)
