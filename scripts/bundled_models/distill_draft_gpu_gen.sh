@@ -11,10 +11,15 @@
 # batch top-p 0.95), training until --total-budget-s 80 less --reserve-s 20 (the learning rate
 # annealed linearly to 0 over the last 30 % of it), then export, HF check, agreement, tarball.
 # Recipe: 60 % of each 32 x 1024 batch from the samples, pure KL (alpha 1), the copied tied embedding
-# frozen, evaluation every 43 steps. A CPU A/B (200 steps of 8 x 128 from the same init and seed,
-# 24 held-out windows) ranked: frozen embedding + samples + alpha 1 (KL 1.053, agreement 0.396) >
-# real only, alpha 0.9 (1.098, 0.373) ~ samples, alpha 1 (1.094, 0.380) ~ samples, alpha 0.9
-# (1.107, 0.385); a 200-step run cannot show the overfitting the samples are for.
+# frozen, evaluation every 43 steps. A CPU A/B (200 steps of 8 x 128 from the same init and seed;
+# held-out KL / agreement on 24 windows of 128, then HF test-slice agreement):
+#   real only, alpha 0.9 (the 64.1 % recipe)      1.098 / 0.373 / -
+#   60 % samples, alpha 0.9                       1.107 / 0.385 / 0.365
+#   60 % samples, alpha 1                         1.094 / 0.380 / 0.370
+#   real only, alpha 1, frozen embedding          1.052 / 0.380 / 0.360
+#   60 % samples, alpha 1, frozen embedding       1.053 / 0.396 / 0.380   <- this run
+# Freezing is the clear early gain; the samples are neutral this early (86 k sampled tokens there),
+# they are meant for the late phase, where the 1.4 M real tokens are repeated for many epochs.
 # Writes into $OUT (default .gpu/out) what distill_draft_gpu.sh writes; then, on the CPU machine:
 #   python scripts/bundled_models/finalize.py --from <that folder> --models shakespeare-draft
 set -euo pipefail
