@@ -1,5 +1,5 @@
 """The ``miniinfer`` command (also ``python -m miniinfer``): ``generate``, ``chat``, ``grade``, ``serve``,
-``convert``.
+``bench serve``, ``convert``.
 
     miniinfer generate --prompt "ROMEO." --max-tokens 64
     echo "What news, my lord?" | miniinfer chat
@@ -201,6 +201,12 @@ def _serve(args) -> int:
     return run(args)
 
 
+def _bench_serve(args) -> int:
+    from miniinfer.server.bench import run
+
+    return run(args)
+
+
 def _convert(args) -> int:
     from miniinfer.formats.gguf import export_gguf
 
@@ -276,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    bench = commands.add_parser("bench", help="benchmarks: 'bench serve' measures a server under load")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    bench_serve = benchmarks.add_parser(
+        "serve", help="a request-rate sweep against `miniinfer serve` (Poisson arrivals, streaming clients)",
+        description="Sends streaming completions at each offered load (Poisson arrivals; 'inf' = all at once) "
+                    "and reports throughput, TTFT, inter-token latency and errors; with a server it starts "
+                    "itself, also the server's throughput at saturation against offline LLM.generate.")
+    from miniinfer.server.bench import add_bench_serve_arguments
+
+    add_bench_serve_arguments(bench_serve)
+    bench_serve.set_defaults(run=_bench_serve)
 
     convert = commands.add_parser("convert", help="export a model folder to another format (GGUF)")
     convert.add_argument("path", help="model folder, hub id, or a bundled model's name (e.g. shakespeare)")

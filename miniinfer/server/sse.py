@@ -22,6 +22,9 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 def format_sse(data: str, event: str | None = None) -> str:
     """One event: an optional ``event:`` line, one ``data:`` line per line of ``data``, a blank line."""
+    if event is None and "\n" not in data and "\r" not in data:
+        # The common case, once per streamed chunk: a JSON payload (json.dumps escapes line breaks).
+        return f"data: {data}\n\n"
     lines = [] if event is None else [f"event: {event}"]
     lines += [f"data: {line}" for line in _LINE_BREAK.split(data)]
     return "\n".join(lines) + "\n\n"
