@@ -337,8 +337,11 @@ def test_multi_candidate_rule_is_exact(seed):
         assert chi_square_p_value(counts, p) > 1e-4, mode
 
 
-def test_batched_verify_attention_matches_the_paged_reference(seed):
-    """Short chunks over cached prefixes (and a decode row), GQA, against the reference prefill."""
+@pytest.mark.parametrize("seq_lens, q_lens", [([9, 3, 17, 1], [5, 1, 4, 1]), ([9], [5]), ([17], [1]), ([4], [4])],
+                         ids=["batch", "one-sequence", "one-decode", "one-prompt"])
+def test_batched_verify_attention_matches_the_paged_reference(seed, seq_lens, q_lens):
+    """Short chunks over cached prefixes (and a decode row), GQA, against the reference prefill; one
+    sequence alone takes the single-sequence path."""
     from miniinfer.engine.attention_context import PagedAttentionMetadata
     from miniinfer.kernels.paged_attention import paged_prefill_attention_torch
     from miniinfer.speculative.verify_attention import batched_verify_attention
@@ -346,14 +349,13 @@ def test_batched_verify_attention_matches_the_paged_reference(seed):
     g = torch.Generator().manual_seed(seed)
     P, H, H_kv, D, num_blocks = 4, 6, 2, 8, 40
     k_cache, v_cache = torch.randn(num_blocks, P, H_kv, D, generator=g), torch.randn(num_blocks, P, H_kv, D, generator=g)
-    seq_lens, q_lens = [9, 3, 17, 1], [5, 1, 4, 1]
-    width = max(-(-s // P) for s in seq_lens)
+    width = max(-(-s // P) for s in seq_lens) + 1  # a spare column: tables wider than the longest sequence
     tables = torch.randperm(num_blocks, generator=g)[:len(seq_lens) * width].view(len(seq_lens), width).int()
     cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
     q = torch.randn(int(cu[-1]), H, D, generator=g)
     meta = PagedAttentionMetadata(slot_mapping=torch.zeros(len(q), dtype=torch.int32), block_tables=tables,
                                   seq_lens=torch.tensor(seq_lens, dtype=torch.int32), cu_seqlens_q=cu,
-                                  decode_only=False, max_seq_len=max(seq_lens), max_q_len=max(q_lens))
+                                  decode_only=False, max_seq_len=max(seq_lens) + 2, max_q_len=max(q_lens))
     expected = paged_prefill_attention_torch(q, k_cache, v_cache, tables, cu, meta.seq_lens, 0.3)
     torch.testing.assert_close(batched_verify_attention(q, k_cache, v_cache, meta, 0.3), expected,
                                atol=1e-5, rtol=1e-5)
@@ -459,18 +461,22 @@ def test_draft_proposer_fast_paths_match_plain_forwards(target, kind):
 
 
 def test_speculation_gate_follows_measured_cost():
-    """"auto" speculates only while it measures cheaper per token than plain decoding, per batch size,
-    probing the other kind now and then; a new batch size starts from its nearest measured neighbour."""
+    """"auto" speculates only while it measures cheaper per token than plain decoding (the floor of
+    recent steps), per batch size, probing the other kind now and then; a new batch size starts from
+    its nearest measured neighbour."""
     from miniinfer.speculative import SpeculationGate
 
-    gate = SpeculationGate(probe_every=4)
-    assert gate.speculate(16) is True
-    gate.observe(16, True, 3.0, 10)          # 0.3 s per token speculating (a compute-bound batch)
-    assert gate.speculate(16) is False
-    gate.observe(16, False, 1.0, 10)         # 0.1 s per token plain: plain wins at this batch size
-    assert [gate.speculate(16) for _ in range(8)] == [False, True, False, False, False, True, False, False]
-    assert gate.speculate(1) is True         # a new size: the neighbour says plain, so its first step probes
+    gate = SpeculationGate(probe_every=4, warmup=2, window=3)
+    decisions = []
+    for step in range(4):  # warm-up: the kinds alternate
+        decisions.append(gate.speculate(16))
+        # 0.3 s per token speculating (a compute-bound batch), 0.1 plain — one plain step hit by a spike
+        gate.observe(16, decisions[-1], 3.0 if decisions[-1] else (5.0 if step == 1 else 1.0), 10)
+    assert decisions == [True, False, True, False]
+    assert [gate.speculate(16) for _ in range(8)] == [False, False, False, True, False, False, False, True]
+    assert gate.speculate(1) is True          # a new size: the neighbour says plain, so its first step probes
     gate.observe(1, True, 0.5, 3)
-    assert gate.speculate(1) is False
+    assert gate.speculate(1) is False         # then the neighbour's choice, measured
     gate.observe(1, False, 0.3, 1)
-    assert [gate.speculate(1) for _ in range(3)] == [True, False, True]   # batch 1: speculation pays (a probe)
+    assert [gate.speculate(1) for _ in range(6)] == [True, False, True, True, True, False]   # warm-up, then
+    # speculation (it pays at batch 1) with a probe every 4th step

@@ -99,45 +99,51 @@ class SpeculationGate:
     while decoding is bound by reading the weights (a GPU at small batch), not where the matmuls are
     bound by arithmetic — a CPU, or a large batch anywhere: there a batch of 16 verifying 5 tokens each
     is an 80-row forward, several times a 16-row decode step, and speculation loses even at a good α.
-    So ``num_speculative_tokens="auto"`` also keeps, per batch size (powers of two), a moving average of
-    the seconds per emitted token of speculative steps and of plain ones, and speculates while that is
-    the cheaper; every ``probe_every``-th decode step of a batch size runs the other kind once, so a
-    change (longer contexts, another mix of requests) is noticed.
+    So ``num_speculative_tokens="auto"`` also measures, per batch size (powers of two), the seconds per
+    emitted token of speculative steps and of plain ones, and speculates while that is the cheaper.
+
+    Each kind's cost is the *least* of its last ``window`` measurements: a step's time only ever grows
+    by what is not the step's own steady cost (another process on the core, a new request's prompt
+    going through the draft), so the floor is the robust estimate — the same reasoning as a benchmark's
+    best-of-N. The first ``2 × warmup`` decode steps of a batch size alternate the two kinds; after
+    that every ``probe_every``-th runs the other kind once, so a change (longer contexts, another mix
+    of requests) is noticed. A batch size not measured yet starts from its nearest measured neighbour.
     """
 
-    probe_every: int = 12
-    decay: float = 0.7
+    probe_every: int = 8
+    warmup: int = 2
+    window: int = 4
     margin: float = 1.0   # speculate while its cost per token < margin × plain's
 
     def __post_init__(self):
-        self.seconds_per_token: dict[tuple[int, bool], float] = {}
+        self.costs: dict[tuple[int, bool], list[float]] = {}   # (bucket, speculative) -> recent s/token
         self.num_steps: dict[int, int] = {}
+
+    def cost(self, bucket: int, speculative: bool) -> float | None:
+        recent = self.costs.get((bucket, speculative))
+        return min(recent) if recent else None
 
     def speculate(self, batch_size: int) -> bool:
         """Decide for one decode step of ``batch_size`` sequences (call once per such step)."""
         bucket = _batch_bucket(batch_size)
         step = self.num_steps[bucket] = self.num_steps.get(bucket, 0) + 1
-        spec, plain = self.seconds_per_token.get((bucket, True)), self.seconds_per_token.get((bucket, False))
+        spec, plain = self.cost(bucket, True), self.cost(bucket, False)
         if spec is None or plain is None:
-            measured = [b for b, _ in self.seconds_per_token if (b, True) in self.seconds_per_token
-                        and (b, False) in self.seconds_per_token]
-            if not measured:  # nothing known yet: measure both kinds, speculation first
-                return spec is None
-            # A new batch size (requests came or went): start from the nearest measured one's choice;
-            # the probes measure this one.
+            measured = [b for b in self.num_steps if self.cost(b, True) is not None and self.cost(b, False) is not None]
+            if not measured:  # nothing known at all: speculation first, then plain decoding
+                return step % 2 == 1
             nearest = min(measured, key=lambda b: abs(b.bit_length() - bucket.bit_length()))
-            spec, plain = self.seconds_per_token[nearest, True], self.seconds_per_token[nearest, False]
+            spec, plain = self.cost(nearest, True), self.cost(nearest, False)
             better = spec < self.margin * plain
-            if step % self.probe_every == 1 or self.probe_every == 1:  # its first step probes the other kind
-                return not better
-            return better
+            return better if step > 1 else not better  # this size's first step measures the other kind
+        if step <= 2 * self.warmup:
+            return step % 2 == 1
         better = spec < self.margin * plain
         return better != (step % self.probe_every == 0)  # the probe runs the other kind
 
     def observe(self, batch_size: int, speculative: bool, seconds: float, tokens: int) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        key = (_batch_bucket(batch_size), speculative)
-        cost = seconds / tokens
-        old = self.seconds_per_token.get(key)
-        self.seconds_per_token[key] = cost if old is None else self.decay * old + (1 - self.decay) * cost
+        recent = self.costs.setdefault((_batch_bucket(batch_size), speculative), [])
+        recent.append(seconds / tokens)
+        del recent[:-self.window]

@@ -68,7 +68,7 @@ def batched_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 def _single_sequence_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                       metadata: PagedAttentionMetadata, scale: float) -> torch.Tensor:
     """:func:`batched_verify_attention` for a step of one sequence (batch 1, the common case of
-    speculation): its T new tokens are the last T of its ``S = max_seq_len`` keys, so nothing needs
+    speculation): its T new tokens are the last T of its S keys, so nothing needs
     packing or unpacking, and the mask is a causal band known on the host — no per-step index building
     beyond the key gather (shared by all layers)."""
     T, H, D = q.shape
@@ -79,7 +79,7 @@ def _single_sequence_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_
         slots, _ = metadata.decode_gather_index(k_cache.shape[1])                    # [1, S]
         # Query i (position S − T + i) sees keys 0 … S − T + i.
         allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
-        cached = metadata._verify_single = (slots[0], allowed)
+        cached = metadata._verify_single = (slots[0, :S], allowed)
     slots, allowed = cached
     k = k_cache.view(-1, H_kv, D).index_select(0, slots).transpose(0, 1).unsqueeze(0)  # [1, H_kv, S, D]
     v = v_cache.view(-1, H_kv, D).index_select(0, slots).transpose(0, 1).unsqueeze(0)
