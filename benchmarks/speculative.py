@@ -1,6 +1,10 @@
 """Speculative decoding on the bundled models: tokens/s and accepted tokens per target step, against
-plain decoding, for each proposer and γ — greedy and sampled, batch 1 and batch 16, and an n-gram
-friendly workload (the output quotes the prompt). Plus tree vs chain at equal numbers of guesses.
+plain decoding, for each proposer and γ — greedy and sampled, batch 1 and batch 16, and two workloads
+meant for n-gram lookup: ``quote`` (a prompt that repeats a passage and breaks off inside its third
+copy, so that the output could quote it) and ``repeat`` (the passage three times, whole). The bundled
+2M-parameter model does not copy from its context: after ``quote`` it writes new lines, after
+``repeat`` it falls into loops of its own — which is what n-gram lookup predicts there. Plus tree vs
+chain at equal numbers of guesses.
 
     python benchmarks/speculative.py                  # CPU, writes results/speculative_cpu.json
     python benchmarks/speculative.py --quick          # fewer configurations, shorter outputs
@@ -134,6 +138,7 @@ def main() -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     tree_ok = device.type == "cpu"  # the tree mask runs on the CPU backends only
+    gammas = sorted(set(gammas) | {3})
     greedy_b1 = ([("ngram", 4, None), ("self", 2, None)] + [(DRAFT, g, None) for g in gammas]
                  + [(DRAFT, "auto", None)] + ([(DRAFT, 4, 2), (DRAFT, 6, 2), (DRAFT, 6, 3)] if tree_ok else []))
     workloads = [("shakespeare", "greedy", OPENINGS[:1], greedy, greedy_b1),
@@ -143,7 +148,9 @@ def main() -> None:
                   [("ngram", 4, None), ("ngram", 8, None), ("ngram", "auto", None), (DRAFT, 4, None)]),
                  ("shakespeare", "greedy", OPENINGS[:16], greedy,
                   [("ngram", 4, None), (DRAFT, 2, None), (DRAFT, 4, None), (DRAFT, "auto", None)]),
-                 ("shakespeare", "sampled", OPENINGS[:16], sampled, [(DRAFT, 2, None), (DRAFT, 4, None)])]
+                 ("shakespeare", "sampled", OPENINGS[:16], sampled, [(DRAFT, 2, None), (DRAFT, 4, None)]),
+                 ("repeat", "greedy", [QUOTE * 3], greedy, [("ngram", 4, None), ("ngram", "auto", None),
+                                                            (DRAFT, 4, None)])]
     if args.quick:
         workloads = [w[:4] + (w[4][:3],) for w in workloads[:4]]
     rows = []
@@ -174,8 +181,18 @@ def main() -> None:
     print_table(["proposer", "gamma", "guesses/verify", "tokens/verify"], tree)
     best = max((r for r in rows if r["batch"] == 1 and r["sampling"] == "greedy" and r["workload"] == "shakespeare"),
                key=lambda r: r["tok/s"])
-    summary = {"best_batch1_greedy": {k: best.get(k) for k in ("proposer", "gamma", "tok/s", "speedup",
-                                                                 "tokens/verify")},
+    keys = ("proposer", "gamma", "tok/s", "speedup", "tokens/verify")
+
+    def best_of(workload, batch, proposer=None):
+        found = [r for r in rows if r["workload"] == workload and r["batch"] == batch and r["sampling"] == "greedy"
+                 and r["proposer"] != "none" and (proposer is None or r["proposer"] == proposer)]
+        return {k: max(found, key=lambda r: r["tok/s"]).get(k) for k in keys} if found else None
+
+    summary = {"best_batch1_greedy": {k: best.get(k) for k in keys},
+               "best_batch1_greedy_draft": best_of("shakespeare", 1, "draft"),
+               "best_quote_ngram": best_of("quote", 1, "ngram"),
+               "best_repeat_ngram": best_of("repeat", 1, "ngram"),
+               "best_batch16_greedy": best_of("shakespeare", 16),
                "all_greedy_outputs_identical": all(r.get("greedy ok") in (None, True) for r in rows)}
     write_results("speculative", "Speculative decoding: proposers and γ vs plain decoding (bundled models)", device,
                   COLUMNS, rows + tree, summary=summary,
