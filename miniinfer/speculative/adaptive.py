@@ -102,26 +102,29 @@ class SpeculationGate:
     So ``num_speculative_tokens="auto"`` also measures, per batch size (powers of two), the seconds per
     emitted token of speculative steps and of plain ones, and speculates while that is the cheaper.
 
-    Each kind's cost is the *least* of its last ``window`` measurements: a step's time only ever grows
-    by what is not the step's own steady cost (another process on the core, a new request's prompt
-    going through the draft), so the floor is the robust estimate — the same reasoning as a benchmark's
-    best-of-N. The first ``2 × warmup`` decode steps of a batch size alternate the two kinds; after
+    Each kind's cost is the total time over the total tokens of its last ``window`` steps: a ratio of
+    sums, not a mean or a floor of per-step ratios, because a speculative step's tokens vary with the
+    luck of its acceptances (the best single step would flatter speculation), and a one-off cost (a new
+    request's prompt going through the draft) fades out of the window. The first ``2 × warmup`` decode
+    steps of a batch size alternate the two kinds; after
     that every ``probe_every``-th runs the other kind once, so a change (longer contexts, another mix
     of requests) is noticed. A batch size not measured yet starts from its nearest measured neighbour.
     """
 
     probe_every: int = 8
     warmup: int = 2
-    window: int = 4
+    window: int = 6
     margin: float = 1.0   # speculate while its cost per token < margin × plain's
 
     def __post_init__(self):
-        self.costs: dict[tuple[int, bool], list[float]] = {}   # (bucket, speculative) -> recent s/token
+        # (bucket, speculative) -> recent steps' (seconds, tokens)
+        self.steps: dict[tuple[int, bool], list[tuple[float, int]]] = {}
         self.num_steps: dict[int, int] = {}
 
     def cost(self, bucket: int, speculative: bool) -> float | None:
-        recent = self.costs.get((bucket, speculative))
-        return min(recent) if recent else None
+        """Seconds per emitted token of that kind of step at that batch size (None: not measured)."""
+        recent = self.steps.get((bucket, speculative))
+        return sum(s for s, _ in recent) / sum(t for _, t in recent) if recent else None
 
     def speculate(self, batch_size: int) -> bool:
         """Decide for one decode step of ``batch_size`` sequences (call once per such step)."""
@@ -144,6 +147,6 @@ class SpeculationGate:
     def observe(self, batch_size: int, speculative: bool, seconds: float, tokens: int) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        recent = self.costs.setdefault((_batch_bucket(batch_size), speculative), [])
-        recent.append(seconds / tokens)
+        recent = self.steps.setdefault((_batch_bucket(batch_size), speculative), [])
+        recent.append((seconds, tokens))
         del recent[:-self.window]
