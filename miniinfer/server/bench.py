@@ -267,13 +267,23 @@ def load_offline_llm(model: str | None, device: str | None, max_num_seqs: int | 
     return llm
 
 
-def offline_run(llm, num_requests: int, max_tokens: int) -> dict:
-    """The saturated run's requests through ``LLM.generate``, all at once: tokens, wall and CPU seconds."""
+def served_params(llm, index: int, max_tokens: int):
+    """The ``SamplingParams`` the server gives :func:`request_body`'s ``index``-th request: the model's
+    ``generation_config.json`` defaults (e.g. the bundled models' top-k 50 and top-p 0.95), overridden by
+    the fields the request sets — the server's rule (vLLM's), so that offline runs sample the same way.
+    (It matters: with the bundled model on CPU, a step with top-k/top-p filtering takes about 1.5x as long
+    as one without.)"""
     from miniinfer import SamplingParams
 
+    values = dict(llm.generation_defaults)
+    values.update(temperature=TEMPERATURE, seed=index, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(**values)
+
+
+def offline_run(llm, num_requests: int, max_tokens: int) -> dict:
+    """The saturated run's requests through ``LLM.generate``, all at once: tokens, wall and CPU seconds."""
     prompts = [PROMPT_LINES[i % len(PROMPT_LINES)] for i in range(num_requests)]
-    params = [SamplingParams(temperature=TEMPERATURE, seed=i, max_tokens=max_tokens, ignore_eos=True)
-              for i in range(num_requests)]
+    params = [served_params(llm, i, max_tokens) for i in range(num_requests)]
     steps = llm.engine.counters["num_steps"]
     cpu = time.process_time()
     start = time.perf_counter()
@@ -284,14 +294,13 @@ def offline_run(llm, num_requests: int, max_tokens: int) -> dict:
     return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "steps": llm.engine.counters["num_steps"] - steps}
 
 
-def bridge_run(bridge, num_requests: int, max_tokens: int) -> dict:
+def bridge_run(bridge, llm, num_requests: int, max_tokens: int) -> dict:
     """The same requests through an :class:`~miniinfer.server.async_engine.AsyncEngine` in this process,
     whose consumers only count tokens: the server without HTTP (engine thread, streaming outputs, the
     hand-over to an event loop). Tokens, wall and CPU seconds (engine thread and event loop together)."""
-    from miniinfer import SamplingParams
 
     async def one(index: int) -> int:
-        params = SamplingParams(temperature=TEMPERATURE, seed=index, max_tokens=max_tokens, ignore_eos=True)
+        params = served_params(llm, index, max_tokens)
         stream = await bridge.submit(PROMPT_LINES[index % len(PROMPT_LINES)], params)
         tokens = 0
         async for output in stream:
@@ -321,7 +330,7 @@ def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requ
         offline = offline_run(llm, num_requests, max_tokens)
         pairs.append((served, offline))
         if bridge is not None:
-            bridged.append(bridge_run(bridge, num_requests, max_tokens))
+            bridged.append(bridge_run(bridge, llm, num_requests, max_tokens))
     server_tok_s = [s["_tokens"] / s["wall_s"] for s, _ in pairs]
     offline_tok_s = [o["tokens"] / o["wall_s"] for _, o in pairs]
     summary = {
@@ -439,7 +448,8 @@ def run_benchmark(args, echo=print) -> dict:
         summary["offline_output_tok_s"] = overhead["offline_tok_s"]
         summary["server_vs_offline_at_saturation"] = overhead["server_vs_offline_tok_s"]
     notes = ("Client-side timings over HTTP on the same machine as the server; each request generates "
-             f"{args.max_tokens} tokens (ignore_eos) after a one-line prompt, temperature {TEMPERATURE}. "
+             f"{args.max_tokens} tokens (ignore_eos) after a one-line prompt, temperature {TEMPERATURE} (other "
+             "sampling fields: the model's generation_config.json defaults, as the server applies them). "
              "client_cpu_s: CPU seconds of the load generator's process during the run; server_cpu_s: of the "
              "server process (only for a server the benchmark started). On a shared CPU the absolute numbers "
              "depend on the machine's load.")
