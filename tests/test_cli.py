@@ -150,6 +150,7 @@ def test_chat_drops_old_turns_to_fit_the_context(fake, capsys):
     (["generate"], "the following arguments are required: --prompt"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["serve", "--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
+    (["serve", "--stream-interval", "0"], "--stream-interval must be >= 1 engine step, got 0"),
     ([], "the following arguments are required: command"),
 ])
 def test_user_errors_are_one_line(argv, match, capsys):

@@ -42,12 +42,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one step (default 256)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
     parser.add_argument("--seed", type=int, default=None, help="seeds requests that carry no seed of their own")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="send a stream's new tokens every N engine steps, merged into one event: fewer "
+                             "wake-ups and events for the server under load, burstier tokens for the client "
+                             "(default 1: every token as it comes)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")
 
 
 def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
-                request_timeout: float | None = None, shutdown_timeout: float = 0.0):
+                request_timeout: float | None = None, shutdown_timeout: float = 0.0, stream_interval: int = 1):
     """The shared server state around an :class:`~miniinfer.LLM`: engine thread bridge, metrics, tracer."""
     from miniinfer.server.api import ServerState
     from miniinfer.server.async_engine import AsyncEngine
@@ -64,6 +68,7 @@ def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
 
     metrics = ServerMetrics(model_name, stats_source=stats)
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting, request_timeout=request_timeout,
+                         stream_interval=stream_interval,
                          on_finish=lambda request_id, output, timing, reason: metrics.observe_finished(timing, reason))
     holder["engine"] = engine
     defaults = dict(llm.generation_defaults)
@@ -107,6 +112,8 @@ def run(args) -> int:
     configure_logging(args.log_level)
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1 engine step, got {args.stream_interval}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     path = _model_path(args.model)
@@ -115,7 +122,8 @@ def run(args) -> int:
     llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)
     name = args.served_model_name or Path(str(path)).name
     state = build_state(llm, model_name=name, bundled=_is_bundled(path), max_waiting=args.max_waiting,
-                        request_timeout=args.request_timeout, shutdown_timeout=0.0)
+                        request_timeout=args.request_timeout, shutdown_timeout=0.0,
+                        stream_interval=args.stream_interval)
     if args.grpc_port is not None:
         state.grpc_address = (args.host, args.grpc_port)  # started in the app's lifespan, on uvicorn's loop
     app = create_app(state)
