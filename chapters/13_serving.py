@@ -354,6 +354,31 @@ fig.tight_layout()
 # process (and its interpreter lock) on a small CPU, while `benchmarks/serving.py` runs the server
 # in a process of its own.
 #
+# ### What the server itself costs
+#
+# `miniinfer bench serve` (the load generator behind `benchmarks/serving.py`) also runs the same
+# requests through offline `LLM.generate`, and through the `AsyncEngine` bridge without HTTP,
+# interleaved with the server, and compares output tokens per second at saturation:
+
+# %%
+if recorded is not None and "overhead_at_saturation" in recorded.get("summary", {}):
+    cost = recorded["summary"]["overhead_at_saturation"]
+    print(f"offline LLM.generate         {cost['offline_tok_s']:7.0f} tok/s")
+    print(f"AsyncEngine, no HTTP         {cost['bridge_tok_s']:7.0f} tok/s  ({cost['bridge_vs_offline_tok_s']:.2f}x)")
+    print(f"server over HTTP             {cost['server_tok_s']:7.0f} tok/s  ({cost['server_vs_offline_tok_s']:.2f}x; "
+          f"{cost['server_vs_offline_tok_per_cpu_s']:.2f}x per CPU-second of the server process)")
+    print(f"engine steps: offline {cost['offline_steps']} x {cost['offline_step_ms']:.1f} ms, "
+          f"server {cost['server_steps']} x {cost['server_step_ms']:.1f} ms")
+
+# %% [markdown]
+# The server runs as many engine steps as offline generation — batching is not what it loses — but
+# each step takes longer. Serving costs little CPU per token (about 0.1 ms on the event loop); the
+# loss is the engine thread's time: it shares the interpreter lock with the event-loop thread, and
+# on a small CPU every hand-over of the lock stalls the step. That is why production servers (vLLM's
+# v1 engine core, SGLang's scheduler) run the engine in a **process** of its own and pass requests
+# and tokens over a socket. `miniinfer serve --stream-interval N` softens it here: tokens go out every
+# N steps, merged, so there are fewer hand-overs, at the price of burstier streams.
+#
 # ## 7. What the metrics tell an operator
 #
 # `GET /metrics` exports what the dashboard in `deploy/grafana/` plots:
@@ -402,4 +427,4 @@ print("\n".join(line for line in metrics.splitlines()
 # 3. Replace FIFO by shortest-prompt-first in the waiting queue (chapter 06's `plan_step` hook).
 #    What happens to TTFT p50 and p99 at high load?
 # 4. Start Prometheus with `deploy/prometheus/prometheus.yml`, import the Grafana dashboard, and
-#    run `benchmarks/serving.py --url …` against the server. Which panel shows the wall first?
+#    run `miniinfer bench serve --url …` against the server. Which panel shows the wall first?
