@@ -188,13 +188,13 @@ def main() -> None:
     print_table(COLUMNS, rows)
     print_table(["proposer", "gamma", "guesses/verify", "tokens/verify"], tree)
     best = max((r for r in rows if r["batch"] == 1 and r["sampling"] == "greedy" and r["workload"] == "shakespeare"),
-               key=lambda r: r["tok/s"])
+               key=lambda r: r["speedup"])
     keys = ("proposer", "gamma", "tok/s", "speedup", "tokens/verify")
 
     def best_of(workload, batch, proposer=None):
         found = [r for r in rows if r["workload"] == workload and r["batch"] == batch and r["sampling"] == "greedy"
                  and r["proposer"] != "none" and (proposer is None or r["proposer"] == proposer)]
-        return {k: max(found, key=lambda r: r["tok/s"]).get(k) for k in keys} if found else None
+        return {k: max(found, key=lambda r: r["speedup"]).get(k) for k in keys} if found else None
 
     summary = {"best_batch1_greedy": {k: best.get(k) for k in keys},
                "best_batch1_greedy_draft": best_of("shakespeare", 1, "draft"),
