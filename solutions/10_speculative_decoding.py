@@ -274,9 +274,15 @@ print("α̂ =", round(alpha_hat, 3), "| measured:", [round(measured[g]["spec_tok
 # runs: α (accepted / proposed guesses) and the cost ratio $c$ (seconds of proposing per guess over
 # seconds of a verify step). `num_speculative_tokens="auto"` keeps running averages of both
 # (`miniinfer.speculative.AdaptiveGamma`) and re-chooses γ every step; `select_proposer` ranks
-# proposers by the same number. Three proposers come with the package:
+# proposers by the same number. The formula assumes a verify of γ + 1 tokens costs about one decode
+# step, true where decoding is bound by reading the weights (a GPU at small batch) but not on this CPU,
+# where the matmuls are bound by arithmetic: a verify of 5 tokens costs 1.3–1.5 decode steps here, and
+# a batch of 16 verifying 5 tokens each is an 80-row forward. So "auto" also measures seconds per
+# emitted token of speculative and plain steps at each batch size and speculates only while that is
+# cheaper (`SpeculationGate`). Three proposers come with the package:
 #
-# * the **draft model** (a separate small model with its own paged KV pool and model runner);
+# * the **draft model** (a separate small model with its own contiguous KV cache, one row per
+#   sequence, so rolling back is lowering a counter; its guesses skip the engine's step machinery);
 # * **n-gram prompt lookup** — find the last few tokens earlier in the sequence and guess what
 #   followed them then: free, and strong when the output quotes the prompt;
 # * a **layer-skipping self-draft** — the target's first layers with its final norm and head: no
