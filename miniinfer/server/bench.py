@@ -107,8 +107,12 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of another process so far (Linux ``/proc``; None elsewhere)."""
+def process_cpu_seconds(pid: int | tuple[int, ...]) -> float | None:
+    """User + system CPU seconds of another process so far (Linux ``/proc``; None elsewhere); of several,
+    summed (``miniinfer serve --engine-process``: the server and its engine's child process)."""
+    if isinstance(pid, tuple):
+        seconds = [process_cpu_seconds(p) for p in pid]
+        return None if None in seconds else sum(seconds)
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
@@ -137,6 +141,16 @@ def engine_counters(url: str, wait_idle: float = 0.0) -> dict | None:
     if "num_steps" not in stats or "_busy_seconds" not in stats:
         return None
     return {"steps": stats["num_steps"], "busy_s": stats["_busy_seconds"]}
+
+
+def engine_process_pid(url: str) -> int | None:
+    """The pid of the engine's own process (``miniinfer serve --engine-process``), else None."""
+    import httpx
+
+    try:
+        return httpx.get(url + "/debug/engine", timeout=5).json().get("engine_pid")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 def request_body(model: str, index: int, max_tokens: int) -> dict:
@@ -398,9 +412,14 @@ def run_benchmark(args, echo=print) -> dict:
             server_args += ["--max-num-seqs", str(args.max_num_seqs)]
         if args.device and args.device != "cpu":
             server_args += ["--device", args.device]
+        if getattr(args, "engine_process", False):
+            server_args.append("--engine-process")
         server = ServerProcess(*server_args)
         url = server.url
     pid = None if server is None else server.process.pid
+    engine_pid = None if server is None else engine_process_pid(url)
+    if engine_pid is not None:  # the engine computes in a child process: its CPU seconds are the server's too
+        pid = (pid, engine_pid)
     rows: list[dict] = []
     overhead = None
     try:
@@ -435,6 +454,8 @@ def run_benchmark(args, echo=print) -> dict:
             del row[key]
     summary = {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
                "server": "started by the benchmark" if server is not None else url}
+    if getattr(args, "engine_process", False) and server is not None:
+        summary["engine"] = "process (miniinfer serve --engine-process)"
     finite = [r for r in rows if r["offered_rps"] != "inf" and r["ttft_p50_s"] is not None]
     if finite:
         summary["unloaded_ttft_p50_s"] = finite[0]["ttft_p50_s"]
@@ -553,6 +574,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=100000,
                         help="the local server's bound on waiting requests (default 100000: no 503s)")
     parser.add_argument("--device", default=None, help="the local server's device (default cpu)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="start the local server with --engine-process (the engine in its own process); "
+                             "its CPU seconds then include the engine's process")
     parser.add_argument("--overhead-repeats", type=int, default=3,
                         help="saturated server runs interleaved with offline LLM.generate runs, for the overhead "
                              "ratios (local server only; 0 = skip; default 3)")

@@ -46,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send a stream's new tokens every N engine steps, merged into one event: fewer "
                              "wake-ups and events for the server under load, burstier tokens for the client "
                              "(default 1: every token as it comes)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="run the engine in its own process instead of a thread of the server, so that it does "
+                             "not share the interpreter lock with the HTTP event loop (default: a thread)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")
 
@@ -100,13 +103,8 @@ def _server_class():
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    import uvicorn
-
-    from miniinfer.cli import _is_bundled, _model_path
+    from miniinfer.cli import _model_path
     from miniinfer.llm import LLM
-    from miniinfer.server.api import create_app
     from miniinfer.server.logs import configure_logging
 
     configure_logging(args.log_level)
@@ -119,11 +117,42 @@ def run(args) -> int:
     path = _model_path(args.model)
     options = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                      num_kv_blocks=args.num_kv_blocks).items() if v is not None}
-    llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)
+    remote = None
+    if getattr(args, "engine_process", False):
+        from types import SimpleNamespace
+
+        from miniinfer.server.engine_process import RemoteEngine
+
+        # The child process loads the model and owns the KV cache; the parent keeps what the API needs
+        # (tokenizer, defaults, limits), which the child sends once it has loaded.
+        remote = RemoteEngine(path, dict(device=args.device, dtype=args.dtype, seed=args.seed, **options))
+        llm = SimpleNamespace(engine=remote, tokenizer=remote.tokenizer, generation_defaults=remote.generation_defaults)
+    else:
+        llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)
+    try:
+        return _serve(args, path, llm, remote)
+    finally:
+        if remote is not None:  # whatever happened: the child ignores SIGTERM, so stop it here
+            remote.close()
+
+
+def _serve(args, path, llm, remote) -> int:
+    """Build the app around ``llm`` (an :class:`~miniinfer.LLM`, or the parent's view of the engine's process)
+    and serve until SIGTERM/SIGINT."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from miniinfer.cli import _is_bundled
+    from miniinfer.server.api import create_app
+
     name = args.served_model_name or Path(str(path)).name
     state = build_state(llm, model_name=name, bundled=_is_bundled(path), max_waiting=args.max_waiting,
                         request_timeout=args.request_timeout, shutdown_timeout=0.0,
                         stream_interval=args.stream_interval)
+    if remote is not None:
+        # A dead child: AsyncEngine stops accepting requests (503) and /health says so.
+        remote.on_death = lambda error: setattr(state.engine, "dead", error)
     if args.grpc_port is not None:
         state.grpc_address = (args.host, args.grpc_port)  # started in the app's lifespan, on uvicorn's loop
     app = create_app(state)
@@ -133,6 +162,7 @@ def run(args) -> int:
     log.info("serving", extra={"fields": {"model": name, "host": args.host, "port": args.port,
                                           "grpc_port": args.grpc_port, "device": str(llm.engine.device),
                                           "max_model_len": llm.engine.max_model_len,
-                                          "kv_blocks": llm.engine.num_kv_blocks}})
+                                          "kv_blocks": llm.engine.num_kv_blocks,
+                                          "engine_process": remote.pid if remote is not None else None}})
     server.run()
     return 0
