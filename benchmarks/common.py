@@ -30,18 +30,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def device_name(device: str | torch.device = "cuda") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    from miniinfer.env import card_name
+
+    return card_name(device)
 
 
 def device_slug(device: str | torch.device) -> str:

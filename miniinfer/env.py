@@ -30,6 +30,23 @@ def _nvcc_version() -> str | None:
     return release[0].split("release")[-1].strip() if release else "unknown"
 
 
+def card_name(device: str | torch.device | None = None) -> str:
+    """What benchmark results call the card: the GPU's name for a CUDA device (when there is one), else
+    the CPU's model with its core count and torch's thread count ("AMD EPYC (2 cores, 1 torch threads)")."""
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def environment() -> dict[str, str]:
     """Versions and devices, as strings (a missing piece reads 'not installed' / 'none')."""
     import miniinfer.kernels  # noqa: F401  (decides the Triton mode)

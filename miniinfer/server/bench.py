@@ -488,19 +488,9 @@ def run_benchmark(args, echo=print) -> dict:
 
 def describe_card(device: str | None) -> str:
     """The accelerator's name, or the CPU's model, core count and torch threads."""
-    import torch
+    from miniinfer.env import card_name
 
-    if device and device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return card_name(device)
 
 
 def results_record(report: dict, device: str | None, command: list[str]) -> dict:
