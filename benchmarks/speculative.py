@@ -100,17 +100,30 @@ def run_workload(model, tokenizer, prompts, params, device, repeat, configs):
 
 
 def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
-    from miniinfer.speculative.tree import build_tree, draft_tree, tree_logits, verify_tree_greedy
+    from miniinfer.speculative.tree import (
+        build_tree,
+        draft_tree,
+        draft_tree_best_first,
+        tree_logits,
+        verify_tree_greedy,
+    )
 
     rows = []
-    for label, width, depth in (("chain 1x4", 1, 4), ("tree 2x2", 2, 2), ("chain 1x6", 1, 6), ("tree 2x3", 2, 3),
-                                ("tree 3x2", 3, 2), ("chain 1x8", 1, 8), ("tree 4x2", 4, 2)):
+    # (label, width, depth): a chain (width 1), a fixed width x depth tree, or best-first (depth = guesses)
+    shapes = [("chain 1x4", 1, 4), ("tree 2x2", 2, 2), ("best-first 4 w2", -2, 4),
+              ("chain 1x6", 1, 6), ("tree 2x3", 2, 3), ("tree 3x2", 3, 2), ("best-first 6 w2", -2, 6),
+              ("chain 1x8", 1, 8), ("tree 4x2", 4, 2), ("best-first 8 w2", -2, 8),
+              ("chain 1x12", 1, 12), ("best-first 12 w2", -2, 12), ("chain 1x16", 1, 16), ("best-first 16 w2", -2, 16)]
+    for label, width, depth in shapes:
         emitted = steps = guesses = 0
         for prompt in prompts:
             tokens = tokenizer.encode(prompt)
             start = len(tokens)
             while len(tokens) - start < num_tokens:
-                tree = draft_tree(draft, tokens, width, depth) if width > 1 else None
+                if width < 0:
+                    tree = draft_tree_best_first(draft, tokens, depth, -width)
+                else:
+                    tree = draft_tree(draft, tokens, width, depth) if width > 1 else None
                 if tree is None:  # a chain is a one-branch tree
                     with torch.inference_mode():
                         chain = list(tokens)
@@ -123,7 +136,7 @@ def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
                 steps += 1
                 guesses += tree.num_guesses
         rows.append({"workload": "shakespeare", "sampling": "greedy", "batch": 1, "proposer": f"draft {label}",
-                     "gamma": width * depth, "tokens/verify": emitted / steps, "mean accepted": emitted / steps - 1,
+                     "gamma": depth if width < 0 else width * depth, "tokens/verify": emitted / steps, "mean accepted": emitted / steps - 1,
                      "alpha": None, "guesses/verify": guesses / steps})
     return rows
 

@@ -339,37 +339,47 @@ check.tree_attention_mask(tree_attention_mask)
 
 # %%
 from miniinfer.loader import load_model
-from miniinfer.speculative.tree import draft_tree, tree_logits, verify_tree_greedy
+from miniinfer.speculative.tree import draft_tree, draft_tree_best_first, tree_logits, verify_tree_greedy
 
 draft_model, _ = load_model(DRAFT, device="cpu")
 
 
-def tokens_per_forward(width, depth, num_tokens=32):
+def tokens_per_forward(make_tree, num_tokens=32):
+    """Greedy decoding of every prompt with trees from make_tree(tokens): target tokens per forward."""
     emitted = forwards = 0
     for prompt in prompts:
         tokens = tokenizer.encode(prompt)
         start = len(tokens)
         while len(tokens) - start < num_tokens:
-            tree = draft_tree(draft_model, tokens, width, depth)   # width 1: a chain
+            tree = make_tree(tokens)
             path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
             tokens += [tree.tokens[node] for node in path] + [token]
             emitted, forwards = emitted + len(path) + 1, forwards + 1
     return emitted / forwards
 
 
-for guesses, shapes in ((4, [(1, 4), (2, 2)]), (6, [(1, 6), (2, 3), (3, 2)])):
-    print(f"{guesses} guesses: " + ", ".join(f"{'chain' if w == 1 else 'tree'} {w}×{d}: "
-                                            f"{tokens_per_forward(w, d):.2f} tokens/forward" for w, d in shapes))
+for guesses, shapes in ((4, [(1, 4), (2, 2)]), (6, [(1, 6), (2, 3), (3, 2)]), (12, [(1, 12), (3, 4)])):
+    results = [f"{'chain' if w == 1 else 'tree'} {w}×{d}: "
+               f"{tokens_per_forward(lambda t, w=w, d=d: draft_tree(draft_model, t, w, d)):.2f}" for w, d in shapes]
+    best_first = tokens_per_forward(lambda t, g=guesses: draft_tree_best_first(draft_model, t, g, width=2))
+    print(f"{guesses:2d} guesses, tokens/forward: " + ", ".join(results) + f", best-first: {best_first:.2f}")
 
 # %% [markdown]
 # Trees do not win everywhere. They pay off where the draft's first choice is often wrong but its
 # second is right; at a small budget, splitting 4 guesses into two branches of depth 2 caps a step at
-# 3 tokens, while a lucky chain can reach 5. Compare at 6 guesses and with other prompts: the tree's
-# shape should follow where the draft is unsure (SpecInfer and Medusa choose it from the draft's
-# probabilities).
+# 3 tokens, while a lucky chain can reach 5. The tree's shape should follow where the draft is unsure.
+# **Best-first** trees do that (`draft_tree_best_first`, EAGLE-2's dynamic tree): a node's path
+# probability under the draft — the product of its probabilities from the root — would be its chance
+# of acceptance if the draft were calibrated, so grow the tree one node at a time, always adding the
+# likeliest candidate; where the draft is sure that is a chain, where it hesitates, a branch, and no
+# shape has to be chosen in advance. Read the numbers above with care: with our small draft no shape
+# wins at every budget and on every prompt set, because its probabilities are not calibrated
+# acceptance rates — when its first choice is wrong, the target's token is seldom its second. What
+# holds is that trees pull ahead of the chain as the budget grows (the chain's deep guesses are
+# rarely reached); `benchmarks/speculative.py` compares 4 to 16 guesses on other prompts.
 #
-# The engine verifies trees too: `LLM(MODEL, speculative_model=DRAFT, num_speculative_tokens=4,
-# speculative_tree=2)`. The nodes go through the forward as one verify chunk whose RoPE positions
+# The engine verifies trees too, grown best-first: `LLM(MODEL, speculative_model=DRAFT,
+# num_speculative_tokens=4, speculative_tree=2)` (the width is the most children a node may get). The nodes go through the forward as one verify chunk whose RoPE positions
 # follow their depths, the verify attention applies your mask, and before the commit the accepted
 # path's K/V are copied to consecutive slots (node $i$ was written at position $n - 1 + i$, but the
 # accepted node at depth $d$ belongs at $n - 1 + d$). That runs on the CPU backends (`torch`, `sdpa`);

@@ -315,6 +315,36 @@ def test_tree_verification_is_greedy_decoding(target):
     assert per_step[3] > per_step[1]
 
 
+def test_best_first_tree_spends_its_budget_on_the_likeliest_paths(target):
+    """draft_tree_best_first: exactly num_guesses nodes, parents first (so every prefix is a tree), a
+    chain when width is 1 (the draft's greedy continuation), and each added node the most probable
+    candidate left: path probabilities never increase in the order nodes were added."""
+    from miniinfer.speculative.tree import TokenTree, draft_tree, draft_tree_best_first
+
+    model, tokenizer = target
+    draft, _ = load_model(DRAFT, device="cpu")
+    ids = tokenizer.encode("JULIET.\nO Romeo, Romeo")
+    assert draft_tree_best_first(draft, ids, 5, 1).tokens == draft_tree(draft, ids, 1, 5).tokens
+    for guesses, width in ((1, 2), (6, 2), (9, 3)):
+        tree = draft_tree_best_first(draft, ids, guesses, width)
+        assert tree.num_guesses == guesses and tree.tokens[0] == ids[-1]
+        for k in range(1, len(tree.tokens) + 1):
+            TokenTree(tree.tokens[:k], tree.parents[:k])  # a prefix of the nodes is a tree
+        path_probability = [1.0]
+        with torch.inference_mode():
+            for node in range(1, len(tree.tokens)):
+                path, parent = [], tree.parents[node]
+                while parent > 0:
+                    path.insert(0, tree.tokens[parent])
+                    parent = tree.parents[parent]
+                probs = draft(torch.tensor([ids + path]))[0, -1].float().softmax(-1)
+                assert tree.tokens[node] in probs.topk(width).indices.tolist()
+                path_probability.append(path_probability[tree.parents[node]] * float(probs[tree.tokens[node]]))
+        assert all(a >= b * (1 - 1e-5) for a, b in zip(path_probability[1:], path_probability[2:])), path_probability
+    with pytest.raises(ValueError, match="num_guesses"):
+        draft_tree_best_first(draft, ids, 0, 2)
+
+
 def test_multi_candidate_rule_is_exact(seed):
     """SpecInfer's rule with deterministic candidates and with candidates drawn from q: the emitted token
     follows p (chi-square over 6000 draws each)."""

@@ -420,10 +420,12 @@ class DraftModelProposer(Proposer):
 
 
 class TreeDraftProposer(Proposer):
-    """Token trees from a draft model: its top-``width`` next tokens, each continued greedily, so about
-    ``num_tokens`` guesses per sequence (depth ``num_tokens // width``). Each tree comes from plain
-    forwards of the draft over the whole sequence (no KV cache: simple, and fine for a tiny draft over
-    short contexts; it makes trees slower in wall time than they need to be)."""
+    """Token trees from a draft model, ``num_tokens`` guesses per sequence, grown best-first by the
+    draft's path probabilities with up to ``width`` children per node
+    (:func:`~miniinfer.speculative.tree.draft_tree_best_first`): a chain where the draft is sure,
+    branches where it hesitates. Each tree comes from plain forwards of the draft over the whole
+    sequence (no KV cache: simple, and fine for a tiny draft over short contexts; it makes trees slower
+    in wall time than they need to be)."""
 
     name = "draft-tree"
 
@@ -433,11 +435,10 @@ class TreeDraftProposer(Proposer):
         self.model, self.width = model, width
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
-        from miniinfer.speculative.tree import draft_tree
+        from miniinfer.speculative.tree import draft_tree_best_first
 
         proposals = []
         for seq, k in zip(seqs, num_tokens):
-            width = min(self.width, k)
-            tree = draft_tree(self.model, seq.token_ids, width, max(1, k // width))
+            tree = draft_tree_best_first(self.model, seq.token_ids, max(1, k), self.width)
             proposals.append(Proposal(tree.tokens[1:], parents=tree.parents))
         return proposals

@@ -31,14 +31,16 @@ kernels take no mask yet).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from miniinfer.speculative.acceptance import draw_from, residual_distribution
 
-__all__ = ["TokenTree", "tree_attention_mask", "build_tree", "draft_tree", "tree_logits", "verify_tree_greedy",
-           "multi_candidate_accept", "verify_tree_sampled"]
+__all__ = ["TokenTree", "tree_attention_mask", "build_tree", "draft_tree", "draft_tree_best_first", "tree_logits",
+           "verify_tree_greedy", "multi_candidate_accept", "verify_tree_sampled"]
 
 
 @dataclass
@@ -111,6 +113,44 @@ def draft_tree(draft_model, token_ids: list[int], width: int, depth: int) -> Tok
         rows = torch.cat([rows, nxt[:, None]], dim=1)
     branches = rows[:, len(token_ids):].tolist()
     return build_tree(token_ids[-1], branches)
+
+
+@torch.inference_mode()
+def draft_tree_best_first(draft_model, token_ids: list[int], num_guesses: int, width: int = 2) -> TokenTree:
+    """The ``num_guesses`` continuations the draft believes in most: a tree grown best-first.
+
+    A node's *path probability* is the product of the draft's probabilities along the path from the
+    root; if the draft were calibrated, it would be the chance that the target accepts the node, and the
+    expected number of accepted guesses is the sum over the tree's nodes. So grow the tree greedily by
+    that sum: keep a frontier of candidates (each added node offers its draft's top ``width`` next
+    tokens), and add the most probable candidate until ``num_guesses`` nodes are in (EAGLE-2's dynamic
+    tree, Li et al. 2024). Where the draft is sure, this is a chain; where it hesitates, it branches —
+    the fixed ``width × depth`` shape of :func:`draft_tree` chooses before it knows. Nodes come in the
+    order they were added, so parents come first and every prefix of the nodes is a tree.
+    One plain forward per added node (a tiny draft, no KV cache), one row each.
+    """
+    if num_guesses < 1 or width < 1:
+        raise ValueError(f"draft_tree_best_first needs num_guesses >= 1 and width >= 1, got {num_guesses}, {width}")
+    device = next(draft_model.parameters()).device
+    tokens, parents, paths = [token_ids[-1]], [-1], [[]]  # paths[i]: the guesses from the root to node i
+    frontier: list[tuple[float, int, int, int]] = []       # (-path probability, tie-break, parent, token)
+    order = itertools.count()
+
+    def offer_children(node: int, path_probability: float) -> None:
+        logits = draft_model(torch.tensor([token_ids + paths[node]], device=device))[0, -1]
+        top = logits.float().softmax(dim=-1).topk(width)
+        for probability, token in zip(top.values.tolist(), top.indices.tolist()):
+            heapq.heappush(frontier, (-path_probability * probability, next(order), node, token))
+
+    offer_children(0, 1.0)
+    while len(tokens) - 1 < num_guesses:
+        negative, _, parent, token = heapq.heappop(frontier)
+        tokens.append(token)
+        parents.append(parent)
+        paths.append(paths[parent] + [token])
+        if len(tokens) - 1 < num_guesses:
+            offer_children(len(tokens) - 1, -negative)
+    return TokenTree(tokens, parents)
 
 
 class _TreeMaskAttention:
