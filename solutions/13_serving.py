@@ -241,7 +241,9 @@ with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60)
     raw = response.read().decode()
 events = raw.split("\n\n")
 chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
-print(f"{len(chunks)} chunks, each 'data: {{…}}' and a blank line; the last event: {events[-2]!r}")
+# (How many chunks depends on timing: a reader that falls behind gets the tokens it has not read yet
+# merged into one chunk.)
+print(f"chunks of the form 'data: {{…}}' and a blank line; the last event: {events[-2]!r}")
 print("ROMEO.\n" + "".join(c["choices"][0]["text"] for c in chunks if c["choices"]))
 
 # %% [markdown]
