@@ -134,3 +134,24 @@ def small_checkpoint(tmp_path_factory):
     """(folder, hf_model): a random GQA Qwen2 without tokenizer files, no EOS."""
     folder = tmp_path_factory.mktemp("ckpt_small")
     return folder, make_hf_checkpoint(folder, seed=99)
+
+
+# -- the server tests' shared fixtures (the modules that use them define ``server``) --------------------
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official ``openai`` client on the module's ``server``."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The bundled model offline: the greedy answers (12 tokens) a server must reproduce for each prompt."""
+    from miniinfer import LLM, SamplingParams
+    from tests.server_fixtures import PROMPTS
+
+    llm = LLM(device="cpu")
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    return {p: o.text for p, o in zip(PROMPTS, outs)}

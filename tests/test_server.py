@@ -22,9 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from miniinfer.server.testing import ServerProcess, free_port  # noqa: E402
-
-MODEL = "shakespeare"
-PROMPTS = ["ROMEO.\n", "JULIET.\nO Romeo,", "HAMLET.\nTo be", "KING.\nWhat news"]
+from tests.server_fixtures import MODEL, PROMPTS  # noqa: E402  (client and offline: conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -35,21 +33,6 @@ def server():
     server.grpc_target = f"127.0.0.1:{grpc_port}"
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def offline():
-    """The same model offline: what the server must reproduce (greedy)."""
-    from miniinfer import LLM, SamplingParams
-
-    llm = LLM(device="cpu")
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
-    return {p: o.text for p, o in zip(PROMPTS, outs)}
 
 
 @pytest.fixture(autouse=True)
