@@ -20,25 +20,13 @@
 #   60 % samples, alpha 1, frozen embedding       1.053 / 0.396 / 0.380   <- this run
 # Freezing is the clear early gain; the samples are neutral this early (86 k sampled tokens there),
 # they are meant for the late phase, where the 1.4 M real tokens are repeated for many epochs.
-# Writes into $OUT (default .gpu/out) what distill_draft_gpu.sh writes; then, on the CPU machine:
+# Writes into $OUT (default .gpu/out) what distill_draft_gpu.sh writes (its log: distill_draft.log); then:
 #   python scripts/bundled_models/finalize.py --from <that folder> --models shakespeare-draft
 set -euo pipefail
+# The run itself is distill_draft_gpu.sh's (paths, offline settings, log); this script only adds the recipe
+# and starts the budget's clock here.
 STARTED_AT="$(date +%s.%N)"  # --total-budget-s counts from here
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-
-OUT="${OUT:-.gpu/out}"
-PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-
-{
-  echo "distill_draft_gpu_gen.sh: $(date -u +%FT%TZ) on $(hostname)"
-  "$PYTHON" scripts/bundled_models/distill_draft.py --out "$OUT/shakespeare-draft" \
-    --work "${BUNDLED_WORK:-/tmp/bundled_work}" \
-    --generated-fraction 0.6 --generate-s 10 --generate-batch 2048 --generate-top-p 0.95 \
-    --distill-alpha 1.0 --freeze-embed --decay-frac 0.3 --evals-per-epoch 1 --patience 4 \
-    --total-budget-s 80 --reserve-s 20 --started-at "$STARTED_AT" \
-    --command "bash scripts/bundled_models/distill_draft_gpu_gen.sh${*:+ $*}" "$@"
-  echo "done: $(date -u +%FT%TZ)"
-  ls -la "$OUT" "$OUT/shakespeare-draft"
-} 2>&1 | tee "$OUT/distill_draft.log"
+exec bash "$(dirname "${BASH_SOURCE[0]}")/distill_draft_gpu.sh" \
+  --generated-fraction 0.6 --generate-s 10 --generate-batch 2048 --generate-top-p 0.95 \
+  --distill-alpha 1.0 --freeze-embed --decay-frac 0.3 --evals-per-epoch 1 --patience 4 \
+  --total-budget-s 80 --reserve-s 20 --started-at "$STARTED_AT" "$@"
