@@ -64,7 +64,12 @@ def test_abandoned_streams_free_their_kv_blocks(server):
     for _ in range(3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
             next(response.iter_lines())  # one chunk, then hang up mid-stream
-    stats = server.wait_idle()
+    server.wait_idle()
+    # The counters come from the engine process, which sends them with its outputs and when it goes idle:
+    # the parent can look idle a moment before the last abort's counts arrive, so wait for them (bounded).
+    deadline = time.monotonic() + 10
+    while (stats := server.engine_stats())["num_requests_aborted"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stats["kv_blocks_used"] == 0 and stats["num_requests_aborted"] >= 3
     metrics = httpx.get(server.url + "/metrics", timeout=5).text
     assert 'miniinfer_kv_blocks_used{model_name="shakespeare"} 0.0' in metrics
