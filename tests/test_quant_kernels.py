@@ -92,54 +92,138 @@ def test_int4_matmul_checks_its_inputs():
                                int4_matmul_torch(x, layer.qweight, layer.qzeros, layer.scales, 32))
 
 
-def emulate_int4_gemv_cuda(x, qweight, qzeros, scales, group_size, groups_per_split):
-    """csrc/int4_gemv.cu re-stated in NumPy (no GPU here): the same index maps — 16-byte vectors of 4
-    packed words per thread, the K slice per blockIdx.y, the 2^23 mantissa trick, scale and zero applied
-    once per group — vectorised over the threads (columns). Returns the float32 partial sums [splits, N]."""
-    import numpy as np
-
-    K, N = x.numel(), qweight.shape[1]
-    G = K // group_size
-    splits = -(-G // groups_per_split)
-    xs_all = x.float().numpy().reshape(-1)
-    words = qweight.numpy().view(np.uint32).reshape(K // 8, N // 4, 4)  # [row, thread, j]: one int4 per thread
-    zwords = qzeros.numpy().view(np.uint32)
-    sc = scales.float().numpy()
-    n = np.arange(0, N, 4)  # the first column of every thread
-    partial = np.zeros((splits, N), dtype=np.float32)
-    for split in range(splits):
-        g_begin, g_end = split * groups_per_split, min(split * groups_per_split + groups_per_split, G)
-        k_begin = g_begin * group_size
-        xs = xs_all[k_begin:g_end * group_size]  # shared memory
-        acc = np.zeros((N // 4, 4), dtype=np.float32)
-        for g in range(g_begin, g_end):
-            dot = np.zeros((N // 4, 4), dtype=np.float32)
-            x_sum = np.float32(0)
-            for r in range(g * group_size // 8, (g + 1) * group_size // 8):
-                packed = words[r]  # [threads, 4]
-                for i in range(8):
-                    xv = np.float32(xs[r * 8 - k_begin + i])
-                    x_sum += xv
-                    nib = (((packed >> np.uint32(4 * i)) & np.uint32(0xF)) | np.uint32(0x4B000000)).view(np.float32)
-                    dot += xv * (nib - np.float32(8388608.0))
-            zword = zwords[g, n // 8]  # [threads]
-            shift = ((n % 8) * 4)[:, None] + 4 * np.arange(4)[None, :]
-            z = ((zword[:, None] >> shift.astype(np.uint32)) & np.uint32(0xF)).astype(np.float32)
-            s = sc[g, n[:, None] + np.arange(4)[None, :]]
-            acc += s * (dot - z * x_sum)
-        partial[split] = acc.reshape(-1)
-    return torch.from_numpy(partial)
+def _bits_to(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint32 words (held as int64) -> their two 16-bit halves read as ``dtype`` [..., 2], low half first."""
+    lo = (words & 0xFFFF).to(torch.int32)
+    hi = ((words >> 16) & 0xFFFF).to(torch.int32)
+    pair = torch.stack([lo, hi], dim=-1)
+    pair = torch.where(pair >= 2**15, pair - 2**16, pair).to(torch.int16)  # the same 16 bits, signed
+    return pair.view(dtype)
 
 
-@pytest.mark.parametrize("K,N,g,groups_per_split", [(64, 40, 16, 1), (256, 96, 128, 1), (192, 24, 32, 4),
-                                                    (384, 520, 64, 2)])
-def test_cuda_gemv_index_maps_emulated(K, N, g, groups_per_split):
-    layer, *_ = layer_tensors(K, N, g, torch.float16, K + N)
-    x = torch.randn(1, K, generator=torch.Generator().manual_seed(K)).to(torch.float16)
-    partial = emulate_int4_gemv_cuda(x, layer.qweight, layer.qzeros, layer.scales, g, groups_per_split)
-    reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
-    torch.testing.assert_close(partial.sum(0)[None], reference, atol=1e-3 * reference.abs().max().item(),
-                               rtol=1e-4)
+def emulate_int4_cuda(x, qweight, qzeros, scales, group_size, warps_n, warps_k, rows_per_split):
+    """csrc/int4_gemv.cu re-stated with torch on the CPU (no GPU here), one warp at a time, vectorised
+    over its 32 lanes: the same index maps (lane (g, t) loads packed row r0+t of columns 4g … 4g+3; each
+    of the CTA's warps_k warps takes a contiguous run of 4-row steps), the same bit tricks (LOP3 of the
+    nibble pairs (k, k+4) into 1024 / 128, HSUB2 of the zero, in x's dtype), the m16n8k16 fragment
+    layouts of the PTX ISA for A, B and C, the per-group float32 sums scaled when the group changes, the
+    K-lane sum and the split sum. Returns out [M, N] float32 (before the final rounding)."""
+    dtype = x.dtype
+    magic = 0x64006400 if dtype == torch.float16 else 0x43004300
+    M, K = x.shape
+    N = qweight.shape[1]
+    rows = K // 8
+    group_rows = group_size // 8
+    splits = -(-rows // rows_per_split)
+    tile_n = 32 * warps_n
+    words_all = qweight.to(torch.int64) & 0xFFFFFFFF           # [K/8, N]
+    zwords_all = qzeros.to(torch.int64) & 0xFFFFFFFF           # [G, N/8]
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    out = torch.zeros(M, N, dtype=torch.float64)
+    for tile in range(-(-N // tile_n)):
+        for split in range(splits):
+            row_begin = split * rows_per_split
+            row_end = min(row_begin + rows_per_split, rows)
+            split_steps = -(-(row_end - row_begin) // 4)
+            per_warp = -(-split_steps // warps_k)
+            for wn in range(warps_n):
+                col0 = tile * tile_n + wn * 32 + 4 * g                  # [32]
+                col_ok = col0 < N
+                c = col0.clamp(max=N - 4)
+                acc = torch.zeros(2, 16, 16, dtype=torch.float64)       # [cp][A row][token]
+                for wk in range(warps_k):
+                    s_begin, s_end = wk * per_warp, min(wk * per_warp + per_warp, split_steps)
+                    if s_begin >= s_end:
+                        continue
+                    group = (row_begin + 4 * s_begin) // group_rows
+                    group_end = (group + 1) * group_rows
+                    part = torch.zeros_like(acc)
+
+                    def params(grp):
+                        sc = torch.stack([scales[grp, c + j] for j in range(4)], 1).float() * col_ok[:, None]
+                        zw = (zwords_all[grp, c // 8] >> ((c % 8) * 4)) * col_ok
+                        return sc, zw
+
+                    def fold():
+                        # C rows g / g+8 of column pair cp are the lane's columns 2cp / 2cp+1
+                        for cp in range(2):
+                            for i in range(16):
+                                col_scale = sc[4 * (i % 8), 2 * cp + i // 8].double()  # lane (g, t=0)
+                                acc[cp, i] += col_scale * part[cp, i]
+                        part.zero_()
+
+                    sc, zw = params(group)
+                    for s in range(s_begin, s_end):
+                        row0 = row_begin + 4 * s
+                        if row0 >= group_end:
+                            fold()
+                            group += 1
+                            group_end += group_rows
+                            sc, zw = params(group)
+                        row = row0 + t
+                        row_ok = row < row_end
+                        ok = col_ok & row_ok
+                        r = row.clamp(max=rows - 1)
+                        words = torch.stack([words_all[r, c + j] for j in range(4)], 1)  # [32 lanes, 4 columns]
+                        words = torch.where(ok[:, None], words, torch.zeros_like(words))
+                        deq = torch.empty(32, 4, 4, 2, dtype=dtype)     # [lane, column j, pair p, half]
+                        for j in range(4):
+                            z = (zw >> (4 * j)) & 0xF
+                            zero2 = _bits_to(magic | z | (z << 16), dtype)
+                            for p in range(4):
+                                deq[:, j, p] = _bits_to(((words[:, j] >> (4 * p)) & 0x000F000F) | magic, dtype) - zero2
+                        # B: lane (g, t) holds x of token mt·8 + g at its row (zero past M or the slice)
+                        xs = torch.zeros(32, 2, 8, dtype=torch.float64)  # [lane, token tile, k of the row]
+                        for mt in range(2):
+                            token = mt * 8 + g
+                            use = row_ok & (token < M)
+                            for ln in torch.nonzero(use).flatten().tolist():
+                                xs[ln, mt] = x[int(token[ln]), int(r[ln]) * 8:int(r[ln]) * 8 + 8].double()
+                        # The fragments of the PTX ISA (m16n8k16): A row i, k kk; B k kk, token column n.
+                        for cp in range(2):
+                            for kb in range(2):
+                                A = torch.zeros(16, 16, dtype=torch.float64)
+                                B = torch.zeros(2, 16, 8, dtype=torch.float64)
+                                regs = [(2 * cp, 2 * kb, 0, 0), (2 * cp + 1, 2 * kb, 8, 0), (2 * cp, 2 * kb + 1, 0, 8),
+                                        (2 * cp + 1, 2 * kb + 1, 8, 8)]
+                                for j, p, drow, dk in regs:
+                                    A[g + drow, 2 * t + dk] = deq[:, j, p, 0].double()
+                                    A[g + drow, 2 * t + dk + 1] = deq[:, j, p, 1].double()
+                                for mt in range(2):
+                                    for half, p in ((0, 2 * kb), (8, 2 * kb + 1)):
+                                        B[mt, 2 * t + half, g] = xs[:, mt, p]
+                                        B[mt, 2 * t + half + 1, g] = xs[:, mt, p + 4]
+                                for mt in range(2):
+                                    part[cp, :, mt * 8:mt * 8 + 8] += A @ B[mt]
+                    fold()
+                # C fragment: A row i <-> column (row g: col0 + 2cp, row g+8: col0 + 2cp + 1)
+                for cp in range(2):
+                    for i in range(16):
+                        column = tile * tile_n + wn * 32 + 4 * (i % 8) + 2 * cp + i // 8
+                        if column < N:
+                            out[:, column] += acc[cp, i, :M]
+    return out.float()
+
+
+CUDA_EMULATED = [(1, 256, 72, 32, 1, 8, 8), (3, 384, 200, 128, 4, 2, 16), (9, 192, 40, 64, 8, 1, 4),
+                 (16, 256, 64, 32, 2, 4, 12), (2, 96, 40, 32, 1, 8, 100), (5, 640, 48, 64, 1, 3, 1000)]
+
+
+@pytest.mark.parametrize("M,K,N,g,warps_n,warps_k,rows_per_split", CUDA_EMULATED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_int4_index_maps_emulated(M, K, N, g, warps_n, warps_k, rows_per_split, dtype):
+    """The CUDA kernel's lane / fragment / bit-trick arithmetic, emulated, equals the torch reference:
+    partial tiles (N = 40, 72, 200 are not multiples of the tile), M across one and two token tiles,
+    K split across CTAs (rows_per_split < K/8) and not, every CTA shape kind."""
+    layer, *_ = layer_tensors(K, N, g, dtype, K + N + M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + K)).to(dtype)
+    got = emulate_int4_cuda(x, layer.qweight, layer.qzeros, layer.scales, g, warps_n, warps_k, rows_per_split)
+    # the kernel multiplies x by the exact integers q − z and scales each group's float32 sum: the
+    # weights it uses are s·(q − z) without rounding to x's dtype
+    weights = dequantize_int4(layer.qweight, layer.qzeros, layer.scales, g, torch.float64)
+    reference = (x.double() @ weights).float()
+    torch.testing.assert_close(got, reference, atol=1e-5 * reference.abs().max().item(), rtol=1e-5)
 
 
 def _guarded(t: torch.Tensor, rows: int, fill) -> torch.Tensor:
@@ -175,15 +259,15 @@ def test_triton_last_split_reads_no_group_past_the_end(M, K, N, g, split_k, bloc
 
 
 @pytest.mark.parametrize("K,N", [(8192, 8192), (3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584),
-                                 (4096, 4096)])
-@pytest.mark.parametrize("g", [32, 64, 128])
-@pytest.mark.parametrize("split_k", [None, 1, 3])
-def test_cuda_split_fits_shared_memory(K, N, g, split_k):
-    """The H200 failure (K = 18944, N = 3584, split_k = 1): the K slice of x (float32 in shared memory) must
-    fit in 48 KiB whatever split is asked for; no slice may be empty."""
-    from miniinfer.kernels.int4_matmul import CUDA_SMEM_BYTES, cuda_split
+                                 (4096, 4096), (96, 40)])
+@pytest.mark.parametrize("split_k", [None, 1, 3, 1000])
+@pytest.mark.parametrize("shape", [0, 3])
+def test_cuda_split_covers_k_in_whole_steps(K, N, split_k, shape):
+    """Every K slice of the CUDA kernel is a whole number of warp steps (4 packed rows), none is empty,
+    and together they cover K/8 rows exactly."""
+    from miniinfer.kernels.int4_matmul import cuda_split
 
-    groups = K // g
-    groups_per_split, splits = cuda_split(N, K, g, 132, split_k)
-    assert groups_per_split * g * 4 <= CUDA_SMEM_BYTES
-    assert (splits - 1) * groups_per_split < groups <= splits * groups_per_split
+    rows = K // 8
+    rows_per_split, splits = cuda_split(N, K, 132, split_k, shape)
+    assert rows_per_split % 4 == 0 and splits >= 1
+    assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split

@@ -9,8 +9,9 @@ has scale ``scales[g, n]`` and zero point ``(qzeros[g, n // 8] >> 4 · (n % 8)) 
 ``w[n, k] = scales[g, n] · (q − zero)``.
 
 Backends: ``torch`` dequantizes the whole matrix and calls a dense matmul (any device, the reference);
-``triton`` (M any, tuned for 1 … 16; CPU through the interpreter); ``cuda`` (M = 1, fp16/bf16,
-``csrc/int4_gemv.cu``); ``auto``: on a GPU, CUDA at M = 1 when it builds, Triton up to M = 16,
+``triton`` (M any, tuned for 1 … 16; CPU through the interpreter); ``cuda`` (M = 1 … 16, fp16/bf16,
+``csrc/int4_gemv.cu``, dequantizing into tensor-core fragments); ``auto``: on a GPU, CUDA up to
+M = 16 when it builds, else Triton up to M = 16,
 the dequantize + cuBLAS path above; on a CPU, torch.
 """
 
@@ -117,61 +118,85 @@ def _cuda_extension():
 
 
 def cuda_supports(x: torch.Tensor, N: int, K: int, group_size: int) -> str | None:
-    """Why the CUDA GEMV cannot take this call, or None."""
+    """Why the CUDA kernel cannot take this call, or None."""
     if not x.is_cuda:
         return "x is not on a CUDA device"
-    if x.shape[0] != 1:
-        return f"the CUDA kernel is a GEMV (M = 1), got M = {x.shape[0]}"
+    if not 1 <= x.shape[0] <= CUDA_MAX_M:
+        return f"the CUDA kernel takes 1 … {CUDA_MAX_M} rows (decode tokens), got M = {x.shape[0]}"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16, got {x.dtype}"
-    if N % 8 or group_size % 8 or K % group_size:
-        return "the CUDA kernel needs N % 8 == 0 and group_size a multiple of 8 dividing K"
-    if cuda_max_groups_per_split(group_size) < 1:
-        return f"group_size {group_size} does not fit the CUDA kernel's shared memory"
+    if N % 8 or group_size % 32 or K % group_size:
+        return "the CUDA kernel needs N % 8 == 0 and group_size a multiple of 32 dividing K"
     return None
 
 
-# The CUDA kernel stages its K slice of x in shared memory as float32; a launch takes at most 48 KiB of
-# dynamic shared memory without an opt-in (csrc/int4_gemv.cu checks the same bound).
-CUDA_SMEM_BYTES = 48 * 1024
+CUDA_MAX_M = 16       # two n8 token tiles of the tensor-core fragment
+CUDA_ROWS_PER_STEP = 4  # packed rows per warp step: a K split is a multiple of it
+# The launcher's CTA shapes (csrc/int4_gemv.cu, `launch`): code -> (warps along N, warps along K, steps
+# in flight per thread). A CTA covers 32 · warps-along-N output columns.
+CUDA_SHAPES = {0: (1, 8, 4), 1: (2, 4, 4), 2: (4, 2, 4), 3: (8, 1, 4), 4: (4, 2, 8), 5: (8, 1, 8), 6: (4, 1, 8),
+               7: (1, 8, 8)}
+CUDA_DEFAULT_SHAPE = 0
 
 
-def cuda_max_groups_per_split(group_size: int) -> int:
-    """The most whole groups one K slice of the CUDA kernel can stage (0: not even one)."""
-    return CUDA_SMEM_BYTES // (4 * group_size)
-
-
-def cuda_split(N: int, K: int, group_size: int, num_sms: int, split_k: int | None = None) -> tuple[int, int]:
-    """-> (groups_per_split, split_k) for the CUDA GEMV. ``split_k`` None: enough (512-column tile × K
-    slice) blocks to fill the GPU twice. Either way it is raised until a slice's x fits in shared memory,
-    and lowered so that no slice is empty."""
-    groups = K // group_size
+def cuda_split(N: int, K: int, num_sms: int, split_k: int | None = None, shape: int = CUDA_DEFAULT_SHAPE
+               ) -> tuple[int, int]:
+    """-> (rows_per_split, split_k) for the CUDA kernel: how many packed rows (8 inputs each) of K one CTA
+    reads. ``split_k`` None: enough (32-column tile × K slice) CTAs for two per SM, each slice at least
+    64 packed rows (512 inputs: every warp gets two steps). Lowered so that no slice is empty."""
+    rows = K // 8
+    step = CUDA_ROWS_PER_STEP
+    tiles = _cdiv(N, 32 * CUDA_SHAPES[shape][0])
     if split_k is None:
-        blocks_n = _cdiv(N, 512)
-        split_k = max(1, min(groups, _cdiv(2 * num_sms, blocks_n)))
-    split_k = max(1, min(groups, split_k))
-    max_groups = cuda_max_groups_per_split(group_size)
-    if max_groups < 1:
-        raise ValueError(f"int4_gemv_cuda: group_size {group_size} is too large for the kernel's shared memory")
-    groups_per_split = min(_cdiv(groups, split_k), max_groups)
-    split_k = _cdiv(groups, groups_per_split)
-    return groups_per_split, split_k
+        split_k = max(1, min(_cdiv(2 * num_sms, tiles), rows // 64))
+    split_k = max(1, min(split_k, _cdiv(rows, step)))
+    rows_per_split = _cdiv(_cdiv(rows, split_k), step) * step
+    return rows_per_split, _cdiv(rows, rows_per_split)
 
 
-def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | None = None):
-    """Our CUDA GEMV (``csrc/int4_gemv.cu``): x [1, K] fp16/bf16 -> [1, N]."""
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-tile tickets of a split-K launch: zeroed once, and every launch leaves them zero (the last
+    CTA of a tile resets its ticket), so one buffer per device serves every layer and CUDA graph replays.
+    Launches on two streams at once would share tickets: the engine runs one stream."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[device] = counters
+    return counters
+
+
+def _aligned(t: torch.Tensor, bytes_: int) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % bytes_ == 0 else t.clone()
+
+
+def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | None = None,
+                   shape: int = CUDA_DEFAULT_SHAPE):
+    """Our CUDA kernel (``csrc/int4_gemv.cu``, tensor cores): x [M ≤ 16, K] fp16/bf16 -> [M, N].
+    ``shape``: the launcher's CTA shape code (:data:`CUDA_SHAPES`)."""
     M, N, K = _check(x, qweight, qzeros, scales, group_size)
     why = cuda_supports(x, N, K, group_size)
     if why:
         raise ValueError(f"int4_gemv_cuda: {why}")
     if scales.dtype != x.dtype:
         raise ValueError(f"int4_gemv_cuda: scales ({scales.dtype}) must have x's dtype ({x.dtype})")
-    groups_per_split, split_k = cuda_split(N, K, group_size, _num_sms(x.device), split_k)
-    partial = torch.empty(split_k, N, device=x.device, dtype=torch.float32)
-    _cuda_extension().int4_gemv(x.contiguous(), qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
-                                partial, group_size, groups_per_split, torch.cuda.current_stream(x.device).cuda_stream)
-    out = partial[0] if split_k == 1 else partial.sum(dim=0)
-    return out.to(x.dtype).unsqueeze(0)
+    if shape not in CUDA_SHAPES:
+        raise ValueError(f"int4_gemv_cuda: shape must be one of {sorted(CUDA_SHAPES)}, got {shape!r}")
+    rows_per_split, split_k = cuda_split(N, K, _num_sms(x.device), split_k, shape)
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if split_k > 1:
+        partial = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32)
+        counters = _split_counters(x.device, _cdiv(N, 32))
+    else:
+        partial = counters = None
+    # 16-byte vector loads of x and the weights, 8-byte loads of 4 scales: the pointers must allow them.
+    _cuda_extension().int4_gemv(_aligned(x, 16), _aligned(qweight, 16), qzeros.contiguous(), _aligned(scales, 8),
+                                out, partial, counters, group_size, rows_per_split,
+                                torch.cuda.current_stream(x.device).cuda_stream, shape)
+    return out
 
 
 _warned_cuda_failure = False

@@ -1,4 +1,4 @@
-"""Quantization on a CUDA GPU: our int4 kernels (Triton M = 1 … 16, CUDA GEMV M = 1) against the torch
+"""Quantization on a CUDA GPU: our int4 kernels (Triton and CUDA, M = 1 … 16) against the torch
 reference in fp16/bf16 on odd shapes and group sizes, inside a CUDA graph; W8A8 through torch._int_mm and
 FP8 through torch._scaled_mm against their float emulations; the quantized bundled model in the engine.
 
@@ -65,19 +65,44 @@ def test_triton_int4_matmul(M, K, N, g, dtype):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("M,K,N,g", [s for s in SHAPES if s[0] == 1 and s[2] % 8 == 0])
+@pytest.mark.parametrize("M,K,N,g", [s for s in SHAPES if s[2] % 8 == 0] + [(8, 448, 104, 64), (9, 384, 200, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_int4_gemv(M, K, N, g, dtype):
-    from miniinfer.kernels.int4_matmul import int4_gemv_cuda, int4_matmul_torch
+def test_cuda_int4_kernel(M, K, N, g, dtype):
+    """Our CUDA kernel, M = 1 … 16 (one and two token tiles), without and with K split across CTAs."""
+    from miniinfer.kernels.int4_matmul import CUDA_SHAPES, _split_counters, int4_gemv_cuda, int4_matmul_torch
 
     layer = layer_tensors(K, N, g, dtype, K * 3 + N)
     x = torch.randn(M, K, device="cuda").to(dtype)
     reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
-    for split_k in (None, 1, 3):  # 1 at K = 18944: raised until the K slice fits in shared memory
-        got = int4_gemv_cuda(x, layer.qweight, guarded(layer.qzeros, -1), guarded(layer.scales, float("nan")), g,
-                             split_k=split_k)
-        assert got.dtype == dtype and got.shape == (1, N)
-        close(got, reference, dtype)
+    for shape in CUDA_SHAPES:  # every CTA shape the launcher has
+        for split_k in (None, 1, 3):
+            got = int4_gemv_cuda(x, layer.qweight, guarded(layer.qzeros, -1), guarded(layer.scales, float("nan")),
+                                 g, split_k=split_k, shape=shape)
+            assert got.dtype == dtype and got.shape == (M, N), (shape, split_k)
+            close(got, reference, dtype)
+    torch.cuda.synchronize()
+    # every launch leaves the split-K tickets at zero for the next one
+    assert int(_split_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_cuda_int4_kernel_is_deterministic_and_exact_on_integers():
+    """Split K adds the slices' float32 sums in a fixed order: the same bits on every run. With integer
+    x, q − z and scales 1 every product and partial sum is an exact integer: the result must be exact."""
+    from miniinfer.kernels.int4_matmul import int4_gemv_cuda
+
+    K, N, g = 1024, 1024, 128
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (K, N), generator=gen)
+    zeros = torch.randint(0, 16, (K // g, N), generator=gen)
+    layer = GroupQuantLinear(q, torch.ones(K // g, N, dtype=torch.float16), zeros, 4, g).cuda()
+    x = torch.randint(-1, 2, (5, K), generator=gen).to(torch.float16).cuda()
+    w = (q - zeros.repeat_interleave(g, 0)).double()
+    exact = (x.double().cpu() @ w)
+    assert exact.abs().max() < 2048  # fp16 holds every integer up to 2048 exactly
+    runs = [int4_gemv_cuda(x, layer.qweight, layer.qzeros, layer.scales, g, split_k=4) for _ in range(3)]
+    for got in runs:
+        assert torch.equal(got, runs[0])
+        assert torch.equal(got.double().cpu(), exact)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
