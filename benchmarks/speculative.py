@@ -1,10 +1,15 @@
 """Speculative decoding on the bundled models: tokens/s and accepted tokens per target step, against
-plain decoding, for each proposer and γ — greedy and sampled, batch 1 and batch 16, and two workloads
+plain decoding, for each proposer and γ — greedy and sampled, batch 1 and batch 16, and three workloads
 meant for n-gram lookup: ``quote`` (a prompt that repeats a passage and breaks off inside its third
-copy, so that the output could quote it) and ``repeat`` (the passage three times, whole). The bundled
-2M-parameter model does not copy from its context: after ``quote`` it writes new lines, after
-``repeat`` it falls into loops of its own — which is what n-gram lookup predicts there. Plus tree vs
-chain at equal numbers of guesses.
+copy, so that the output could quote it) and ``repeat`` (the passage three times, whole), and
+``self-quote``. The bundled 2M-parameter model does not copy from its context: after ``quote`` it
+writes new lines (the row stays as the measurement of a workload where lookup finds little), after
+``repeat`` it falls into loops of its own — which is what n-gram lookup predicts there.
+``self-quote`` is a workload where copying is what the target does greedily: the first opening, the
+target's own greedy continuation of it (``--max-tokens`` tokens, computed first), a blank line, and the
+opening again — the target then writes much of that continuation again, and lookup finds it in the
+prompt (as when a model regenerates or edits text it wrote before). Plus tree vs chain at equal
+numbers of guesses.
 
     python benchmarks/speculative.py                  # CPU, writes results/speculative_cpu.json
     python benchmarks/speculative.py --quick          # fewer configurations, shorter outputs
@@ -17,6 +22,12 @@ decoding of the same workload: the median over passes of the ratio within each p
 ``tokens/verify`` tokens emitted per verified sequence per target forward (1 + accepted guesses;
 the number the theory E(α, γ) predicts), ``mean accepted`` accepted guesses per verify, ``α``
 accepted / proposed guesses. Greedy outputs are checked to equal plain greedy decoding.
+
+On a CPU, verify forwards run on oneDNN-prepacked weights
+(:mod:`miniinfer.speculative.verify_forward`); plain decoding keeps the model's own forward
+(``F.linear``). The ``none (packed)`` rows are plain decoding through that same packed forward — a
+reference, not an engine option: the share of the speed-up that plain decoding could also have, so a
+speed-up over ``none (packed)`` is what speculation itself adds.
 
 ``draft tree w=W`` rows run token trees in the engine (the draft's top-W first tokens, each continued
 greedily, about γ guessed tokens in all; CPU backends only; the draft builds each tree with plain
@@ -55,9 +66,19 @@ COLUMNS = ["workload", "sampling", "batch", "proposer", "gamma", "tok/s", "speed
            "mean accepted", "alpha", "final gamma", "greedy ok"]
 
 
+PACKED_PLAIN = "none (packed)"
+
+
 def run_once(model, tokenizer, prompts, params, device, **spec) -> tuple[float, list[list[int]], dict]:
     """Tokens/s of the whole batch on a fresh engine (warmed up on one request first)."""
+    packed_plain = spec.get("speculative_model") == PACKED_PLAIN
+    if packed_plain:  # plain decoding through the verify steps' packed forward (a reference row)
+        spec = {}
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=512, enable_prefix_caching=False, **spec))
+    if packed_plain:
+        from miniinfer.speculative.verify_forward import verify_forward_for
+
+        engine.runner.model = verify_forward_for(model)
     engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
     while engine.has_unfinished_requests():
         engine.step()
@@ -79,6 +100,17 @@ def run_once(model, tokenizer, prompts, params, device, **spec) -> tuple[float, 
     seconds = time.perf_counter() - start if device.type == "cuda" else time.process_time() - cpu_start
     outs = [results[i].outputs[0].token_ids for i in ids]
     return sum(len(o) for o in outs) / seconds, outs, engine.stats()
+
+
+def own_continuation(model, tokenizer, prompt, num_tokens) -> str:
+    """The target's greedy continuation of ``prompt`` (text), for the ``self-quote`` workload."""
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=512, enable_prefix_caching=False))
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True), stream=False)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                return out.outputs[0].text
+    raise RuntimeError("no output")
 
 
 def run_workload(model, tokenizer, prompts, params, device, repeat, configs):
@@ -160,7 +192,9 @@ def main() -> None:
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     tree_ok = device.type == "cpu"  # the tree mask runs on the CPU backends only
     gammas = sorted(set(gammas) | {3})
-    greedy_b1 = ([("ngram", 4, None), ("self", 2, None)] + [(DRAFT, g, None) for g in gammas]
+    reference = [(PACKED_PLAIN, 0, None)] if device.type == "cpu" else []
+    self_quote = OPENINGS[0] + own_continuation(model, tokenizer, OPENINGS[0], args.max_tokens) + "\n\n" + OPENINGS[0]
+    greedy_b1 = (reference + [("ngram", 4, None), ("self", 2, None)] + [(DRAFT, g, None) for g in gammas]
                  + [(DRAFT, "auto", None)] + ([(DRAFT, 4, 2), (DRAFT, 6, 2), (DRAFT, 6, 3)] if tree_ok else []))
     workloads = [("shakespeare", "greedy", OPENINGS[:1], greedy, greedy_b1),
                  ("shakespeare", "sampled", OPENINGS[:1], sampled,
@@ -168,12 +202,14 @@ def main() -> None:
                  ("quote", "greedy", [QUOTE + QUOTE + QUOTE[:40]], greedy,
                   [("ngram", 4, None), ("ngram", 8, None), ("ngram", "auto", None), (DRAFT, 4, None)]),
                  ("shakespeare", "greedy", OPENINGS[:16], greedy,
-                  [("ngram", 4, None), (DRAFT, 2, None), (DRAFT, 4, None), (DRAFT, "auto", None)]),
+                  reference + [("ngram", 4, None), (DRAFT, 2, None), (DRAFT, 4, None), (DRAFT, "auto", None)]),
                  ("shakespeare", "sampled", OPENINGS[:16], sampled, [(DRAFT, 2, None), (DRAFT, 4, None)]),
-                 ("repeat", "greedy", [QUOTE * 3], greedy, [("ngram", 4, None), ("ngram", "auto", None),
-                                                            (DRAFT, 4, None)])]
+                 ("repeat", "greedy", [QUOTE * 3], greedy, reference + [("ngram", 4, None), ("ngram", 8, None),
+                                                                        ("ngram", "auto", None), (DRAFT, 4, None)]),
+                 ("self-quote", "greedy", [self_quote], greedy,
+                  reference + [("ngram", 4, None), ("ngram", 8, None), ("ngram", "auto", None), (DRAFT, 4, None)])]
     if args.quick:
-        workloads = [w[:4] + (w[4][:3],) for w in workloads[:4]]
+        workloads = [w[:4] + (w[4][:3],) for w in workloads[:4]] + [workloads[-1][:4] + (workloads[-1][4][:3],)]
     rows = []
     for name, mode, prompts, params, configs in workloads:
         specs = [dict(speculative_model=proposer, num_speculative_tokens=gamma, speculative_tree=tree)
@@ -187,6 +223,12 @@ def main() -> None:
             label = "draft" if proposer == DRAFT else proposer
             if tree:
                 label += f" tree w={tree}"
+            if proposer == PACKED_PLAIN:
+                rows.append({"workload": name, "sampling": mode, "batch": len(prompts), "proposer": label, "gamma": 0,
+                             "tok/s": rate, "speedup": gain, "tokens/verify": 1.0,
+                             "greedy ok": (out == base_out) if mode == "greedy" else None})
+                print(f"  {label}: {rate:.1f} tok/s ×{gain:.2f}", flush=True)
+                continue
             rows.append({"workload": name, "sampling": mode, "batch": len(prompts), "proposer": label,
                          "gamma": gamma, "tok/s": rate,
                          "speedup": gain, "tokens/verify": stats["spec_tokens_per_verify"],
@@ -200,21 +242,26 @@ def main() -> None:
                      args.max_tokens // 2)
     print_table(COLUMNS, rows)
     print_table(["proposer", "gamma", "guesses/verify", "tokens/verify"], tree)
-    best = max((r for r in rows if r["batch"] == 1 and r["sampling"] == "greedy" and r["workload"] == "shakespeare"),
+    speculative = [r for r in rows if not r["proposer"].startswith("none")]
+    best = max((r for r in speculative if r["batch"] == 1 and r["sampling"] == "greedy" and r["workload"] == "shakespeare"),
                key=lambda r: r["speedup"])
     keys = ("proposer", "gamma", "tok/s", "speedup", "tokens/verify")
 
     def best_of(workload, batch, proposer=None):
-        found = [r for r in rows if r["workload"] == workload and r["batch"] == batch and r["sampling"] == "greedy"
-                 and r["proposer"] != "none" and (proposer is None or r["proposer"] == proposer)]
+        found = [r for r in speculative if r["workload"] == workload and r["batch"] == batch and r["sampling"] == "greedy"
+                 and (proposer is None or r["proposer"] == proposer)]
         return {k: max(found, key=lambda r: r["speedup"]).get(k) for k in keys} if found else None
 
     summary = {"best_batch1_greedy": {k: best.get(k) for k in keys},
                "best_batch1_greedy_draft": best_of("shakespeare", 1, "draft"),
                "best_quote_ngram": best_of("quote", 1, "ngram"),
                "best_repeat_ngram": best_of("repeat", 1, "ngram"),
+               "best_self_quote_ngram": best_of("self-quote", 1, "ngram"),
                "best_batch16_greedy": best_of("shakespeare", 16),
-               "all_greedy_outputs_identical": all(r.get("greedy ok") in (None, True) for r in rows)}
+               # plain decoding through the packed forward, against plain decoding (see the docstring)
+               "none_packed_speedup": {f"{r['workload']} batch {r['batch']}": r["speedup"] for r in rows
+                                       if r["proposer"] == PACKED_PLAIN},
+               "all_greedy_outputs_identical": all(r.get("greedy ok") in (None, True) for r in speculative)}
     write_results("speculative", "Speculative decoding: proposers and γ vs plain decoding (bundled models)", device,
                   COLUMNS, rows + tree, summary=summary,
                   notes="tree rows: torch reference verification (tokens per target forward only). " + args.notes,

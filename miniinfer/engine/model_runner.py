@@ -305,9 +305,10 @@ class ModelRunner:
         inputs = self.prepare(plan, block_manager, graph_bucket=bucket)
         prompt_rows = self._prompt_logprob_rows(plan) if bucket is None else []
         if plan.draft_tokens is not None:  # speculative verify: eager, the acceptance rule instead of the sampler
-            logits = self.model(inputs.input_ids, inputs.positions,
-                                attention=self.speculator.attention_context(self, inputs.metadata),
-                                logits_indices=inputs.logits_indices)
+            forward = self.speculator.verify_forward(self.model)  # on a CPU: prepacked weights, same math
+            logits = forward(inputs.input_ids, inputs.positions,
+                             attention=self.speculator.attention_context(self, inputs.metadata),
+                             logits_indices=inputs.logits_indices)
             return self.speculator.verify(logits, plan, self.sample)
         if bucket is not None:
             logits = self.decode_graphs.replay(bucket)[:len(plan.seqs)]

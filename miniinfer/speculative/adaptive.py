@@ -37,9 +37,17 @@ def best_gamma(alpha: float, cost_ratio: float, max_gamma: int = 8) -> int:
 class AdaptiveGamma:
     """Running estimates of the acceptance rate and the cost ratio, and the γ they call for.
 
-    ``alpha`` is an exponential moving average of accepted / proposed guesses (weight ``decay`` on
-    the past, per step); ``cost_ratio`` one of (draft seconds per guessed token) / (target seconds per
-    verify step). γ never drops to 0 for good: at least ``min_gamma`` guesses keep measuring α.
+    ``alpha`` is the α of :func:`~miniinfer.speculative.acceptance.expected_tokens_per_step`: the chance
+    that a guess is accepted once every guess before it was. Each verified sequence tests its guesses
+    left to right until the first rejection, so it contributes ``accepted`` successes out of
+    ``accepted + (1 if a guess was rejected)`` tests — the guesses after a rejection were never tested.
+    (Accepted / proposed would count those untested guesses as failures: at γ = 4 and a true α of
+    0.75 it reads 0.51, and the γ it calls for is too small.) ``alpha`` is successes / tests over the
+    steps so far, each step's counts weighted ``decay`` per step into the past; the starting value
+    counts as ``prior_tests`` tests, which fade the same way — one unlucky first step does not decide γ.
+    ``cost_ratio`` is an exponential moving average of (draft seconds per guessed token) / (target
+    seconds per verify step). γ never drops to 0 for good: at least ``min_gamma`` guesses keep
+    measuring α.
     """
 
     max_gamma: int = 8
@@ -48,23 +56,31 @@ class AdaptiveGamma:
     cost_ratio: float = 0.1
     decay: float = 0.9
     measure_cost: bool = True   # False: keep cost_ratio as given (a known cost, or a test)
-    _seen_alpha: bool = False
+    prior_tests: float = 2.0    # the weight of the starting alpha, in tested guesses
     _seen_cost: bool = False
+
+    def __post_init__(self):
+        self._tests = self.prior_tests               # decayed sums: tested guesses,
+        self._successes = self.alpha * self.prior_tests  # accepted ones
 
     @property
     def gamma(self) -> int:
         return max(self.min_gamma, best_gamma(self.alpha, self.cost_ratio, self.max_gamma))
 
     def observe(self, num_proposed: int, num_accepted: int, draft_seconds: float | None = None,
-                target_seconds: float | None = None, draft_steps: int = 1) -> None:
-        """Fold one step in: how many guesses were proposed and accepted (summed over the batch), and
+                target_seconds: float | None = None, draft_steps: int = 1, num_rejected: int | None = None) -> None:
+        """Fold one step in: how many guesses were proposed and accepted (summed over the batch), and how
+        many of the verified sequences had a guess rejected (``num_rejected``; None: every proposed guess
+        counts as tested, as for one sequence whose guesses were each tested on their own), and
         optionally the time the proposer took for its ``draft_steps`` guesses per sequence (one batched
         draft forward each) and the time of the verify step."""
-        # The first measurement replaces the prior; later ones are averaged in.
         if num_proposed > 0:
-            rate = num_accepted / num_proposed
-            self.alpha = rate if not self._seen_alpha else self.decay * self.alpha + (1 - self.decay) * rate
-            self._seen_alpha = True
+            tests = num_proposed if num_rejected is None else num_accepted + num_rejected
+            self._tests = self.decay * self._tests + tests
+            self._successes = self.decay * self._successes + num_accepted
+            if self._tests > 0:
+                self.alpha = min(1.0, self._successes / self._tests)
+        # The first cost measurement replaces the prior; later ones are averaged in.
         if self.measure_cost and draft_seconds is not None and target_seconds and draft_steps > 0:
             ratio = draft_seconds / target_seconds / draft_steps
             self.cost_ratio = (ratio if not self._seen_cost

@@ -77,6 +77,7 @@ class SpeculativeDecoder:
         self._trees: dict[int, list[int]] = {}
         self._plan = None
         self._runner = None
+        self._verify_forward: tuple[torch.nn.Module, object] | None = None  # (model, the forward verify steps run)
         if num_speculative_tokens == "auto":
             self.adaptive: AdaptiveGamma | None = AdaptiveGamma(max_gamma=max_gamma)
             self.gate: SpeculationGate | None = SpeculationGate()  # and whether to speculate at all
@@ -180,6 +181,15 @@ class SpeculativeDecoder:
             metadata.tree_masks = [tree_attention_mask(self._trees[id(seq)]) if id(seq) in self._trees else None
                                    for seq in self._plan.seqs]
         return PagedKVContext(runner.k_caches, runner.v_caches, metadata, backend, decode_hook=runner._decode_hook)
+
+    def verify_forward(self, model: torch.nn.Module):
+        """What the verify forward calls instead of ``model``: on a CPU, the same forward with its matmuls
+        on prepacked oneDNN weights (:mod:`~miniinfer.speculative.verify_forward`), else the model."""
+        if self._verify_forward is None or self._verify_forward[0] is not model:
+            from miniinfer.speculative.verify_forward import verify_forward_for
+
+            self._verify_forward = (model, verify_forward_for(model))
+        return self._verify_forward[1]
 
     def positions(self, plan: StepPlan, positions: list[int], cu_seqlens_q: list[int]) -> list[int]:
         """RoPE positions of a verify step: a tree node sits at (newest token's position + its depth), so
@@ -373,9 +383,12 @@ class SpeculativeDecoder:
 
     def after_commit(self, plan: StepPlan, sampled: SampledTokens) -> None:
         if self._gate_step is not None:
-            batch_size, speculative, start = self._gate_step
+            batch_size, _, start = self._gate_step
             accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
-            self.gate.observe(batch_size, speculative, self.clock() - start, len(plan.samples) + accepted)
+            # A step the gate let speculate but that got no guesses (n-gram lookup found nothing) was a
+            # plain decode step, and is measured as one.
+            self.gate.observe(batch_size, plan.draft_tokens is not None, self.clock() - start,
+                              len(plan.samples) + accepted)
             self._gate_step = None
         if plan.draft_tokens is not None:
             verify_seconds = time.perf_counter() - self._verify_start
@@ -389,8 +402,13 @@ class SpeculativeDecoder:
             c["spec_accepted_tokens"] += accepted
             c["spec_emitted_tokens"] += accepted + verified
             if self.adaptive is not None:
+                rejected = None  # trees: every node counts as a tested guess
+                if not self._trees:  # chains: a sequence tests its guesses up to its first rejection
+                    guesses = {id(seq): len(t) for seq, t in zip(plan.seqs, plan.draft_tokens) if t}
+                    rejected = sum(1 for row, kept in zip(plan.samples, sampled.spec_tokens or ())
+                                   if guesses.get(id(row.seq)) and (kept is None or len(kept) < guesses[id(row.seq)]))
                 self.adaptive.observe(proposed, accepted, self._draft_seconds, verify_seconds,
-                                      draft_steps=max(len(t) for t in plan.draft_tokens))
+                                      draft_steps=max(len(t) for t in plan.draft_tokens), num_rejected=rejected)
             self.gamma_history.append(self.gamma)
         for seq in plan.seqs:
             if seq.is_finished:

@@ -146,6 +146,7 @@ class LeanForward:
         self.H, self.H_kv, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.embed, self.norm, self.head = inner.embed_tokens.weight, inner.norm.weight, base.lm_head_weight
         self.cos, self.sin = inner.rotary_emb.cos, inner.rotary_emb.sin
+        self.linear = torch.nn.functional.linear  # F.linear(x, weight, bias); a subclass may pack the weights
         self.layers = []
         for index in indices:
             layer = inner.layers[index]
@@ -165,22 +166,22 @@ class LeanForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attention,
                  logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        F = torch.nn.functional
+        F, linear = torch.nn.functional, self.linear
         rms_norm, apply_rope, eps = self.rms_norm, self.apply_rope, self.eps
         H, H_kv, D = self.H, self.H_kv, self.D
         shape = input_ids.shape
         cos, sin = self.cos[positions], self.sin[positions]
         x = F.embedding(input_ids, self.embed)
         for index, scale, norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gate_up, w_down in self.layers:
-            qkv = F.linear(rms_norm(x, norm1, eps), w_qkv, b_qkv).view(*shape, H + 2 * H_kv, D)
+            qkv = linear(rms_norm(x, norm1, eps), w_qkv, b_qkv).view(*shape, H + 2 * H_kv, D)
             qk = apply_rope(qkv[..., :H + H_kv, :], cos, sin)
             out = attention.attend(index, qk[..., :H, :], qk[..., H:, :], qkv[..., H + H_kv:, :], scale)
-            x = x + F.linear(out.reshape(*shape, H * D), w_o, b_o)
-            gate, up = F.linear(rms_norm(x, norm2, eps), w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            x = x + linear(out.reshape(*shape, H * D), w_o, b_o)
+            gate, up = linear(rms_norm(x, norm2, eps), w_gate_up, None).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w_down, None)
         if logits_indices is not None:
             x = x.reshape(-1, x.shape[-1]).index_select(0, logits_indices)
-        return F.linear(rms_norm(x, self.norm, eps), self.head)
+        return linear(rms_norm(x, self.norm, eps), self.head, None)
 
 
 class DraftKVCache:
