@@ -269,7 +269,9 @@ class ContiguousKVContext:
             return out.transpose(1, 2)
         k_cache[self.write_rows, :, self.write_positions] = k
         v_cache[self.write_rows, :, self.write_positions] = v
-        keys, values = k_cache[self.rows, :, :self.S], v_cache[self.rows, :, :self.S]     # [B, H_kv, S, D]
+        # index_select: the same rows as k_cache[self.rows, :, :S], several times faster on a CPU
+        keys = k_cache[:, :, :self.S].index_select(0, self.rows)                        # [B, H_kv, S, D]
+        values = v_cache[:, :, :self.S].index_select(0, self.rows)
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
                                                                scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
