@@ -1,5 +1,5 @@
 """The verify steps' packed forward (CPU): the model's logits up to float rounding, repacked when the
-weights change, and the one the engine's verify steps run."""
+weights change, and the one the engine's verify steps run; and the acceptance-rate estimate of "auto"."""
 
 from __future__ import annotations
 
@@ -68,3 +68,22 @@ def test_engine_verifies_with_the_packed_forward(target):
     assert isinstance(engine.speculator.verify_forward(model), PackedVerifyForward)
     other = torch.nn.Linear(2, 2).double()
     assert verify_forward_for(other) is other  # anything else verifies with its own forward
+
+
+def test_adaptive_alpha_counts_only_tested_guesses():
+    """With the rejections known, α is accepted / (accepted + rejections): the guesses after a rejection
+    were never tested. A sequence that keeps accepting 2 of 4 guesses has α ≈ 2/3, not 1/2."""
+    from miniinfer.speculative import AdaptiveGamma, expected_tokens_per_step
+
+    adaptive = AdaptiveGamma(max_gamma=8, cost_ratio=0.05)
+    for _ in range(60):
+        adaptive.observe(4, 2, num_rejected=1)
+    assert adaptive.alpha == pytest.approx(2 / 3, abs=1e-3)
+    # Unbiased: simulated chains with a true α of 0.75 read 0.75 (accepted / proposed would read ~0.51).
+    g = torch.Generator().manual_seed(0)
+    adaptive = AdaptiveGamma(max_gamma=8, cost_ratio=0.05, decay=0.999)
+    accepted = (torch.rand(3000, 4, generator=g) < 0.75).long().cumprod(1).sum(1).tolist()
+    for a in accepted:
+        adaptive.observe(4, a, num_rejected=int(a < 4))
+    assert adaptive.alpha == pytest.approx(0.75, abs=0.03)
+    assert 1 + sum(accepted) / len(accepted) == pytest.approx(expected_tokens_per_step(0.75, 4), rel=0.03)
