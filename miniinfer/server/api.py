@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -43,7 +42,7 @@ from miniinfer.server.protocol import (
     parse_completion,
 )
 from miniinfer.server.sse import format_sse
-from miniinfer.server.tracing import TraceContext, Tracer, parse_traceparent
+from miniinfer.server.tracing import TraceContext, Tracer, parse_traceparent, random_hex
 
 __all__ = ["ServerState", "create_app"]
 
@@ -415,13 +414,15 @@ def create_app(state: ServerState) -> FastAPI:
         params = parsed.params  # max_tokens is always set for completions (OpenAI's default: 16)
         for token_ids in prompts:
             _check_length(state, token_ids, params, "prompt", max_tokens_given=True)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"cmpl-{random_hex(128)}"
         streams = await _submit_all(state, prompts, params, request_id, parsed.timeout)
         context: TraceContext = request.state.trace
         meta = dict(route="/v1/completions", user=parsed.user, stream=parsed.stream)
         if parsed.stream:
-            return _streaming_response(state, _completion_events(state, parsed, streams, request_id),
-                                       streams, request_id, context, meta)
+            events = (_plain_completion_events(state, parsed, streams[0], request_id)
+                      if len(streams) == 1 and parsed.params.n == 1 and parsed.logprobs is None
+                      else _completion_events(state, parsed, streams, request_id))
+            return _streaming_response(state, events, streams, request_id, context, meta)
         outputs = await _finish(state, streams, request, request_id, context, meta)
         n, top = params.n, parsed.logprobs
         choices = []
@@ -448,13 +449,15 @@ def create_app(state: ServerState) -> FastAPI:
         token_ids = _tokenize(state, prompt, "messages")
         given = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
         params = _check_length(state, token_ids, parsed.params, "messages", max_tokens_given=given)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"chatcmpl-{random_hex(128)}"
         streams = await _submit_all(state, [token_ids], params, request_id, parsed.timeout)
         context: TraceContext = request.state.trace
         meta = dict(route="/v1/chat/completions", user=parsed.user, stream=parsed.stream)
         if parsed.stream:
-            return _streaming_response(state, _chat_events(state, parsed, streams, request_id),
-                                       streams, request_id, context, meta)
+            events = (_plain_chat_events(state, parsed, streams[0], request_id)
+                      if parsed.params.n == 1 and not parsed.logprobs
+                      else _chat_events(state, parsed, streams, request_id))
+            return _streaming_response(state, events, streams, request_id, context, meta)
         outputs = await _finish(state, streams, request, request_id, context, meta)
         choices = []
         for completion in outputs[0].outputs:
@@ -659,4 +662,80 @@ async def _chat_events(state: ServerState, parsed, streams, request_id: str) -> 
     if parsed.include_usage and final is not None:
         yield _sse(state, {"id": request_id, "object": "chat.completion.chunk", "created": created,
                     "model": state.model_name, "choices": [], "usage": _usage([final])})
+    yield _sse(state, "[DONE]")
+
+
+# -- the common streams, with less work per token ------------------------------------------------------------
+#
+# Most streamed requests have one prompt, one completion and no logprobs. For them every event is the same
+# JSON object but for the new text and the finish reason, so it is written from a template: the fixed parts
+# are encoded once per request, the text with one json.dumps of a string, instead of building two dicts and
+# encoding the nested object for every token. The bytes are the same as json.dumps of the whole chunk
+# (tests/test_server_sse_fast.py checks it), and the stream is read directly, without _merge's relay.
+
+
+class _ChunkTemplate:
+    """``json.dumps({...fixed fields..., "choices": [{"index": 0, <key>: VALUE, "logprobs": null,
+    "finish_reason": REASON}], ...trailer})`` for any VALUE and REASON, without building the dicts."""
+
+    def __init__(self, fixed: dict, key: str, trailer: dict):
+        self.head = json.dumps(fixed, ensure_ascii=False)[:-1] + f', "choices": [{{"index": 0, "{key}": '
+        trailer_text = json.dumps(trailer, ensure_ascii=False)[1:-1]
+        self.end = "}]" + (", " + trailer_text if trailer_text else "") + "}"
+        self.running = ', "logprobs": null, "finish_reason": null' + self.end
+
+    def __call__(self, value: str, reason: str | None = None) -> str:
+        tail = self.running if reason is None else (', "logprobs": null, "finish_reason": '
+                                                    + json.dumps(reason, ensure_ascii=False) + self.end)
+        return self.head + value + tail
+
+
+async def _plain_completion_events(state: ServerState, parsed, stream: RequestStream,
+                                   request_id: str) -> AsyncIterator[str]:
+    """:func:`_completion_events` for one prompt, n = 1, no logprobs: the same events."""
+    created = int(time.time())
+    fixed = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name}
+    template = _ChunkTemplate(fixed, "text", {"usage": None} if parsed.include_usage else {})
+    format_event, dumps = state.format_sse, json.dumps
+    final, ended = None, False
+    async for output in stream:
+        completion = output.outputs[0]
+        reason = completion.finish_reason
+        if output.finished:
+            _check_failed([output])
+            final = output
+        if ended:
+            continue
+        if completion.new_text or completion.new_token_ids or reason is not None:
+            yield format_event(template(dumps(completion.new_text, ensure_ascii=False), reason))
+        ended = reason is not None  # its finish_reason went out: nothing more of it is streamed
+    if parsed.include_usage:
+        yield _sse(state, {**fixed, "choices": [], "usage": _usage([final] if final is not None else [])})
+    yield _sse(state, "[DONE]")
+
+
+async def _plain_chat_events(state: ServerState, parsed, stream: RequestStream,
+                             request_id: str) -> AsyncIterator[str]:
+    """:func:`_chat_events` for n = 1 without logprobs: the same events."""
+    created = int(time.time())
+    fixed = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+    template = _ChunkTemplate(fixed, "delta", {"usage": None} if parsed.include_usage else {})
+    format_event, dumps = state.format_sse, json.dumps
+    yield format_event(template('{"role": "assistant", "content": ""}'))
+    final, ended = None, False
+    async for output in stream:
+        completion = output.outputs[0]
+        reason = completion.finish_reason
+        if output.finished:
+            _check_failed([output])
+            final = output
+        if ended:
+            continue
+        new_text = completion.new_text
+        if new_text or completion.new_token_ids or reason is not None:
+            delta = '{"content": ' + dumps(new_text, ensure_ascii=False) + "}" if new_text or reason is None else "{}"
+            yield format_event(template(delta, reason))
+        ended = reason is not None
+    if parsed.include_usage and final is not None:
+        yield _sse(state, {**fixed, "choices": [], "usage": _usage([final])})
     yield _sse(state, "[DONE]")

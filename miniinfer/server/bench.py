@@ -7,8 +7,10 @@
 **The load.** For each offered load (requests per second; ``inf`` sends them all at once) the benchmark
 sends ``num_requests`` streaming completions whose arrival gaps are exponential — a Poisson process,
 the usual model of independent users — each generating exactly ``max_tokens`` tokens (``ignore_eos``)
-after a one-line prompt. Every request is its own streaming HTTP connection (httpx), as separate users
-would be.
+after a one-line prompt. Every request is its own streaming HTTP connection, as separate users would be,
+read by a minimal asyncio HTTP/1.1 client (:func:`one_request`) rather than an HTTP library: on a small
+machine the load generator competes with the server for the CPU, so its cost per streamed token is kept
+low (about 40 µs instead of httpx's 230 µs on the 2-core CPU of ``benchmarks/results/serving_cpu.json``).
 
 **What is measured, on the client side**: time to first token (TTFT: from sending the request to its
 first streamed chunk), inter-token latency (ITL: the gaps between a request's chunks), end-to-end
@@ -26,7 +28,8 @@ ratios:
   cores this charges the server for the load generator, which competes with it for the CPU (and the
   offline run has no such neighbour);
 * ``server_vs_offline_tok_per_cpu_s`` — tokens per CPU-second of the server *process* over tokens per
-  CPU-second of the offline run: what serving costs in work, whoever else shares the machine;
+  CPU-second of the offline run: what serving costs in work, whoever else shares the machine (the
+  client's CPU seconds are reported apart, never counted as the server's);
 * ``bridge_vs_offline_tok_s`` and ``bridge_vs_offline_tok_per_cpu_s`` — the same requests through the
   server's :class:`~miniinfer.server.async_engine.AsyncEngine` in this process (engine thread, streamed
   outputs, hand-over to an event loop) with consumers that only count tokens: the server without HTTP.
@@ -51,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 __all__ = ["PROMPT_LINES", "percentile", "parse_rate", "run_rate", "offline_run", "measure_overhead",
@@ -121,6 +125,19 @@ def process_cpu_seconds(pid: int | tuple[int, ...]) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def main_thread_cpu_seconds(pid: int | tuple[int, ...]) -> float | None:
+    """User + system CPU seconds of a process's main thread (Linux; None elsewhere or for several
+    processes). In ``miniinfer serve`` that is the event loop's thread: HTTP, JSON, SSE; the engine runs in
+    another thread, so the process's seconds less these are the engine's."""
+    if isinstance(pid, tuple):
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def engine_counters(url: str, wait_idle: float = 0.0) -> dict | None:
     """The server's engine steps and busy seconds from ``/debug/engine`` (None if it has no such page).
 
@@ -163,54 +180,139 @@ def request_body(model: str, index: int, max_tokens: int) -> dict:
 # -- the load generator -------------------------------------------------------------------------------
 
 
-async def one_request(client, url: str, body: dict) -> dict:
-    """Stream one completion; return its client-side timings (or its failure: status 503, 500, -1)."""
+class _Target:
+    """Where the load goes: a server's ``/v1/completions``, split once into what a connection needs."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        self.host = parts.hostname
+        self.ssl = parts.scheme == "https"
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.path = (parts.path.rstrip("/") + "/v1/completions").encode()
+        self.host_header = parts.netloc.encode()
+
+    def request(self, body: dict) -> bytes:
+        payload = json.dumps(body).encode()
+        return (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (self.path, self.host_header, len(payload))
+                + payload)
+
+
+async def _body_pieces(reader: asyncio.StreamReader, headers: dict[bytes, bytes]):
+    """The response body as it arrives: de-chunked (``Transfer-Encoding: chunked``), else by length or to EOF."""
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                return
+            data = await reader.readexactly(size + 2)  # the chunk and its CRLF
+            yield data[:-2]
+    elif b"content-length" in headers:
+        yield await reader.readexactly(int(headers[b"content-length"]))
+    else:
+        while data := await reader.read(65536):
+            yield data
+
+
+async def one_request(target: _Target | str, body: dict) -> dict:
+    """Stream one completion; return its client-side timings (or its failure: status 503, 500, -1).
+
+    The client is a few lines of asyncio over one TCP connection per request (HTTP/1.1, chunked SSE),
+    not an HTTP library: on a small machine the load generator shares the CPU with the server, and a
+    general-purpose client's per-chunk machinery (httpx + h11: ~0.2 ms of CPU per streamed token on a
+    2-core box) would be charged to the server's wall-clock throughput."""
+    if isinstance(target, str):
+        target = _Target(target)
     start = time.perf_counter()
     first = None
     last = start
     gaps: list[float] = []
     tokens = 0
+    writer = None
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return {"status": response.status_code}
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return {"status": 500, "error": chunk["error"].get("message")}
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices"):
-                    continue
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
+        reader, writer = await asyncio.open_connection(target.host, target.port, ssl=target.ssl or None,
+                                                       limit=2**22)
+        writer.write(target.request(body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if status != 200:
+            async for _ in _body_pieces(reader, headers):
+                pass
+            return {"status": status}
+        buffer = b""
+        async for piece in _body_pieces(reader, headers):
+            buffer += piece
+            if b"\n\n" not in buffer:
+                continue
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                for line in event.split(b"\n"):
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return {"status": 500, "error": chunk["error"].get("message")}
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if not chunk.get("choices"):
+                        continue
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
     except Exception as error:  # noqa: BLE001 - a failed request is a data point, not a crash
         return {"status": -1, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        if writer is not None:
+            writer.close()
     end = time.perf_counter()
     return {"status": 200, "ttft": (first or end) - start, "itl": gaps, "e2e": end - start, "tokens": tokens}
 
 
-async def _run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int) -> list[dict]:
-    import httpx
+def run_async(coroutine):
+    """``asyncio.run``, on uvloop's event loop where it is installed (the load generator's and the in-process
+    comparison's loops then cost what the server's does)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coroutine)
+    return uvloop.run(coroutine)
 
+
+async def _run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    # No connection limit: every request is its own user. (httpx's default pool of 100 would queue the rest
-    # on the client side, and that waiting would be counted as the server's TTFT.)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        tasks = []
-        for i in range(num_requests):
-            tasks.append(asyncio.create_task(one_request(client, url, request_body(model, i, max_tokens))))
-            if math.isfinite(rate) and i < num_requests - 1:
-                await asyncio.sleep(rng.expovariate(rate))
-        return await asyncio.gather(*tasks)
+    target = _Target(url)
+    # Every request is its own user, on its own connection, sent at its arrival time (no client-side pool
+    # whose waiting would be counted as the server's TTFT).
+    tasks = []
+    for i in range(num_requests):
+        request = asyncio.wait_for(one_request(target, request_body(model, i, max_tokens)), timeout=600.0)
+        tasks.append(asyncio.ensure_future(request))
+        if math.isfinite(rate) and i < num_requests - 1:
+            await asyncio.sleep(rng.expovariate(rate))
+    return await _gather_timeouts(tasks)
+
+
+async def _gather_timeouts(tasks) -> list[dict]:
+    results = []
+    for task in tasks:
+        try:
+            results.append(await task)
+        except asyncio.TimeoutError:
+            results.append({"status": -1, "error": "TimeoutError: no answer in 600 s"})
+    return results
 
 
 def run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int = 0,
@@ -218,13 +320,16 @@ def run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: i
     """One offered load: send the requests, wait for all of them, summarise (one row of the report)."""
     engine_before = engine_counters(url)
     server_cpu = None if server_pid is None else process_cpu_seconds(server_pid)
+    loop_cpu = None if server_pid is None else main_thread_cpu_seconds(server_pid)
     cpu = time.process_time()
     start = time.perf_counter()
-    results = asyncio.run(_run_rate(url, model, rate, num_requests, max_tokens, seed))
+    results = run_async(_run_rate(url, model, rate, num_requests, max_tokens, seed))
     wall = time.perf_counter() - start
     client_cpu = time.process_time() - cpu
     if server_cpu is not None:
         server_cpu = process_cpu_seconds(server_pid) - server_cpu
+    if loop_cpu is not None:
+        loop_cpu = main_thread_cpu_seconds(server_pid) - loop_cpu
     engine_after = engine_counters(url, wait_idle=2.0) if engine_before is not None else None
     ok = [r for r in results if r["status"] == 200]
     ttft = [r["ttft"] for r in ok]
@@ -245,6 +350,8 @@ def run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: i
     # Kept for the overhead analysis, dropped from the report's rows: the exact token count, and the engine
     # thread's steps and seconds inside them (from /debug/engine: another server may run other requests).
     row["_tokens"] = tokens
+    if loop_cpu is not None:
+        row["_loop_cpu_s"] = loop_cpu  # the server's event-loop thread (HTTP); the rest of server_cpu_s: engine
     if engine_before is not None and engine_after is not None:
         row["_engine_steps"] = engine_after["steps"] - engine_before["steps"]
         row["_engine_busy_s"] = engine_after["busy_s"] - engine_before["busy_s"]
@@ -272,7 +379,11 @@ def load_offline_llm(model: str | None, device: str | None, max_num_seqs: int | 
 
     from miniinfer import LLM
     from miniinfer.cli import _model_path
+    from miniinfer.server.serve import keep_freed_memory
 
+    # The server sets glibc's allocator to keep freed memory (serve.keep_freed_memory): so does the offline
+    # side of the comparison, which would otherwise pay page faults the server does not.
+    keep_freed_memory()
     # ServerProcess runs the server with OMP_NUM_THREADS (default 1): give the offline run as many.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     options = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
@@ -326,7 +437,7 @@ def bridge_run(bridge, llm, num_requests: int, max_tokens: int) -> dict:
 
     cpu = time.process_time()
     start = time.perf_counter()
-    tokens = asyncio.run(run_all())
+    tokens = run_async(run_all())
     return {"tokens": tokens, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
@@ -367,6 +478,14 @@ def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requ
             "server_vs_offline_tok_per_cpu_s": round(statistics.median(s / o for s, o in zip(server_eff, offline_eff)),
                                                      3),
         })
+        # Where the server's CPU goes, per generated token: its event loop's thread (HTTP, JSON, SSE, the
+        # hand-over) and the rest of the process (the engine thread), against the offline run's.
+        summary["offline_cpu_us_per_token"] = round(statistics.median(1e6 * o["cpu_s"] / o["tokens"] for _, o in pairs), 1)
+        if all("_loop_cpu_s" in s for s, _ in pairs):
+            summary["server_loop_cpu_us_per_token"] = round(statistics.median(
+                1e6 * s["_loop_cpu_s"] / s["_tokens"] for s, _ in pairs), 1)
+            summary["server_engine_cpu_us_per_token"] = round(statistics.median(
+                1e6 * (s["server_cpu_s"] - s["_loop_cpu_s"]) / s["_tokens"] for s, _ in pairs), 1)
     if bridged:
         summary["bridge_tok_s"] = round(statistics.median(b["tokens"] / b["wall_s"] for b in bridged), 1)
         summary["bridge_vs_offline_tok_s"] = round(statistics.median(
@@ -479,7 +598,10 @@ def run_benchmark(args, echo=print) -> dict:
                   "rate inf over LLM.generate of the same requests in one process (the server also shares the "
                   "machine with the client); server_vs_offline_tok_per_cpu_s is tokens per CPU-second of the "
                   "server process over tokens per CPU-second of the offline run (medians of interleaved pairs); "
-                  "bridge_*: AsyncEngine without HTTP, in the benchmark's process.")
+                  "bridge_*: AsyncEngine without HTTP, in the benchmark's process. *_cpu_us_per_token: CPU "
+                  "microseconds per generated token of the offline run, and of the server split into its event "
+                  "loop's thread (HTTP, JSON, SSE, hand-over) and the rest (the engine thread). The load generator "
+                  "is a minimal asyncio HTTP/1.1 client; its CPU (client_cpu_s) is never counted as the server's.")
     return {"columns": list(COLUMNS), "rows": rows, "summary": summary, "notes": notes}
 
 
@@ -536,6 +658,10 @@ def overhead_lines(overhead: dict) -> list[str]:
     if "server_vs_offline_tok_per_cpu_s" in overhead:
         lines.append(f"per CPU-second: server process {overhead['server_tok_per_cpu_s']} tok, offline "
                      f"{overhead['offline_tok_per_cpu_s']} tok -> {overhead['server_vs_offline_tok_per_cpu_s']:.2f}x")
+    if "server_loop_cpu_us_per_token" in overhead:
+        lines.append(f"CPU per generated token: offline {overhead['offline_cpu_us_per_token']} us; server engine "
+                     f"thread {overhead['server_engine_cpu_us_per_token']} us + event loop (HTTP, JSON, SSE) "
+                     f"{overhead['server_loop_cpu_us_per_token']} us")
     if "bridge_vs_offline_tok_per_cpu_s" in overhead:
         lines.append(f"without HTTP (AsyncEngine in-process): {overhead['bridge_tok_s']} tok/s "
                      f"({overhead['bridge_vs_offline_tok_s']:.2f}x offline), per CPU-second "

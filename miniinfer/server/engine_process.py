@@ -50,7 +50,7 @@ __all__ = ["RemoteEngine", "EngineProcessDied", "STATS_INTERVAL_S"]
 log = logging.getLogger("miniinfer.server.engine_process")
 
 # engine.stats() walks the prefix cache's tree: while busy, the child sends it at most this often.
-STATS_INTERVAL_S = 0.05
+STATS_INTERVAL_S = 0.5
 
 
 class EngineProcessDied(RuntimeError):
@@ -102,6 +102,9 @@ def _engine_main(conn, model_path, llm_options: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from miniinfer.llm import LLM
+    from miniinfer.server.serve import keep_freed_memory
+
+    keep_freed_memory()  # as the server process does (see there): no page faults on every step's tensors
 
     try:
         llm = LLM(model_path, **llm_options)

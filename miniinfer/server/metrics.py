@@ -21,6 +21,9 @@ snapshot at scrape time (a custom collector), so a scrape never touches the engi
 
 from __future__ import annotations
 
+import bisect
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -115,6 +118,27 @@ class _EngineCollector:
             return
 
 
+def observe_many(histogram, values) -> None:
+    """``histogram.observe(v)`` for every ``v`` of ``values``, with one lock round per bucket touched instead
+    of two per value (a request's inter-token latencies: one value per token, observed in the engine
+    thread when it finishes). Falls back to ``observe`` if prometheus-client's internals differ."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts: dict[int, int] = {}
+    for value in values:
+        index = bisect.bisect_left(bounds, value)  # the first bound >= value, as observe's linear scan finds
+        counts[index] = counts.get(index, 0) + 1
+    if counts:
+        total.inc(math.fsum(values))
+        for index, count in counts.items():
+            buckets[index].inc(count)
+
+
 class ServerMetrics:
     """All server metrics in one registry of their own (several servers in one process do not clash)."""
 
@@ -162,8 +186,7 @@ class ServerMetrics:
             self.queue_time.observe(timing.queue_time)
         if timing.ttft is not None:
             self.ttft.observe(timing.ttft)
-        for latency in timing.inter_token_latencies:
-            self.itl.observe(latency)
+        observe_many(self.itl, timing.inter_token_latencies)
         if timing.e2e is not None:
             self.e2e.observe(timing.e2e)
         self.prompt_len.observe(timing.num_prompt_tokens)

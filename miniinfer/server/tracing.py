@@ -16,14 +16,28 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
-import secrets
 import time
 
-__all__ = ["TraceContext", "parse_traceparent", "Tracer"]
+__all__ = ["TraceContext", "parse_traceparent", "Tracer", "random_hex"]
 
 log = logging.getLogger("miniinfer.server.tracing")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+# Ids (trace, span, request) come from a generator of our own, seeded once from the OS, as OpenTelemetry's
+# RandomIdGenerator does, not from secrets.token_hex / uuid4: os.urandom lets go of the interpreter lock
+# for its system call, and under load the event loop then waits for the engine thread to hand it back,
+# three times per request. Ids need to be unique, not unguessable.
+_ids = random.Random()
+
+
+def random_hex(bits: int) -> str:
+    """``bits`` random bits as lower-case hex (``bits // 4`` digits), never all zeros (W3C: invalid)."""
+    value = 0
+    while not value:
+        value = _ids.getrandbits(bits)
+    return f"{value:0{bits // 4}x}"
 
 
 class TraceContext:
@@ -34,7 +48,7 @@ class TraceContext:
     def __init__(self, trace_id: str, parent_span_id: str | None, flags: str = "01"):
         self.trace_id = trace_id
         self.parent_span_id = parent_span_id
-        self.span_id = secrets.token_hex(8)
+        self.span_id = random_hex(64)
         self.flags = flags
 
     @property
@@ -52,7 +66,7 @@ def parse_traceparent(header: str | None) -> TraceContext:
             version, trace_id, parent, flags = match.groups()
             if version != "ff" and trace_id != "0" * 32 and parent != "0" * 16:
                 return TraceContext(trace_id, parent, flags)
-    return TraceContext(secrets.token_hex(16), None)
+    return TraceContext(random_hex(128), None)
 
 
 class Tracer:
@@ -139,14 +153,14 @@ class _PresetIds:
         self._local.preset = value
 
     def generate_trace_id(self) -> int:
-        return self.preset[0] if self.preset else int(secrets.token_hex(16), 16)
+        return self.preset[0] if self.preset else int(random_hex(128), 16)
 
     def generate_span_id(self) -> int:
         if self.preset:
             span_id = self.preset[1]
             self._local.preset = None  # once: the child spans get fresh ids
             return span_id
-        return int(secrets.token_hex(8), 16)
+        return int(random_hex(64), 16)
 
 
 def _make_tracer(service_name: str, ids, exporter=None):
