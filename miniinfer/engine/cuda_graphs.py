@@ -21,6 +21,9 @@ steps. Prefill steps (variable numbers of tokens) run eagerly; they are few and 
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import torch
 from tqdm.auto import tqdm
 
@@ -31,6 +34,26 @@ def batch_size_buckets(max_batch: int) -> list[int]:
     sizes += list(range(16, max_batch, 16))
     return sorted(set(sizes + [max_batch]))
 
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """Pause Python's cyclic garbage collector while a CUDA graph records.
+
+    A collection can start at any allocation, and it may free an *earlier* engine's CUDA graphs and their
+    memory pool (engines hold reference cycles, so only the collector frees them). Destroying a graph or
+    returning a pool's memory during a capture is an operation the capture forbids: CUDA invalidates the
+    capture and the next launch fails with "operation failed due to a previous error during capture".
+    Seen on an H200 in benchmarks/speculative.py, which builds dozens of engines in one process: the
+    decode capture failed at batch 128 or 192, and passed under CUDA_LAUNCH_BLOCKING=1 (other timing).
+    ``torch.cuda.graph`` collects once on entry; this keeps the collector off until the capture ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 class GraphCaptureError(RuntimeError):
     """A decode graph could not be recorded (raised at start-up; ``enforce_eager=True`` avoids graphs)."""
@@ -71,6 +94,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, size: int) -> None:
+        """Record the decode step of ``size`` rows (see :func:`_no_garbage_collection` for why Python's
+        garbage collector is paused while recording)."""
         inputs = self._padding_inputs(size)
         try:
             # Warm up on a side stream (kernel builds, autotuning, allocator), then record.
@@ -81,7 +106,7 @@ class DecodeGraphs:
                     self._forward(inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool), _no_garbage_collection():
                 logits = self._forward(inputs)
         except Exception as error:
             raise GraphCaptureError(

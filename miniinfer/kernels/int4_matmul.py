@@ -142,13 +142,18 @@ CUDA_DEFAULT_SHAPE = 0
 def cuda_split(N: int, K: int, num_sms: int, split_k: int | None = None, shape: int = CUDA_DEFAULT_SHAPE
                ) -> tuple[int, int]:
     """-> (rows_per_split, split_k) for the CUDA kernel: how many packed rows (8 inputs each) of K one CTA
-    reads. ``split_k`` None: enough (32-column tile × K slice) CTAs for two per SM, each slice at least
-    64 packed rows (512 inputs: every warp gets two steps). Lowered so that no slice is empty."""
+    reads. ``split_k`` None: no split while the column tiles alone give every SM work (a split costs a
+    float32 round trip and the last CTA's sum), except one per ~1024 packed rows, so that a long K is not
+    one warp's latency chain; with fewer tiles than half the SMs, enough splits to fill them. Measured on
+    an H200 (scripts/gpu/int4_shapes.py): split 1 was fastest for 8192², 3584 × 4608, 3584², 3584 ×
+    37888 and split 2 for 18944 × 3584 (K = 18944), at M = 1. Lowered so that no slice is empty."""
     rows = K // 8
     step = CUDA_ROWS_PER_STEP
     tiles = _cdiv(N, 32 * CUDA_SHAPES[shape][0])
     if split_k is None:
-        split_k = max(1, min(_cdiv(2 * num_sms, tiles), rows // 64))
+        split_k = max(1, rows // 1024)
+        if 2 * tiles < num_sms:
+            split_k = max(split_k, min(_cdiv(num_sms, tiles), rows // 64))
     split_k = max(1, min(split_k, _cdiv(rows, step)))
     rows_per_split = _cdiv(_cdiv(rows, split_k), step) * step
     return rows_per_split, _cdiv(rows, rows_per_split)
