@@ -419,7 +419,7 @@ def create_app(state: ServerState) -> FastAPI:
         context: TraceContext = request.state.trace
         meta = dict(route="/v1/completions", user=parsed.user, stream=parsed.stream)
         if parsed.stream:
-            events = (_plain_completion_events(state, parsed, streams[0], request_id)
+            events = (_plain_events(state, parsed, streams[0], request_id, chat=False)
                       if len(streams) == 1 and parsed.params.n == 1 and parsed.logprobs is None
                       else _completion_events(state, parsed, streams, request_id))
             return _streaming_response(state, events, streams, request_id, context, meta)
@@ -454,7 +454,7 @@ def create_app(state: ServerState) -> FastAPI:
         context: TraceContext = request.state.trace
         meta = dict(route="/v1/chat/completions", user=parsed.user, stream=parsed.stream)
         if parsed.stream:
-            events = (_plain_chat_events(state, parsed, streams[0], request_id)
+            events = (_plain_events(state, parsed, streams[0], request_id, chat=True)
                       if parsed.params.n == 1 and not parsed.logprobs
                       else _chat_events(state, parsed, streams, request_id))
             return _streaming_response(state, events, streams, request_id, context, meta)
@@ -690,38 +690,17 @@ class _ChunkTemplate:
         return self.head + value + tail
 
 
-async def _plain_completion_events(state: ServerState, parsed, stream: RequestStream,
-                                   request_id: str) -> AsyncIterator[str]:
-    """:func:`_completion_events` for one prompt, n = 1, no logprobs: the same events."""
+async def _plain_events(state: ServerState, parsed, stream: RequestStream, request_id: str,
+                       chat: bool) -> AsyncIterator[str]:
+    """:func:`_completion_events` (one prompt) or :func:`_chat_events` for n = 1 without logprobs: the
+    same events, each chunk filled into a JSON template instead of built and encoded as a dict."""
     created = int(time.time())
-    fixed = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name}
-    template = _ChunkTemplate(fixed, "text", {"usage": None} if parsed.include_usage else {})
+    fixed = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+             "created": created, "model": state.model_name}
+    template = _ChunkTemplate(fixed, "delta" if chat else "text", {"usage": None} if parsed.include_usage else {})
     format_event, dumps = state.format_sse, json.dumps
-    final, ended = None, False
-    async for output in stream:
-        completion = output.outputs[0]
-        reason = completion.finish_reason
-        if output.finished:
-            _check_failed([output])
-            final = output
-        if ended:
-            continue
-        if completion.new_text or completion.new_token_ids or reason is not None:
-            yield format_event(template(dumps(completion.new_text, ensure_ascii=False), reason))
-        ended = reason is not None  # its finish_reason went out: nothing more of it is streamed
-    if parsed.include_usage:
-        yield _sse(state, {**fixed, "choices": [], "usage": _usage([final] if final is not None else [])})
-    yield _sse(state, "[DONE]")
-
-
-async def _plain_chat_events(state: ServerState, parsed, stream: RequestStream,
-                             request_id: str) -> AsyncIterator[str]:
-    """:func:`_chat_events` for n = 1 without logprobs: the same events."""
-    created = int(time.time())
-    fixed = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
-    template = _ChunkTemplate(fixed, "delta", {"usage": None} if parsed.include_usage else {})
-    format_event, dumps = state.format_sse, json.dumps
-    yield format_event(template('{"role": "assistant", "content": ""}'))
+    if chat:
+        yield format_event(template('{"role": "assistant", "content": ""}'))
     final, ended = None, False
     async for output in stream:
         completion = output.outputs[0]
@@ -733,9 +712,14 @@ async def _plain_chat_events(state: ServerState, parsed, stream: RequestStream,
             continue
         new_text = completion.new_text
         if new_text or completion.new_token_ids or reason is not None:
-            delta = '{"content": ' + dumps(new_text, ensure_ascii=False) + "}" if new_text or reason is None else "{}"
-            yield format_event(template(delta, reason))
-        ended = reason is not None
-    if parsed.include_usage and final is not None:
-        yield _sse(state, {**fixed, "choices": [], "usage": _usage([final])})
+            if not chat:
+                piece = dumps(new_text, ensure_ascii=False)
+            elif new_text or reason is None:
+                piece = '{"content": ' + dumps(new_text, ensure_ascii=False) + "}"
+            else:
+                piece = "{}"
+            yield format_event(template(piece, reason))
+        ended = reason is not None  # its finish_reason went out: nothing more of it is streamed
+    if parsed.include_usage and (final is not None or not chat):
+        yield _sse(state, {**fixed, "choices": [], "usage": _usage([final] if final is not None else [])})
     yield _sse(state, "[DONE]")
