@@ -23,11 +23,11 @@ decoding of the same workload: the median over passes of the ratio within each p
 the number the theory E(α, γ) predicts), ``mean accepted`` accepted guesses per verify, ``α``
 accepted / proposed guesses. Greedy outputs are checked to equal plain greedy decoding.
 
-On a CPU, verify forwards run on oneDNN-prepacked weights
-(:mod:`miniinfer.speculative.verify_forward`); plain decoding keeps the model's own forward
-(``F.linear``). The ``none (packed)`` rows are plain decoding through that same packed forward — a
-reference, not an engine option: the share of the speed-up that plain decoding could also have, so a
-speed-up over ``none (packed)`` is what speculation itself adds.
+On a CPU every engine step (plain decoding, prefill, verify) runs the model's forward on
+oneDNN-prepacked weights (:mod:`miniinfer.engine.packed_forward`, ``EngineConfig.cpu_packed_weights``),
+so speculation is measured against equally fast plain decoding. The ``none (F.linear)`` rows are plain
+decoding with ``cpu_packed_weights=False`` (the model's own forward, MKL through ``F.linear``) — the
+baseline before the packed forward became the engine's, a reference for older results.
 
 ``draft tree w=W`` rows run token trees in the engine (the draft's top-W first tokens, each continued
 greedily, about γ guessed tokens in all; CPU backends only; the draft builds each tree with plain
@@ -66,19 +66,14 @@ COLUMNS = ["workload", "sampling", "batch", "proposer", "gamma", "tok/s", "speed
            "mean accepted", "alpha", "final gamma", "greedy ok"]
 
 
-PACKED_PLAIN = "none (packed)"
+UNPACKED_PLAIN = "none (F.linear)"
 
 
 def run_once(model, tokenizer, prompts, params, device, **spec) -> tuple[float, list[list[int]], dict]:
     """Tokens/s of the whole batch on a fresh engine (warmed up on one request first)."""
-    packed_plain = spec.get("speculative_model") == PACKED_PLAIN
-    if packed_plain:  # plain decoding through the verify steps' packed forward (a reference row)
-        spec = {}
+    if spec.get("speculative_model") == UNPACKED_PLAIN:  # plain decoding on the model's own forward (a reference row)
+        spec = {"cpu_packed_weights": False}
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=512, enable_prefix_caching=False, **spec))
-    if packed_plain:
-        from miniinfer.speculative.verify_forward import verify_forward_for
-
-        engine.runner.model = verify_forward_for(model)
     engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
     while engine.has_unfinished_requests():
         engine.step()
@@ -192,7 +187,7 @@ def main() -> None:
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     tree_ok = device.type == "cpu"  # the tree mask runs on the CPU backends only
     gammas = sorted(set(gammas) | {3})
-    reference = [(PACKED_PLAIN, 0, None)] if device.type == "cpu" else []
+    reference = [(UNPACKED_PLAIN, 0, None)] if device.type == "cpu" else []
     self_quote = OPENINGS[0] + own_continuation(model, tokenizer, OPENINGS[0], args.max_tokens) + "\n\n" + OPENINGS[0]
     greedy_b1 = (reference + [("ngram", 4, None), ("self", 2, None)] + [(DRAFT, g, None) for g in gammas]
                  + [(DRAFT, "auto", None)] + ([(DRAFT, 4, 2), (DRAFT, 6, 2), (DRAFT, 6, 3)] if tree_ok else []))
@@ -223,7 +218,7 @@ def main() -> None:
             label = "draft" if proposer == DRAFT else proposer
             if tree:
                 label += f" tree w={tree}"
-            if proposer == PACKED_PLAIN:
+            if proposer == UNPACKED_PLAIN:
                 rows.append({"workload": name, "sampling": mode, "batch": len(prompts), "proposer": label, "gamma": 0,
                              "tok/s": rate, "speedup": gain, "tokens/verify": 1.0,
                              "greedy ok": (out == base_out) if mode == "greedy" else None})
@@ -258,9 +253,9 @@ def main() -> None:
                "best_repeat_ngram": best_of("repeat", 1, "ngram"),
                "best_self_quote_ngram": best_of("self-quote", 1, "ngram"),
                "best_batch16_greedy": best_of("shakespeare", 16),
-               # plain decoding through the packed forward, against plain decoding (see the docstring)
-               "none_packed_speedup": {f"{r['workload']} batch {r['batch']}": r["speedup"] for r in rows
-                                       if r["proposer"] == PACKED_PLAIN},
+               # plain decoding on the model's own forward, against plain decoding (see the docstring)
+               "none_unpacked_speedup": {f"{r['workload']} batch {r['batch']}": r["speedup"] for r in rows
+                                         if r["proposer"] == UNPACKED_PLAIN},
                "all_greedy_outputs_identical": all(r.get("greedy ok") in (None, True) for r in speculative)}
     write_results("speculative", "Speculative decoding: proposers and γ vs plain decoding (bundled models)", device,
                   COLUMNS, rows + tree, summary=summary,

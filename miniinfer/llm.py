@@ -39,7 +39,7 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``,
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``enable_cuda_graphs`` / ``enforce_eager``,
-    ``enable_fused_kernels``.
+    ``enable_fused_kernels``, ``cpu_packed_weights``.
     ``speculative_model`` (chapter 10: None, a draft checkpoint folder with the same tokenizer, "ngram"
     or "self"), ``num_speculative_tokens`` (an int or "auto") and ``speculative_tree`` (a tree width, with
     a draft model, on the CPU backends) turn on speculative decoding; ``stats()`` then adds

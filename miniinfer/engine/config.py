@@ -28,6 +28,9 @@ class EngineConfig:
     enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only), captured at start-up
     enforce_eager: bool = False             # vLLM's name for the opposite: never use CUDA graphs
     enable_fused_kernels: bool = True       # fused Triton norm/RoPE/SwiGLU kernels on a GPU (default components only)
+    cpu_packed_weights: bool = True         # CPU float32: steps run the model's forward on oneDNN-prepacked weights
+                                            # (miniinfer.engine.packed_forward; default components only): faster
+                                            # small-M matmuls than F.linear/MKL; False: the model's own forward
     seed: int | None = None                 # seeds the random streams of requests that have no seed of their own
     # Speculative decoding (miniinfer.speculative): None (off) | a draft checkpoint folder (same vocabulary) |
     # "ngram" (prompt lookup) | "self" (the target's first layers); guesses per step: an int or "auto"
@@ -49,7 +52,7 @@ class EngineConfig:
         positive_int("block_size", self.block_size)
         positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs", "enforce_eager",
-                     "enable_fused_kernels"):
+                     "enable_fused_kernels", "cpu_packed_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

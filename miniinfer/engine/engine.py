@@ -130,7 +130,8 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_batched,
                                   max_model_len=self.max_model_len,
                                   cuda_graph_max_batch=config.max_num_seqs if use_graphs else 0,
-                                  eos_token_ids=tuple(sorted(self.eos_token_ids)))
+                                  eos_token_ids=tuple(sorted(self.eos_token_ids)),
+                                  cpu_packed_weights=config.cpu_packed_weights)
         self.runner.capture_graphs(progress=config.max_num_seqs > 64)
         self.speculator = self._build_speculator() if config.speculative_model is not None else None
         self.runner.speculator = self.speculator

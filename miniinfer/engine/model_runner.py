@@ -12,7 +12,9 @@
    The eager path and the CUDA-graph path share the buffer, so a graph replays with the data the
    eager path would have used.
 3. **Forward**: a decode-only step that fits a captured batch-size bucket replays its CUDA graph
-   (captured at start-up, :mod:`miniinfer.engine.cuda_graphs`); anything else runs eagerly.
+   (captured at start-up, :mod:`miniinfer.engine.cuda_graphs`); anything else runs eagerly — on a CPU
+   in float32 through the model's forward on prepacked oneDNN weights where it applies
+   (:mod:`miniinfer.engine.packed_forward`, ``EngineConfig.cpu_packed_weights``).
 4. **Sample** every row in one batched pass (:mod:`miniinfer.sampler`), and bring the tokens to the
    host with one copy.
 """
@@ -153,7 +155,8 @@ class InputBuffers:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, backend: AttentionBackend,
                  hooks: EngineHooks | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int = 2048, cuda_graph_max_batch: int = 0, eos_token_ids: tuple[int, ...] = ()):
+                 max_model_len: int = 2048, cuda_graph_max_batch: int = 0, eos_token_ids: tuple[int, ...] = (),
+                 cpu_packed_weights: bool = False):
         self.model = model
         hooks = hooks or EngineHooks()
         self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
@@ -179,6 +182,14 @@ class ModelRunner:
         self.buffers = InputBuffers(max(eager_capacity, graph_capacity), self.device)
         self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
         self.speculator = None  # a miniinfer.speculative.SpeculativeDecoder, set by the engine
+        # CPU float32: eager steps run the model's forward on prepacked oneDNN weights (same math, faster
+        # small-M matmuls), for the model it was built for; None: the model's own forward.
+        self.packed_forward = None
+        if cpu_packed_weights and self.device.type == "cpu":
+            from miniinfer.engine.packed_forward import packed_forward_for
+
+            self.packed_forward = packed_forward_for(model)
+        self._packed_model = model
         # The course's sampler plug-in (Components.probabilities) runs per row, in Python.
         from miniinfer.components import Components
 
@@ -215,6 +226,14 @@ class ModelRunner:
         destination = torch.tensor([d for _, d in copies], device=self.device)
         for cache in (*self.k_caches, *self.v_caches):
             cache[destination] = cache[source]
+
+    @property
+    def forward(self):
+        """What an eager step calls: the packed forward where it applies (and ``self.model`` was not
+        replaced since, e.g. by a wrapper that times it), else ``self.model``."""
+        if self.packed_forward is not None and self.model is self._packed_model:
+            return self.packed_forward
+        return self.model
 
     def context(self, metadata: PagedAttentionMetadata) -> PagedKVContext:
         return PagedKVContext(self.k_caches, self.v_caches, metadata, self.backend, decode_hook=self._decode_hook)
@@ -305,10 +324,9 @@ class ModelRunner:
         inputs = self.prepare(plan, block_manager, graph_bucket=bucket)
         prompt_rows = self._prompt_logprob_rows(plan) if bucket is None else []
         if plan.draft_tokens is not None:  # speculative verify: eager, the acceptance rule instead of the sampler
-            forward = self.speculator.verify_forward(self.model)  # on a CPU: prepacked weights, same math
-            logits = forward(inputs.input_ids, inputs.positions,
-                             attention=self.speculator.attention_context(self, inputs.metadata),
-                             logits_indices=inputs.logits_indices)
+            logits = self.forward(inputs.input_ids, inputs.positions,
+                                  attention=self.speculator.attention_context(self, inputs.metadata),
+                                  logits_indices=inputs.logits_indices)
             return self.speculator.verify(logits, plan, self.sample)
         if bucket is not None:
             logits = self.decode_graphs.replay(bucket)[:len(plan.seqs)]
@@ -317,8 +335,8 @@ class ModelRunner:
             if prompt_rows:
                 extra = torch.tensor([row for _, _, row in prompt_rows], dtype=indices.dtype, device=indices.device)
                 indices = torch.cat([indices, extra])
-            logits = self.model(inputs.input_ids, inputs.positions, attention=self.context(inputs.metadata),
-                                logits_indices=indices)
+            logits = self.forward(inputs.input_ids, inputs.positions, attention=self.context(inputs.metadata),
+                                  logits_indices=indices)
         prompt_logprobs = None
         if prompt_rows:
             logits, prompt_logits = logits[:-len(prompt_rows)], logits[-len(prompt_rows):]

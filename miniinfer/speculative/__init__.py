@@ -78,5 +78,4 @@ def build_speculative_decoder(engine, speculative_model, num_speculative_tokens=
     decoder = SpeculativeDecoder(proposer, num_speculative_tokens, accept_fn=accept_fn,
                                  max_model_len=engine.max_model_len, tree_width=speculative_tree,
                                  clock=time.process_time if engine.device.type == "cpu" else time.perf_counter)
-    decoder.verify_forward(engine.model)  # pack the weights now, not in the first (timed) verify step
     return decoder

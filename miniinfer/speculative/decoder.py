@@ -77,7 +77,6 @@ class SpeculativeDecoder:
         self._trees: dict[int, list[int]] = {}
         self._plan = None
         self._runner = None
-        self._verify_forward: tuple[torch.nn.Module, object] | None = None  # (model, the forward verify steps run)
         if num_speculative_tokens == "auto":
             self.adaptive: AdaptiveGamma | None = AdaptiveGamma(max_gamma=max_gamma)
             self.gate: SpeculationGate | None = SpeculationGate()  # and whether to speculate at all
@@ -181,15 +180,6 @@ class SpeculativeDecoder:
             metadata.tree_masks = [tree_attention_mask(self._trees[id(seq)]) if id(seq) in self._trees else None
                                    for seq in self._plan.seqs]
         return PagedKVContext(runner.k_caches, runner.v_caches, metadata, backend, decode_hook=runner._decode_hook)
-
-    def verify_forward(self, model: torch.nn.Module):
-        """What the verify forward calls instead of ``model``: on a CPU, the same forward with its matmuls
-        on prepacked oneDNN weights (:mod:`~miniinfer.speculative.verify_forward`), else the model."""
-        if self._verify_forward is None or self._verify_forward[0] is not model:
-            from miniinfer.speculative.verify_forward import verify_forward_for
-
-            self._verify_forward = (model, verify_forward_for(model))
-        return self._verify_forward[1]
 
     def positions(self, plan: StepPlan, positions: list[int], cu_seqlens_q: list[int]) -> list[int]:
         """RoPE positions of a verify step: a tree node sits at (newest token's position + its depth), so

@@ -1,5 +1,6 @@
-"""The verify steps' packed forward (CPU): the model's logits up to float rounding, repacked when the
-weights change, and the one the engine's verify steps run; and the acceptance-rate estimate of "auto"."""
+"""The engine's packed forward on a CPU (miniinfer.engine.packed_forward): the model's logits up to float
+rounding, repacked when the weights change, the model's own forward once the model changes under it, and
+the one every eager step (prefill, decode, verify) runs; and the acceptance-rate estimate of "auto"."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ import pytest
 import torch
 
 from miniinfer.engine import EngineConfig, LLMEngine
+from miniinfer.engine.packed_forward import PackedForward, packed_forward_for
 from miniinfer.loader import load_model
 from miniinfer.models.bundled import bundled_model_path
 from miniinfer.speculative.proposers import ContiguousKVContext, DraftKVCache
-from miniinfer.speculative.verify_forward import PackedVerifyForward, verify_forward_for
 
 
 @pytest.fixture(scope="module")
 def target():
     torch.set_num_threads(1)
     model, tokenizer = load_model(bundled_model_path("shakespeare"), device="cpu")
-    if not PackedVerifyForward.supports(model):
+    if not PackedForward.supports(model):
         pytest.skip("this torch build has no oneDNN linear")
     return model, tokenizer
 
@@ -36,15 +37,15 @@ def test_packed_forward_gives_the_model_logits(target):
     model, _ = target
     ids, positions = torch.randint(0, model.config.vocab_size, (1, 5)), torch.arange(3, 8)[None]
     expected = _logits(model, model, ids, positions)
-    packed = PackedVerifyForward(model)
+    packed = PackedForward(model)
     torch.testing.assert_close(_logits(packed, model, ids, positions), expected, atol=1e-4, rtol=1e-4)
-    assert verify_forward_for(model) is verify_forward_for(model)  # one pack per model
+    assert packed_forward_for(model) is packed_forward_for(model)  # one pack per model
 
 
 def test_packed_forward_follows_in_place_weight_updates(target):
     model, _ = target
     ids, positions = torch.randint(0, model.config.vocab_size, (1, 4)), torch.arange(3, 7)[None]
-    packed = verify_forward_for(model)
+    packed = packed_forward_for(model)
     weight = model.model.layers[2].mlp.down_proj.weight
     saved = weight.detach().clone()
     try:
@@ -61,13 +62,57 @@ def test_packed_forward_follows_in_place_weight_updates(target):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_engine_verifies_with_the_packed_forward(target):
+def test_engine_steps_run_the_packed_forward(target):
+    """Every eager CPU step (verify included) runs the packed forward unless cpu_packed_weights=False; the
+    greedy text is the unpacked engine's."""
+    from miniinfer.sampling import SamplingParams
+
     model, tokenizer = target
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, speculative_model="ngram",
                                                       num_speculative_tokens=4))
-    assert isinstance(engine.speculator.verify_forward(model), PackedVerifyForward)
-    other = torch.nn.Linear(2, 2).double()
-    assert verify_forward_for(other) is other  # anything else verifies with its own forward
+    assert isinstance(engine.runner.forward, PackedForward)
+    assert engine.runner.forward is packed_forward_for(model)
+    plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, cpu_packed_weights=False))
+    assert plain.runner.forward is model
+    texts = []
+    for e in (engine, plain):
+        e.add_request("ROMEO:\n", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), stream=False)
+        while e.has_unfinished_requests():
+            texts += [out.outputs[0].token_ids for out in e.step() if out.finished]
+    assert texts[0] == texts[1]
+    assert packed_forward_for(torch.nn.Linear(2, 2).double()) is None  # anything else: the model's own forward
+
+
+def test_packed_forward_steps_aside_when_the_model_changes(target):
+    """A swapped layer (quantize_model after the engine was built), a forward hook, a wrapped forward, a
+    replaced ``runner.model``: the model's own forward runs."""
+    model, tokenizer = target
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+    packed = engine.runner.forward
+    assert isinstance(packed, PackedForward) and packed.usable()
+    mlp = model.model.layers[1].mlp
+    original = mlp.down_proj
+    mlp.down_proj = torch.nn.Linear(original.in_features, original.out_features, bias=False)
+    try:
+        assert not packed.usable()
+    finally:
+        mlp.down_proj = original
+    assert packed.usable()
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *args: None)
+    try:
+        assert not packed.usable()
+    finally:
+        handle.remove()
+    assert packed.usable()
+    model.forward = model.forward  # an instance attribute, as a wrapper that times the forward sets
+    try:
+        assert not packed.usable()
+    finally:
+        del model.forward
+    assert packed.usable()
+    wrapper = lambda *args, **kwargs: model(*args, **kwargs)  # noqa: E731
+    engine.runner.model = wrapper
+    assert engine.runner.forward is wrapper
 
 
 def test_adaptive_alpha_counts_only_tested_guesses():
