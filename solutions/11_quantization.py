@@ -494,11 +494,31 @@ fig.tight_layout()
 # ## 10. Why int4 decode is faster, and where the kernel spends its time
 #
 # A GEMV of an 8192 × 8192 matrix reads 134 MB in bf16 and 34 MB in int4 g128 (weights, scales and
-# zeros). The int4 kernels (`miniinfer/kernels/int4_matmul_triton.py`, `csrc/int4_gemv.cu`) read the
-# packed words with wide coalesced loads and dequantize in registers — a shift, a mask, a
-# subtraction and a multiply per weight — so the arithmetic hides under the memory traffic, as
-# long as there are enough blocks in flight (hence the split over K). `benchmarks/quantization.py`
-# measures them against cuBLAS bf16 and torch's int4 kernel on a GPU:
+# zeros): at the H200's 4.2 TB/s that is 32 µs against 8 µs. Reaching 8 µs means everything that is
+# not the read must fit in its shadow, and an int4 kernel has a lot besides the read: every weight
+# has to become a number before it is multiplied. A budget: 67 M weights in 8 µs on 132 SMs is
+# about two instructions per weight per SM cycle *in total*. Our CUDA kernel (`csrc/int4_gemv.cu`)
+# is built around that budget:
+#
+# * **Tensor cores do the multiply-adds** (`mma.sync` m16n8k16, float32 accumulation), even at M = 1:
+#   the token is one of eight columns of the B fragment and the other seven are zeros. Wasted
+#   tensor-core work costs nothing in a memory-bound kernel, and M up to 16 comes almost free.
+# * **Three instructions per two weights** turn nibbles into fp16/bf16: a shift, one `LOP3` that
+#   drops nibbles k and k+4 into the low mantissa bits of the two halves of the number 1024 (so the
+#   halves *are* 1024 + q, no conversion), one `HSUB2` of 1024 + zero. The scale is applied to each
+#   group's float32 sum, once, not to every weight.
+# * **The fragments follow the loads.** Which weight column is "row i" of the mma and which input is
+#   "k j" is ours to choose as long as A and B agree, so each lane loads one 16-byte vector (8 inputs
+#   of 4 columns) and that vector is exactly its share of four mmas.
+# * **Loads a batch ahead.** A warp that loads, waits, computes and loads again leaves the memory
+#   idle while it computes: each warp keeps the next steps' weights and inputs in flight while it
+#   works on the current ones. Profiling the first version showed schedulers idle half the time,
+#   waiting on exactly that.
+#
+# The Triton kernel (`miniinfer/kernels/int4_matmul_triton.py`) is the readable version of the same
+# idea without the tensor-core fragments: it dequantizes a [BLOCK_K, BLOCK_N] tile with a shift, a
+# mask, a subtraction and a multiply per weight. `benchmarks/quantization.py` measures both against
+# cuBLAS bf16 and torch's int4 kernel (`_weight_int4pack_mm`) on a GPU:
 
 # %%
 gpu_results = sorted(results_dir.glob("quantization_*.json"))

@@ -375,12 +375,15 @@ if recorded is not None and "overhead_at_saturation" in recorded.get("summary", 
 
 # %% [markdown]
 # The server runs as many engine steps as offline generation — batching is not what it loses — but
-# each step takes longer. Serving costs little CPU per token (about 0.1 ms on the event loop); the
-# loss is the engine thread's time: it shares the interpreter lock with the event-loop thread, and
-# on a small CPU every hand-over of the lock stalls the step. That is why production servers (vLLM's
-# v1 engine core, SGLang's scheduler) run the engine in a **process** of its own and pass requests
-# and tokens over a socket. `miniinfer serve --stream-interval N` softens it here: tokens go out every
-# N steps, merged, so there are fewer hand-overs, at the price of burstier streams.
+# each step takes longer. The `AsyncEngine` bridge alone costs almost nothing; HTTP costs about
+# 0.06–0.07 ms of event-loop CPU per streamed token (uvloop, the SSE event, one loopback write that
+# wakes the client), which is 12–16 % of what the engine spends on a token of this tiny model. The
+# rest is the engine's steps running slower while the event loop and the load generator share the
+# two cores with it: running the engine in a **process** of its own (`miniinfer serve
+# --engine-process`, as vLLM's v1 engine core and SGLang's scheduler do) measured the same here, so
+# it is CPU, not the interpreter lock. On a GPU the engine's step is GPU time and the event loop's
+# CPU cost overlaps it; on this laptop-sized CPU they compete. `--stream-interval N` sends tokens
+# every N steps, merged: fewer events, burstier streams.
 #
 # ## 7. What the metrics tell an operator
 #
