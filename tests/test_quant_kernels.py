@@ -101,6 +101,22 @@ def _bits_to(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pair.view(dtype)
 
 
+def _emulated_group_params(scales, zwords, group, columns, col_ok):
+    """A group's scales (float) [32 lanes, 4 columns] and zero words [32 lanes], as each lane loads them."""
+    sc = torch.stack([scales[group, columns + j] for j in range(4)], 1).float() * col_ok[:, None]
+    zw = (zwords[group, columns // 8] >> ((columns % 8) * 4)) * col_ok
+    return sc, zw
+
+
+def _emulated_fold(acc, part, sc):
+    """acc += scale · part, then part = 0: C rows g / g+8 of column pair cp are lane (g, ·)'s columns 2cp / 2cp+1."""
+    for cp in range(2):
+        for i in range(16):
+            col_scale = sc[4 * (i % 8), 2 * cp + i // 8].double()  # lane (g, t=0)
+            acc[cp, i] += col_scale * part[cp, i]
+    part.zero_()
+
+
 def emulate_int4_cuda(x, qweight, qzeros, scales, group_size, warps_n, warps_k, rows_per_split):
     """csrc/int4_gemv.cu re-stated with torch on the CPU (no GPU here), one warp at a time, vectorised
     over its 32 lanes: the same index maps (lane (g, t) loads packed row r0+t of columns 4g … 4g+3; each
@@ -140,27 +156,14 @@ def emulate_int4_cuda(x, qweight, qzeros, scales, group_size, warps_n, warps_k, 
                     group_end = (group + 1) * group_rows
                     part = torch.zeros_like(acc)
 
-                    def params(grp):
-                        sc = torch.stack([scales[grp, c + j] for j in range(4)], 1).float() * col_ok[:, None]
-                        zw = (zwords_all[grp, c // 8] >> ((c % 8) * 4)) * col_ok
-                        return sc, zw
-
-                    def fold():
-                        # C rows g / g+8 of column pair cp are the lane's columns 2cp / 2cp+1
-                        for cp in range(2):
-                            for i in range(16):
-                                col_scale = sc[4 * (i % 8), 2 * cp + i // 8].double()  # lane (g, t=0)
-                                acc[cp, i] += col_scale * part[cp, i]
-                        part.zero_()
-
-                    sc, zw = params(group)
+                    sc, zw = _emulated_group_params(scales, zwords_all, group, c, col_ok)
                     for s in range(s_begin, s_end):
                         row0 = row_begin + 4 * s
                         if row0 >= group_end:
-                            fold()
+                            _emulated_fold(acc, part, sc)
                             group += 1
                             group_end += group_rows
-                            sc, zw = params(group)
+                            sc, zw = _emulated_group_params(scales, zwords_all, group, c, col_ok)
                         row = row0 + t
                         row_ok = row < row_end
                         ok = col_ok & row_ok
@@ -196,7 +199,7 @@ def emulate_int4_cuda(x, qweight, qzeros, scales, group_size, warps_n, warps_k, 
                                         B[mt, 2 * t + half + 1, g] = xs[:, mt, p + 4]
                                 for mt in range(2):
                                     part[cp, :, mt * 8:mt * 8 + 8] += A @ B[mt]
-                    fold()
+                    _emulated_fold(acc, part, sc)
                 # C fragment: A row i <-> column (row g: col0 + 2cp, row g+8: col0 + 2cp + 1)
                 for cp in range(2):
                     for i in range(16):

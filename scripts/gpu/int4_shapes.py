@@ -43,7 +43,7 @@ def main() -> int:
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(num_sets(2 * K * N))]
         for M in args.ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-            t_bf16, _ = time_per_call(lambda i: F.linear(xs[i % 4], ws[i % len(ws)]), len(ws))
+            t_bf16, _ = time_per_call(lambda i, xs=xs, ws=ws: F.linear(xs[i % 4], ws[i % len(ws)]), len(ws))
             reference = int4_matmul_torch(xs[0].float(), *layers[0][:2], layers[0][2].float(), g)
             for code, label in SHAPE_CODES.items():
                 default_split = cuda_split(N, K, sms, None, code)[1]
@@ -54,14 +54,14 @@ def main() -> int:
                         rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split, "error": err})
                         print("WRONG", rows[-1], flush=True)
                         continue
-                    t, how = time_per_call(lambda i, s=split, c=code: int4_gemv_cuda(
+                    t, how = time_per_call(lambda i, s=split, c=code, xs=xs, layers=layers: int4_gemv_cuda(
                         xs[i % 4], *layers[i], g, split_k=s, shape=c), sets)
                     rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split,
                                  "default split": split == default_split, "us": round(t * 1e6, 2),
                                  "bf16 us": round(t_bf16 * 1e6, 2), "vs bf16": round(t_bf16 / t, 2),
                                  "% floor": round(100 * int4_bytes / bandwidth / t, 1), "timing": how})
                     print(rows[-1], flush=True)
-        del layers, ws
+        layers = ws = None  # free this matrix's copies before the next
         torch.cuda.empty_cache()
     best = {}
     for r in rows:
