@@ -65,6 +65,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 SERVER_PACKAGES = ["fastapi", "uvicorn", "httpx"]
 
 START = time.perf_counter()
+SERVER_LOGS: list[Path] = []  # the logs of the servers `bench serve` started (see longer_server_startup)
 
 
 def log(message: str) -> None:
@@ -246,7 +247,7 @@ def warm_up(folder: Path, device: str, max_num_seqs: int) -> None:
 
 def longer_server_startup(seconds: float) -> None:
     """``bench serve`` starts its server through ``ServerProcess`` with a 90 s limit; the first start on a
-    GPU (kernel measurements, CUDA graph capture) may come close, so give it ``seconds``."""
+    GPU (kernel measurements, CUDA graph capture) may come close, so give it ``seconds``; note its log."""
     from miniinfer.server import testing
 
     original = testing.ServerProcess.__init__
@@ -254,7 +255,11 @@ def longer_server_startup(seconds: float) -> None:
         return
 
     def init(self, *args, startup_timeout: float = seconds):
-        original(self, *args, startup_timeout=max(startup_timeout, seconds))
+        try:
+            original(self, *args, startup_timeout=max(startup_timeout, seconds))
+        finally:
+            if getattr(self, "log_path", None) is not None:
+                SERVER_LOGS.append(self.log_path)
 
     init._longer_startup = True
     testing.ServerProcess.__init__ = init
@@ -345,20 +350,19 @@ def parse_args(argv=None):
     return args
 
 
-def keep_server_log(out: Path, since: float) -> None:
-    """Copy the log of the server this run started (``ServerProcess`` writes it to $TMPDIR) beside ``out``."""
-    logs = [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("miniinfer-serve-*.log")
-            if p.stat().st_mtime >= since and p.stat().st_size]  # warnings and errors only: often empty
+def keep_server_log(out: Path) -> None:
+    """Copy the log of the server this run started (``ServerProcess`` writes it to $TMPDIR) beside ``out``,
+    unless it is empty (the server logs warnings and errors only)."""
+    logs = [p for p in SERVER_LOGS if p.is_file() and p.stat().st_size]
     if logs:
         target = out.with_name(out.stem + "_server.log")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(max(logs, key=lambda p: p.stat().st_mtime), target)
+        shutil.copyfile(logs[-1], target)
         log(f"server log: {target}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    started_at = time.time()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
             f"{overhead.get('server_vs_offline_tok_s')} (tok/s), "
             f"{overhead.get('server_vs_offline_tok_per_cpu_s')} (tok per CPU-s); seconds {rounded}")
     finally:
-        keep_server_log(args.out, started_at)
+        keep_server_log(args.out)
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
