@@ -126,7 +126,27 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     return v;
 }
 
-template <typename T, int kTokenTiles, int kWarpsN, int kWarpsK, int kUnroll>
+// 16 bytes global -> shared without passing through registers (cp.async, sm_80+), bypassing L1; with
+// src_bytes = 0 nothing is read and the 16 bytes are zero-filled (a row past the end of a K slice).
+__device__ __forceinline__ void copy_async_16(void* shared, const void* global, int src_bytes) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Bytes of dynamic shared memory the ring of kStages steps takes (0: the register path, no ring).
+template <int kTokenTiles, int kWarps, int kStages>
+constexpr int ring_bytes() {
+    return kWarps * kStages * (1 + kTokenTiles) * 32 * 16;
+}
+
+template <typename T, int kTokenTiles, int kWarpsN, int kWarpsK, int kUnroll, int kStages, bool kTiled>
 // Registers: 16 warps per SM (<= 128 registers a thread) for one token tile, 8 for two (<= 255).
 __global__ void __launch_bounds__(kWarpsN * kWarpsK * 32, (kTokenTiles == 1 ? 16 : 8) / (kWarpsN * kWarpsK))
 int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, const uint32_t* __restrict__ qzeros,
@@ -164,6 +184,17 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
             for (int i = 0; i < 4; ++i) acc[mt][cp][i] = part[mt][cp][i] = 0.f;
 
     if (s_begin < s_end) {  // the same for the whole warp
+        // Where this lane's 16-byte weight vector of packed row `row` lives (in uint4 units). GPTQ's layout:
+        // row-major [K/8, N/4]. The tiled layout (int4_matmul.tile_int4_weight) stores each 32-column block's
+        // steps one after the other, a step's 32 vectors in lane order: a warp's run is one contiguous stream.
+        auto weight_index = [&](int row) -> int64_t {
+            if constexpr (kTiled) {
+                const int column_block = col0 / 32;
+                return (static_cast<int64_t>(column_block) * (K / 32) + row / kRowsPerStep) * 32 + lane;
+            } else {
+                return static_cast<int64_t>(row) * (N / 4) + col0 / 4;
+            }
+        };
         // The group parameters of this lane's 4 columns: raw words of the next group are loaded a group
         // ahead, so that a group change does not wait on memory.
         auto load_params = [&](int group, uint2& sc, uint32_t& zw) {
@@ -208,7 +239,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                 const bool row_ok = s_first + u < s_end && row < row_end;
                 w[u] = make_uint4(0u, 0u, 0u, 0u);
                 if (col_ok && row_ok) {
-                    w[u] = load_streaming(qweight + static_cast<int64_t>(row) * (N / 4) + col0 / 4);
+                    w[u] = load_streaming(qweight + weight_index(row));
                 }
 #pragma unroll
                 for (int mt = 0; mt < kTokenTiles; ++mt) {
@@ -229,60 +260,117 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
         load_params(group + 1, sc_next, zw_next);
         use_params(sc_raw, zw_raw);
 
-        // Software pipeline: the weights of the next kUnroll steps are in flight while these are used.
-        uint4 w_next[kUnroll], x_next[kUnroll][kTokenTiles];
-        load_batch(s_begin, w_next, x_next);
-        for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
-            uint4 w[kUnroll], xb[kUnroll][kTokenTiles];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                w[u] = w_next[u];
-#pragma unroll
-                for (int mt = 0; mt < kTokenTiles; ++mt) xb[u][mt] = x_next[u][mt];
+        // One step: 4 packed rows (32 inputs) x this lane's 4 columns, from its weight vector w and x.
+        auto compute_step = [&](int s, const uint4& wv, const uint4 (&xv)[kTokenTiles]) {
+            const int row0 = row_begin + s * kRowsPerStep;
+            if (row0 >= group_end) {  // a new group: scale the finished one's sum, take its parameters
+                fold();
+                ++group;
+                group_end += group_rows;
+                use_params(sc_next, zw_next);
+                load_params(group + 1, sc_next, zw_next);
             }
-            load_batch(s0 + kUnroll, w_next, x_next);
+            // B: x of token (mt·8 + g) at this lane's row, as the pairs (k, k+4), k = 0 … 3.
+            uint32_t b[kTokenTiles][4];
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                if (s0 + u >= s_end) break;
-                const int row0 = row_begin + (s0 + u) * kRowsPerStep;
-                if (row0 >= group_end) {  // a new group: scale the finished one's sum, take its parameters
-                    fold();
-                    ++group;
-                    group_end += group_rows;
-                    use_params(sc_next, zw_next);
-                    load_params(group + 1, sc_next, zw_next);
+            for (int mt = 0; mt < kTokenTiles; ++mt) {
+                const uint4 v = xv[mt];
+                b[mt][0] = __byte_perm(v.x, v.z, 0x5410);  // (x0, x4)
+                b[mt][1] = __byte_perm(v.x, v.z, 0x7632);  // (x1, x5)
+                b[mt][2] = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6)
+                b[mt][3] = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7)
+            }
+            // A: the 4 columns' 8 weights each as exact small integers q − z, in pairs (k, k+4).
+            const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+            uint32_t deq[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int p = 0; p < 4; ++p) {
+                    deq[j][p] = O::sub(and_or(words[j] >> (4 * p), 0x000F000Fu, O::kMagic), zero2[j]);
                 }
-                // B: x of token (mt·8 + g) at this lane's row, as the pairs (k, k+4), k = 0 … 3.
-                uint32_t b[kTokenTiles][4];
+#pragma unroll
+            for (int cp = 0; cp < 2; ++cp)
+#pragma unroll
+                for (int kb = 0; kb < 2; ++kb) {
+                    const uint32_t a[4] = {deq[2 * cp][2 * kb], deq[2 * cp + 1][2 * kb], deq[2 * cp][2 * kb + 1],
+                                           deq[2 * cp + 1][2 * kb + 1]};
+#pragma unroll
+                    for (int mt = 0; mt < kTokenTiles; ++mt) {
+                        O::mma(part[mt][cp], a, b[mt][2 * kb], b[mt][2 * kb + 1]);
+                    }
+                }
+        };
+
+        if constexpr (kStages == 0) {
+            // Registers: the weights of the next kUnroll steps are in flight while these are used.
+            uint4 w_next[kUnroll], x_next[kUnroll][kTokenTiles];
+            load_batch(s_begin, w_next, x_next);
+            for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
+                uint4 w[kUnroll], xb[kUnroll][kTokenTiles];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    w[u] = w_next[u];
+#pragma unroll
+                    for (int mt = 0; mt < kTokenTiles; ++mt) xb[u][mt] = x_next[u][mt];
+                }
+                load_batch(s0 + kUnroll, w_next, x_next);
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    if (s0 + u >= s_end) break;
+                    compute_step(s0 + u, w[u], xb[u]);
+                }
+            }
+        } else {
+            // A ring of kStages steps in shared memory, filled by cp.async: kStages − 1 steps (their weights
+            // and x) are in flight while one is used, without holding registers for them. Each lane reads
+            // back only the 16-byte vectors it copied itself, so its own cp.async.wait_group is the only
+            // synchronisation: no barrier, and warps run at their own pace.
+            extern __shared__ uint4 ring[];  // [warp][stage][weights, x of token tile 0, 1][lane]
+            constexpr int kSlots = 1 + kTokenTiles;
+            uint4* mine = ring + warp * (kStages * kSlots * 32) + lane;
+            bool token_ok[kTokenTiles];
+#pragma unroll
+            for (int mt = 0; mt < kTokenTiles; ++mt) token_ok[mt] = mt * 8 + g < M;
+            auto issue = [&](int s, int stage) {  // start copying step s into the ring's `stage`
+                if (s >= s_end) return;
+                const int row = row_begin + s * kRowsPerStep + t;
+                const bool row_ok = row < row_end;
+                uint4* slot = mine + stage * (kSlots * 32);
+                copy_async_16(slot, qweight + (row_ok && col_ok ? weight_index(row) : 0),
+                              row_ok && col_ok ? 16 : 0);
 #pragma unroll
                 for (int mt = 0; mt < kTokenTiles; ++mt) {
-                    const uint4 v = xb[u][mt];
-                    b[mt][0] = __byte_perm(v.x, v.z, 0x5410);  // (x0, x4)
-                    b[mt][1] = __byte_perm(v.x, v.z, 0x7632);  // (x1, x5)
-                    b[mt][2] = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6)
-                    b[mt][3] = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7)
+                    if (token_ok[mt]) {
+                        copy_async_16(slot + (1 + mt) * 32,
+                                      x + (row_ok ? static_cast<int64_t>(mt * 8 + g) * K + row * 8 : 0),
+                                      row_ok ? 16 : 0);
+                    }
                 }
-                // A: the 4 columns' 8 weights each as exact small integers q − z, in pairs (k, k+4).
-                const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-                uint32_t deq[4][4];
+            };
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int p = 0; p < 4; ++p) {
-                        deq[j][p] = O::sub(and_or(words[j] >> (4 * p), 0x000F000Fu, O::kMagic), zero2[j]);
-                    }
-#pragma unroll
-                for (int cp = 0; cp < 2; ++cp)
-#pragma unroll
-                    for (int kb = 0; kb < 2; ++kb) {
-                        const uint32_t a[4] = {deq[2 * cp][2 * kb], deq[2 * cp + 1][2 * kb], deq[2 * cp][2 * kb + 1],
-                                               deq[2 * cp + 1][2 * kb + 1]};
-#pragma unroll
-                        for (int mt = 0; mt < kTokenTiles; ++mt) {
-                            O::mma(part[mt][cp], a, b[mt][2 * kb], b[mt][2 * kb + 1]);
-                        }
-                    }
+            for (int i = 0; i < kStages - 1; ++i) {
+                issue(s_begin + i, i);
+                copy_async_commit();  // one group per step, empty past the end: the count stays uniform
             }
+            int stage = 0;
+#pragma unroll 2
+            for (int s = s_begin; s < s_end; ++s) {
+                copy_async_wait<kStages - 2>();  // step s (the oldest group) has landed
+                const uint4* slot = mine + stage * (kSlots * 32);
+                const uint4 wv = slot[0];
+                uint4 xv[kTokenTiles];
+#pragma unroll
+                for (int mt = 0; mt < kTokenTiles; ++mt) {
+                    xv[mt] = token_ok[mt] ? slot[(1 + mt) * 32] : make_uint4(0u, 0u, 0u, 0u);
+                }
+                // Refill the stage read in the previous iteration (its values are used up) with step s + kStages − 1.
+                issue(s + kStages - 1, stage == 0 ? kStages - 1 : stage - 1);
+                copy_async_commit();
+                stage = stage + 1 == kStages ? 0 : stage + 1;
+                compute_step(s, wv, xv);
+            }
+            copy_async_wait<0>();
         }
         fold();
     }
@@ -369,20 +457,37 @@ const char* launch(const void* x, const void* qweight, const void* qzeros, const
     const uint32_t* qz = static_cast<const uint32_t*>(qzeros);
     const T* sc = static_cast<const T*>(scales);
     T* o = static_cast<T*>(out);
-#define MINIINFER_INT4_LAUNCH(TILES, WN, WK, UNROLL)                                                              \
-    int4_matmul_kernel<T, TILES, WN, WK, UNROLL><<<dim3((N + 32 * WN - 1) / (32 * WN), splits), WN * WK * 32, 0,     \
-                                                   stream>>>(xs, qw, qz, sc, o, partial, counters, M, N, K,        \
-                                                             group_size, rows_per_split)
-#define MINIINFER_INT4_SHAPES(TILES)                             \
-    switch (shape) {                                             \
-        case 1: MINIINFER_INT4_LAUNCH(TILES, 2, 4, 4); break;    \
-        case 2: MINIINFER_INT4_LAUNCH(TILES, 4, 2, 4); break;    \
-        case 3: MINIINFER_INT4_LAUNCH(TILES, 8, 1, 4); break;    \
-        case 4: MINIINFER_INT4_LAUNCH(TILES, 4, 2, 8); break;    \
-        case 5: MINIINFER_INT4_LAUNCH(TILES, 8, 1, 8); break;    \
-        case 6: MINIINFER_INT4_LAUNCH(TILES, 4, 1, 8); break;    \
-        case 7: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 8); break;    \
-        default: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 4); break;   \
+#define MINIINFER_INT4_LAUNCH(TILES, WN, WK, UNROLL, STAGES, TILED)                                                   \
+    do {                                                                                                           \
+        auto kernel = int4_matmul_kernel<T, TILES, WN, WK, UNROLL, STAGES, TILED>;                                      \
+        constexpr int kRing = ring_bytes<TILES, WN * WK, STAGES>();                                                \
+        if (kRing > 0 &&                                                                                           \
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing) != cudaSuccess) {     \
+            return "int4_gemv: cannot give the kernel its shared-memory ring (cudaFuncSetAttribute)";             \
+        }                                                                                                          \
+        kernel<<<dim3((N + 32 * WN - 1) / (32 * WN), splits), WN * WK * 32, kRing, stream>>>(                      \
+            xs, qw, qz, sc, o, partial, counters, M, N, K, group_size, rows_per_split);                            \
+    } while (0)
+#define MINIINFER_INT4_SHAPES(TILES)                                \
+    switch (shape) {                                                \
+        case 1: MINIINFER_INT4_LAUNCH(TILES, 2, 4, 4, 0, false); break;    \
+        case 2: MINIINFER_INT4_LAUNCH(TILES, 4, 2, 4, 0, false); break;    \
+        case 3: MINIINFER_INT4_LAUNCH(TILES, 8, 1, 4, 0, false); break;    \
+        case 4: MINIINFER_INT4_LAUNCH(TILES, 4, 2, 8, 0, false); break;    \
+        case 5: MINIINFER_INT4_LAUNCH(TILES, 8, 1, 8, 0, false); break;    \
+        case 6: MINIINFER_INT4_LAUNCH(TILES, 4, 1, 8, 0, false); break;    \
+        case 7: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 8, 0, false); break;    \
+        case 8: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 8, false); break;    \
+        case 9: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 12, false); break;   \
+        case 10: MINIINFER_INT4_LAUNCH(TILES, 1, 4, 1, 16, false); break;  \
+        case 11: MINIINFER_INT4_LAUNCH(TILES, 2, 4, 1, 8, false); break;   \
+        case 12: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 5, false); break;   \
+        case 13: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 4, 0, true); break;    \
+        case 14: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 8, 0, true); break;    \
+        case 15: MINIINFER_INT4_LAUNCH(TILES, 1, 4, 4, 0, true); break;    \
+        case 16: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 5, true); break;    \
+        case 17: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 8, true); break;    \
+        default: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 4, 0, false); break;   \
     }
     if (M <= 8) {
         MINIINFER_INT4_SHAPES(1)

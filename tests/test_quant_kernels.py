@@ -274,3 +274,24 @@ def test_cuda_split_covers_k_in_whole_steps(K, N, split_k, shape):
     rows_per_split, splits = cuda_split(N, K, 132, split_k, shape)
     assert rows_per_split % 4 == 0 and splits >= 1
     assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split
+
+
+@pytest.mark.parametrize("K,N", [(64, 96), (256, 32), (384, 4608)])
+def test_tiled_int4_layout_matches_the_kernels_index(K, N):
+    """tile_int4_weight puts packed row 4s+t, columns 4g … 4g+3 of column block b where the CUDA kernel's
+    tiled path reads lane (g, t) of step s: 16-byte vector (b · K/32 + s) · 32 + 4g + t."""
+    from miniinfer.kernels.int4_matmul import tile_int4_weight
+
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), dtype=torch.int32,
+                            generator=torch.Generator().manual_seed(K + N))
+    vectors = tile_int4_weight(qweight).view(-1, 4)
+    assert vectors.shape[0] * 4 == qweight.numel()
+    steps = K // 32
+    for block in range(N // 32):
+        for step in range(steps):
+            for g in range(8):
+                for t in range(4):
+                    row, col = 4 * step + t, 32 * block + 4 * g
+                    assert torch.equal(vectors[(block * steps + step) * 32 + 4 * g + t], qweight[row, col:col + 4])
+    with pytest.raises(ValueError, match="N % 32"):
+        tile_int4_weight(qweight[:, :N - 8])

@@ -22,7 +22,7 @@ import torch
 from miniinfer.kernels.build import CudaUnavailableError, cuda_kernels_available, load_cuda_extension
 
 __all__ = ["int4_matmul", "int4_matmul_torch", "int4_matmul_triton", "int4_gemv_cuda", "dequantize_int4",
-           "cuda_split", "BACKENDS"]
+           "cuda_split", "tile_int4_weight", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -133,9 +133,29 @@ def cuda_supports(x: torch.Tensor, N: int, K: int, group_size: int) -> str | Non
 CUDA_MAX_M = 16       # two n8 token tiles of the tensor-core fragment
 CUDA_ROWS_PER_STEP = 4  # packed rows per warp step: a K split is a multiple of it
 # The launcher's CTA shapes (csrc/int4_gemv.cu, `launch`): code -> (warps along N, warps along K, steps
-# in flight per thread). A CTA covers 32 · warps-along-N output columns.
-CUDA_SHAPES = {0: (1, 8, 4), 1: (2, 4, 4), 2: (4, 2, 4), 3: (8, 1, 4), 4: (4, 2, 8), 5: (8, 1, 8), 6: (4, 1, 8),
-               7: (1, 8, 8)}
+# in flight per thread in registers, steps in a shared-memory ring filled by cp.async (0 = no ring),
+# weights in the tiled layout of :func:`tile_int4_weight`). A CTA covers 32 · warps-along-N columns.
+CUDA_SHAPES = {0: (1, 8, 4, 0, False), 1: (2, 4, 4, 0, False), 2: (4, 2, 4, 0, False), 3: (8, 1, 4, 0, False),
+               4: (4, 2, 8, 0, False), 5: (8, 1, 8, 0, False), 6: (4, 1, 8, 0, False), 7: (1, 8, 8, 0, False),
+               8: (1, 8, 1, 8, False), 9: (1, 8, 1, 12, False), 10: (1, 4, 1, 16, False), 11: (2, 4, 1, 8, False),
+               12: (1, 8, 1, 5, False), 13: (1, 8, 4, 0, True), 14: (1, 8, 8, 0, True), 15: (1, 4, 4, 0, True),
+               16: (1, 8, 1, 5, True), 17: (1, 8, 1, 8, True)}
+
+
+def tile_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """GPTQ's qweight [K/8, N] -> the same words in the CUDA kernel's tiled order (same shape and dtype).
+
+    The kernel's warp step reads packed rows 4s … 4s+3 of a 32-column block, lane (g, t) the 4 words of
+    row 4s+t, columns 4g … 4g+3 (one 16-byte vector). In GPTQ's row-major layout those 4 rows lie N·4
+    bytes apart; tiled, each block's steps follow each other, a step's 32 vectors in lane order, so a
+    warp streams one contiguous run of memory. Needs K % 32 == 0 and N % 32 == 0."""
+    rows, N = qweight.shape
+    if rows % 4 or N % 32:
+        raise ValueError(f"tile_int4_weight: needs K % 32 == 0 and N % 32 == 0, got qweight {tuple(qweight.shape)}")
+    words = qweight.view(rows // 4, 4, N // 32, 8, 4)              # (step, t, column block, g, word)
+    return words.permute(2, 0, 3, 1, 4).contiguous().view(rows, N)  # (column block, step, g, t, word)
+
+
 CUDA_DEFAULT_SHAPE = 0
 
 

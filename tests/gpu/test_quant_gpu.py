@@ -69,14 +69,24 @@ def test_triton_int4_matmul(M, K, N, g, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_int4_kernel(M, K, N, g, dtype):
     """Our CUDA kernel, M = 1 … 16 (one and two token tiles), without and with K split across CTAs."""
-    from miniinfer.kernels.int4_matmul import CUDA_SHAPES, _split_counters, int4_gemv_cuda, int4_matmul_torch
+    from miniinfer.kernels.int4_matmul import (
+        CUDA_SHAPES,
+        _split_counters,
+        int4_gemv_cuda,
+        int4_matmul_torch,
+        tile_int4_weight,
+    )
 
     layer = layer_tensors(K, N, g, dtype, K * 3 + N)
     x = torch.randn(M, K, device="cuda").to(dtype)
     reference = int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+    tiled = tile_int4_weight(layer.qweight) if N % 32 == 0 else None
     for shape in CUDA_SHAPES:  # every CTA shape the launcher has
+        qweight = tiled if CUDA_SHAPES[shape][4] else layer.qweight
+        if qweight is None:  # the tiled layout needs whole 32-column blocks
+            continue
         for split_k in (None, 1, 3):
-            got = int4_gemv_cuda(x, layer.qweight, guarded(layer.qzeros, -1), guarded(layer.scales, float("nan")),
+            got = int4_gemv_cuda(x, qweight, guarded(layer.qzeros, -1), guarded(layer.scales, float("nan")),
                                  g, split_k=split_k, shape=shape)
             assert got.dtype == dtype and got.shape == (M, N), (shape, split_k)
             close(got, reference, dtype)
