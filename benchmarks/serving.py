@@ -42,6 +42,10 @@ def main(argv=None) -> int:
     overhead = report["summary"].get("overhead_at_saturation")
     if overhead is not None:
         print("\n".join(bench.overhead_lines(overhead)), flush=True)
+    process_overhead = report["summary"].get("overhead_at_saturation_engine_process")
+    if process_overhead is not None:
+        print(f"engine {process_overhead['engine']}:\n  " + "\n  ".join(bench.overhead_lines(process_overhead)),
+              flush=True)
     write_results("serving", "Serving: latency against offered load (Poisson arrivals, streaming clients)",
                   args.device or "cpu", report["columns"], report["rows"], summary=report["summary"],
                   out=args.out, notes=report["notes"])

@@ -94,6 +94,8 @@ def test_overhead_pairs_server_and_offline_runs(server):
     (["--num-requests", "0"], "must be >= 1"),
     (["--url", "localhost:8000"], "--url must start with http:// or https://"),
     (["--overhead-repeats", "-1"], "--overhead-repeats must be >= 0"),
+    (["--engine-cpus", "0"], "--engine-cpus needs --engine-process or --compare-engine-process"),
+    (["--engine-process", "--engine-cpus", "x"], "expected CPU numbers"),
 ])
 def test_bad_arguments_give_one_line_and_status_2(argv, message, capsys):
     code = main(["bench", "serve", *argv])

@@ -28,7 +28,7 @@ from tests.server_fixtures import MODEL, PROMPTS  # noqa: E402  (client and offl
 @pytest.fixture(scope="module")
 def server():
     server = ServerProcess("--engine-process", "--max-num-seqs", "16", "--max-waiting", "64", "--seed", "0",
-                           "--num-kv-blocks", "1024")
+                           "--num-kv-blocks", "1024", "--engine-cpus", "0")
     yield server
     server.stop()
 
@@ -36,6 +36,11 @@ def server():
 def test_greedy_streaming_and_n_match_offline(server, client, offline):
     stats = server.engine_stats()
     assert stats["engine_process_alive"] and stats["engine_pid"] != server.process.pid
+    # --engine-cpus 0: the engine's process on CPU 0, the server process (every thread) on the others.
+    assert stats["engine_cpus"] == "0" and os.sched_getaffinity(stats["engine_pid"]) == {0}
+    others = os.sched_getaffinity(0) - {0}
+    for thread in os.listdir(f"/proc/{server.process.pid}/task"):
+        assert os.sched_getaffinity(int(thread)) == (others or os.sched_getaffinity(0))
     out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
     assert out.choices[0].text == offline[PROMPTS[0]] and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 12

@@ -441,28 +441,81 @@ def bridge_run(bridge, llm, num_requests: int, max_tokens: int) -> dict:
     return {"tokens": tokens, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
+def _pinned(cpus: set[int] | None):
+    """Run this (the load generator's) process on ``cpus`` for a while; None: leave it where it is."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def pinned():
+        if not cpus:
+            yield
+            return
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+
+    return pinned()
+
+
 def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requests: int, max_tokens: int,
-                     seed: int, repeats: int, bridge=None) -> dict:
+                     seed: int, repeats: int, bridge=None, client_cpus: set[int] | None = None,
+                     others: dict | None = None) -> dict:
     """Alternate saturated server runs and offline runs (and, given an ``AsyncEngine`` ``bridge`` around
     another copy of the model, :func:`bridge_run`) ``repeats`` times; the medians and their ratios.
 
     Interleaving matters on a shared machine: a neighbour's job that slows one half of the comparison
-    slows the other half of the same pair too. The ratios are medians of the per-pair ratios."""
-    pairs = []
+    slows the other half of the same pair too. The ratios are medians of the per-pair ratios.
+
+    ``client_cpus``: run the load generator on these CPUs while it loads the server (a server whose engine
+    process is pinned to the others: ``--engine-cpus``); the offline runs keep this process's own CPUs.
+    ``others``: more servers measured in the same pairs, ``{name: {"url", "model", "pid", "client_cpus"}}``
+    (e.g. the same server with ``--engine-process``); each gets its own summary under its name, against
+    the same offline runs. The servers' order alternates from repeat to repeat."""
+    targets = {"": {"url": url, "model": model, "pid": server_pid, "client_cpus": client_cpus}, **(others or {})}
+    served: dict[str, list] = {name: [] for name in targets}
+    offline_runs = []
     bridged = []
-    for _ in range(repeats):
-        served = run_rate(url, model, math.inf, num_requests, max_tokens, seed, server_pid=server_pid)
-        offline = offline_run(llm, num_requests, max_tokens)
-        pairs.append((served, offline))
+    for repeat in range(repeats):
+        names = list(targets) if repeat % 2 == 0 else list(targets)[::-1]
+        for name in names:
+            target = targets[name]
+            with _pinned(target.get("client_cpus")):
+                served[name].append(run_rate(target["url"], target["model"], math.inf, num_requests, max_tokens,
+                                             seed, server_pid=target.get("pid")))
+        offline_runs.append(offline_run(llm, num_requests, max_tokens))
         if bridge is not None:
             bridged.append(bridge_run(bridge, llm, num_requests, max_tokens))
+    summary = _overhead_summary(list(zip(served[""], offline_runs)), repeats, num_requests, max_tokens)
+    if bridged:
+        summary["bridge_tok_s"] = round(statistics.median(b["tokens"] / b["wall_s"] for b in bridged), 1)
+        summary["bridge_vs_offline_tok_s"] = round(statistics.median(
+            (b["tokens"] / b["wall_s"]) / (o["tokens"] / o["wall_s"]) for b, o in zip(bridged, offline_runs)), 3)
+        summary["bridge_tok_per_cpu_s"] = round(statistics.median(b["tokens"] / b["cpu_s"] for b in bridged), 1)
+        summary["bridge_vs_offline_tok_per_cpu_s"] = round(statistics.median(
+            (b["tokens"] / b["cpu_s"]) / (o["tokens"] / o["cpu_s"]) for b, o in zip(bridged, offline_runs)), 3)
+    # "runs" last, after the bridge's keys (the order of the report's keys).
+    summary["runs"] = summary.pop("runs")
+    for name in targets:
+        if name:
+            summary[name] = _overhead_summary(list(zip(served[name], offline_runs)), repeats, num_requests,
+                                              max_tokens)
+    return summary
+
+
+def _overhead_summary(pairs: list[tuple[dict, dict]], repeats: int, num_requests: int, max_tokens: int) -> dict:
+    """Medians and ratios of ``(server run, offline run)`` pairs (see :func:`measure_overhead`)."""
     server_tok_s = [s["_tokens"] / s["wall_s"] for s, _ in pairs]
     offline_tok_s = [o["tokens"] / o["wall_s"] for _, o in pairs]
+    ratios = [s / o for s, o in zip(server_tok_s, offline_tok_s)]
     summary = {
         "repeats": repeats, "num_requests": num_requests, "max_tokens": max_tokens,
         "server_tok_s": round(statistics.median(server_tok_s), 1),
         "offline_tok_s": round(statistics.median(offline_tok_s), 1),
-        "server_vs_offline_tok_s": round(statistics.median(s / o for s, o in zip(server_tok_s, offline_tok_s)), 3),
+        "server_vs_offline_tok_s": round(statistics.median(ratios), 3),
+        "server_vs_offline_tok_s_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "client_cpu_s_per_1k_tokens": round(statistics.median(1e3 * s["client_cpu_s"] / s["_tokens"]
                                                               for s, _ in pairs), 3),
         "offline_cpu_s_per_1k_tokens": round(statistics.median(1e3 * o["cpu_s"] / o["tokens"] for _, o in pairs), 3),
@@ -486,13 +539,6 @@ def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requ
                 1e6 * s["_loop_cpu_s"] / s["_tokens"] for s, _ in pairs), 1)
             summary["server_engine_cpu_us_per_token"] = round(statistics.median(
                 1e6 * (s["server_cpu_s"] - s["_loop_cpu_s"]) / s["_tokens"] for s, _ in pairs), 1)
-    if bridged:
-        summary["bridge_tok_s"] = round(statistics.median(b["tokens"] / b["wall_s"] for b in bridged), 1)
-        summary["bridge_vs_offline_tok_s"] = round(statistics.median(
-            (b["tokens"] / b["wall_s"]) / (o["tokens"] / o["wall_s"]) for b, (_, o) in zip(bridged, pairs)), 3)
-        summary["bridge_tok_per_cpu_s"] = round(statistics.median(b["tokens"] / b["cpu_s"] for b in bridged), 1)
-        summary["bridge_vs_offline_tok_per_cpu_s"] = round(statistics.median(
-            (b["tokens"] / b["cpu_s"]) / (o["tokens"] / o["cpu_s"]) for b, (_, o) in zip(bridged, pairs)), 3)
     # Where the difference goes: more steps (smaller batches: requests trickle in over HTTP), slower steps
     # (streaming detokenization, the interpreter lock shared with the event loop), or an engine thread that
     # waits (busy fraction < 1: nothing to step, or no lock to step with).
@@ -515,11 +561,42 @@ def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requ
 # -- the whole benchmark ----------------------------------------------------------------------------------
 
 
+def server_pids(server) -> int | tuple[int, int]:
+    """The pid whose CPU seconds are the server's: its process, and its engine's (``--engine-process``)."""
+    engine_pid = engine_process_pid(server.url)
+    return server.process.pid if engine_pid is None else (server.process.pid, engine_pid)
+
+
+def load_generator_cpus(server) -> set[int] | None:
+    """Where the load generator should run while it loads ``server``: on the server process's CPUs when
+    its engine process is pinned to others (``--engine-cpus``), so that the client does not preempt the
+    engine either; else None (anywhere)."""
+    try:
+        engine_cpus = server.engine_stats().get("engine_cpus")
+    except Exception:  # noqa: BLE001 - no such page: no placement
+        return None
+    if not engine_cpus:
+        return None
+    from miniinfer.server.engine_process import parse_cpu_list
+
+    rest = set(os.sched_getaffinity(0)) - parse_cpu_list(engine_cpus)
+    return rest or None
+
+
+def describe_engine(process: bool, engine_cpus: str | None) -> str:
+    if not process:
+        return "thread (miniinfer serve)"
+    if engine_cpus:
+        return (f"process on CPU {engine_cpus} (miniinfer serve --engine-process --engine-cpus {engine_cpus}); "
+                "the server process and the load generator on the other CPUs")
+    return "process (miniinfer serve --engine-process)"
+
+
 def run_benchmark(args, echo=print) -> dict:
     """Run the sweep (and, with a local server, the overhead measurement); return the report:
     ``{"columns", "rows", "summary", "notes", "model"}``. ``echo`` prints each row as it is measured."""
     rates = [parse_rate(str(r)) for r in args.rates]
-    server = None
+    server = process_server = None
     url = args.url.rstrip("/") if args.url else None
     if url is None:
         from miniinfer.server.testing import ServerProcess
@@ -531,24 +608,36 @@ def run_benchmark(args, echo=print) -> dict:
             server_args += ["--max-num-seqs", str(args.max_num_seqs)]
         if args.device and args.device != "cpu":
             server_args += ["--device", args.device]
+        engine_cpus = getattr(args, "engine_cpus", None)
+        process_args = ["--engine-process"] + (["--engine-cpus", engine_cpus] if engine_cpus else [])
         if getattr(args, "engine_process", False):
-            server_args.append("--engine-process")
+            server_args += process_args
         server = ServerProcess(*server_args)
         url = server.url
-    pid = None if server is None else server.process.pid
-    engine_pid = None if server is None else engine_process_pid(url)
-    if engine_pid is not None:  # the engine computes in a child process: its CPU seconds are the server's too
-        pid = (pid, engine_pid)
+        if getattr(args, "compare_engine_process", False) and not getattr(args, "engine_process", False):
+            # The same server with its engine in a process of its own, measured in the same pairs.
+            process_server = ServerProcess(*server_args, *process_args)
+    pid = None if server is None else server_pids(server)
+    client_cpus = None if server is None else load_generator_cpus(server)
     rows: list[dict] = []
     overhead = None
     try:
         model = served_model_name(url) if server is not None or not args.model else args.model
-        run_rate(url, model, math.inf, 4, 4, args.seed)  # warm-up: first requests pay one-time costs
-        for rate in rates:
-            rows.append(run_rate(url, model, rate, args.num_requests, args.max_tokens, args.seed, server_pid=pid))
-            if rows[-1].get("_first_error"):
-                echo(f"  (first error at rate {rate:g}: {rows[-1]['_first_error']})")
-            echo(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("_")}))
+        with _pinned(client_cpus):
+            run_rate(url, model, math.inf, 4, 4, args.seed)  # warm-up: first requests pay one-time costs
+            for rate in rates:
+                rows.append(run_rate(url, model, rate, args.num_requests, args.max_tokens, args.seed,
+                                     server_pid=pid))
+                if rows[-1].get("_first_error"):
+                    echo(f"  (first error at rate {rate:g}: {rows[-1]['_first_error']})")
+                echo(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("_")}))
+        others = {}
+        if process_server is not None:
+            others["engine_process"] = {"url": process_server.url, "model": model,
+                                        "pid": server_pids(process_server),
+                                        "client_cpus": load_generator_cpus(process_server)}
+            with _pinned(others["engine_process"]["client_cpus"]):
+                run_rate(process_server.url, model, math.inf, 4, 4, args.seed)  # its warm-up
         if server is not None and args.overhead_repeats > 0:
             echo(f"overhead at saturation: {args.overhead_repeats} x (server at rate inf, then offline "
                  f"LLM.generate), {args.overhead_requests} requests each ...")
@@ -561,20 +650,22 @@ def run_benchmark(args, echo=print) -> dict:
             bridge.start()
             try:
                 overhead = measure_overhead(url, model, pid, llm, args.overhead_requests, args.max_tokens,
-                                            args.seed, args.overhead_repeats, bridge=bridge)
+                                            args.seed, args.overhead_repeats, bridge=bridge,
+                                            client_cpus=client_cpus, others=others)
             finally:
                 asyncio.run(bridge.shutdown())
             del llm, bridge
     finally:
-        if server is not None:
-            server.stop()
+        for started in (server, process_server):
+            if started is not None:
+                started.stop()
     for row in rows:
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
     summary = {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
                "server": "started by the benchmark" if server is not None else url}
-    if getattr(args, "engine_process", False) and server is not None:
-        summary["engine"] = "process (miniinfer serve --engine-process)"
+    if server is not None:
+        summary["engine"] = describe_engine(getattr(args, "engine_process", False), getattr(args, "engine_cpus", None))
     finite = [r for r in rows if r["offered_rps"] != "inf" and r["ttft_p50_s"] is not None]
     if finite:
         summary["unloaded_ttft_p50_s"] = finite[0]["ttft_p50_s"]
@@ -583,6 +674,9 @@ def run_benchmark(args, echo=print) -> dict:
     if rows:
         summary["max_achieved_rps"] = max(r["achieved_rps"] for r in rows)
     if overhead is not None:
+        if "engine_process" in overhead:
+            summary["overhead_at_saturation_engine_process"] = {
+                "engine": describe_engine(True, getattr(args, "engine_cpus", None)), **overhead.pop("engine_process")}
         summary["overhead_at_saturation"] = overhead
         # The keys an earlier version of this report had, for readers of old and new files alike.
         summary["offline_output_tok_s"] = overhead["offline_tok_s"]
@@ -653,7 +747,9 @@ def format_table(columns: list[str], rows: list[dict]) -> str:
 def overhead_lines(overhead: dict) -> list[str]:
     lines = [f"offline LLM.generate: {overhead['offline_tok_s']} tok/s; server at rate inf: {overhead['server_tok_s']} "
              f"tok/s -> server/offline {overhead['server_vs_offline_tok_s']:.2f}x (wall clock, median of "
-             f"{overhead['repeats']} interleaved pairs)",
+             f"{overhead['repeats']} interleaved pairs"
+             + (", range {:.2f}-{:.2f})".format(*overhead["server_vs_offline_tok_s_range"])
+                if "server_vs_offline_tok_s_range" in overhead else ")"),
              f"client (load generator) CPU: {overhead['client_cpu_s_per_1k_tokens']} s per 1000 tokens"]
     if "server_vs_offline_tok_per_cpu_s" in overhead:
         lines.append(f"per CPU-second: server process {overhead['server_tok_per_cpu_s']} tok, offline "
@@ -693,6 +789,12 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-process", action="store_true",
                         help="start the local server with --engine-process (the engine in its own process); "
                              "its CPU seconds then include the engine's process")
+    parser.add_argument("--engine-cpus", default=None, metavar="CPUS",
+                        help="with --engine-process or --compare-engine-process: pin the engine's process to these "
+                             "CPUs (e.g. 0) and the server process and this load generator to the others")
+    parser.add_argument("--compare-engine-process", action="store_true",
+                        help="also start the server with --engine-process (and --engine-cpus) and measure its "
+                             "overhead at saturation in the same interleaved pairs")
     parser.add_argument("--overhead-repeats", type=int, default=3,
                         help="saturated server runs interleaved with offline LLM.generate runs, for the overhead "
                              "ratios (local server only; 0 = skip; default 3)")
@@ -714,6 +816,14 @@ def check_arguments(args) -> None:
         raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.overhead_requests is None:
         args.overhead_requests = args.num_requests
+    if args.engine_cpus is not None:
+        if not (args.engine_process or args.compare_engine_process):
+            raise ValueError("--engine-cpus needs --engine-process or --compare-engine-process")
+        if args.url is not None:
+            raise ValueError("--engine-cpus places a server the benchmark starts: not with --url")
+        from miniinfer.server.engine_process import parse_cpu_list
+
+        parse_cpu_list(args.engine_cpus)  # a bad list is an error here, not a server that will not start
 
 
 def run(args) -> int:
@@ -728,6 +838,10 @@ def run(args) -> int:
     overhead = report["summary"].get("overhead_at_saturation")
     if overhead is not None:
         print("\n".join(overhead_lines(overhead)), flush=True)
+    process_overhead = report["summary"].get("overhead_at_saturation_engine_process")
+    if process_overhead is not None:
+        print(f"engine {process_overhead['engine']}:\n  " + "\n  ".join(overhead_lines(process_overhead)),
+              flush=True)
     if args.out:
         record = results_record(report, args.device, [Path(sys.argv[0]).name, *sys.argv[1:]])
         path = Path(args.out)

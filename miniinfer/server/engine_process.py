@@ -40,12 +40,15 @@ import multiprocessing
 import os
 import signal
 import time
+import types
 from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 from miniinfer.outputs import CompletionOutput, RequestOutput
 
-__all__ = ["RemoteEngine", "EngineProcessDied", "STATS_INTERVAL_S"]
+__all__ = ["RemoteEngine", "EngineProcessDied", "STATS_INTERVAL_S", "parse_cpu_list", "pin_process"]
 
 log = logging.getLogger("miniinfer.server.engine_process")
 
@@ -55,6 +58,77 @@ STATS_INTERVAL_S = 0.5
 
 class EngineProcessDied(RuntimeError):
     """The engine's child process exited (crashed, was killed): no request can be served any more."""
+
+
+def _mappingproxy(mapping: dict) -> types.MappingProxyType:
+    return types.MappingProxyType(mapping)
+
+
+def _reduce_mappingproxy(proxy):
+    return _mappingproxy, (dict(proxy),)
+
+
+# SamplingParams keeps logit_bias read-only, in a mappingproxy, which pickle refuses: without this, an add
+# carrying logit_bias could not be sent to the child (and the failed send failed every request in flight).
+# Registered with multiprocessing's pickler only, which the pipe uses: plain pickle is left as it is.
+ForkingPickler.register(types.MappingProxyType, _reduce_mappingproxy)
+
+
+# -- CPU placement --------------------------------------------------------------------------------------
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """CPU numbers as Linux writes them (``taskset -c``, ``/sys/.../cpulist``): ``"0"``, ``"0-3"``, ``"0,2,4-5"``.
+    Raises ValueError for anything else, or for CPUs this process may not run on."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            low, high = int(first), int(last or first)
+            if low < 0 or high < low:
+                raise ValueError
+            cpus.update(range(low, high + 1))
+    except ValueError:
+        raise ValueError(f"expected CPU numbers such as 0, 0-3 or 0,2,4-5, got {text!r}") from None
+    allowed = available_cpus()
+    if allowed is not None and not cpus <= allowed:
+        raise ValueError(f"CPUs {sorted(cpus - allowed)} are not available to this process (it may run on "
+                         f"{format_cpu_list(allowed)})")
+    return cpus
+
+
+def format_cpu_list(cpus) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2,5"``."""
+    ordered, parts = sorted(cpus), []
+    for cpu in ordered:
+        if parts and cpu == parts[-1][1] + 1:
+            parts[-1][1] = cpu
+        else:
+            parts.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def available_cpus() -> set[int] | None:
+    """The CPUs this process may run on (None where the OS cannot say: not Linux)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def pin_process(cpus: set[int], pid: int = 0) -> None:
+    """Run every thread of a process (default: this one) on ``cpus`` only. Threads started later inherit
+    the mask of the thread that starts them; those already running each have their own, so all are set."""
+    pid = pid or os.getpid()
+    try:
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        threads = [pid]
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except ProcessLookupError:  # a thread that has just exited
+            pass
 
 
 # -- the child ------------------------------------------------------------------------------------------
@@ -73,17 +147,20 @@ def _stats(engine) -> dict:
     return stats
 
 
-def _apply(engine, commands: list[tuple], failed: list[RequestOutput]) -> bool:
-    """Apply one message's commands to the engine; False when told to shut down."""
+def _apply(engine, commands: list[tuple], failed: list[RequestOutput], tokens_only: dict[str, int]) -> bool:
+    """Apply one message's commands to the engine; False when told to shut down. Requests the parent
+    detokenizes (``tokens_only``) join the engine without streaming; their sent token counts start at 0."""
     for command in commands:
         kind = command[0]
         if kind == "add":
-            _, request_id, token_ids, params, stream, text = command
+            _, request_id, token_ids, params, stream, text, parent_detokenizes = command
             try:
-                engine.add_request(token_ids, params, request_id=request_id, stream=stream)
+                engine.add_request(token_ids, params, request_id=request_id, stream=stream and not parent_detokenizes)
             except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on
                 failed.append(_error_output(request_id, text, token_ids, params.n, f"{type(error).__name__}: {error}"))
                 continue
+            if parent_detokenizes:
+                tokens_only[request_id] = 0
             request = engine.requests.get(request_id)
             if request is not None and text is not None:
                 request.prompt = text  # the outputs carry the prompt's text, as with the thread
@@ -94,8 +171,32 @@ def _apply(engine, commands: list[tuple], failed: list[RequestOutput]) -> bool:
     return True
 
 
-def _engine_main(conn, model_path, llm_options: dict) -> None:
+def _new_tokens(engine, tokens_only: dict[str, int]) -> list[tuple]:
+    """The tokens each parent-detokenized request gained in the last step: ``(request id, new token ids,
+    num_cached_tokens)``. A finished request is not among them: its final output (the engine's own) says
+    the rest; ids the engine no longer knows are forgotten."""
+    deltas = []
+    requests = engine.requests
+    for request_id, sent in list(tokens_only.items()):
+        request = requests.get(request_id)
+        if request is None:  # finished (its final output is in this step's outputs) or aborted
+            del tokens_only[request_id]
+            continue
+        if not request.seqs:
+            continue
+        seq = request.seqs[0]
+        num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
+        if num_output > sent:
+            deltas.append((request_id, seq.token_ids[len(seq.token_ids) - (num_output - sent):],
+                           seq.num_cached_tokens))
+            tokens_only[request_id] = num_output
+    return deltas
+
+
+def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = None) -> None:
     """The child's whole life: load the model, report, then step while there is work."""
+    if cpus:  # first, so that every thread torch starts (OpenMP's pool) inherits the mask
+        pin_process(cpus)
     # Ctrl-C in a terminal, or a service manager's SIGTERM to the whole group, reaches this process too:
     # ignored, so that the parent can drain its requests first; the parent stops the child (a "shutdown"
     # command, else SIGKILL), and a parent that vanishes ends it through the closed pipe.
@@ -119,6 +220,7 @@ def _engine_main(conn, model_path, llm_options: dict) -> None:
         generation_defaults=dict(llm.generation_defaults), stats=_stats(engine), pid=os.getpid())))
     stats_sent_at = 0.0
     idle_reported = True
+    tokens_only: dict[str, int] = {}  # requests the parent detokenizes -> output tokens sent so far
     try:
         while True:
             failed: list[RequestOutput] = []
@@ -126,14 +228,14 @@ def _engine_main(conn, model_path, llm_options: dict) -> None:
                 if not idle_reported:  # the last step freed its blocks: let the parent see it
                     conn.send(("stats", _stats(engine)))
                     idle_reported = True
-                if not _apply(engine, conn.recv(), failed):  # idle: block until there is something to do
+                if not _apply(engine, conn.recv(), failed, tokens_only):  # idle: block until there is work
                     return
             while conn.poll():  # everything else that has arrived joins this step
-                if not _apply(engine, conn.recv(), failed):
+                if not _apply(engine, conn.recv(), failed, tokens_only):
                     return
             if not engine.has_unfinished_requests():
                 if failed:
-                    conn.send(("outputs", failed, len(engine.scheduler.waiting), None))
+                    conn.send(("outputs", failed, len(engine.scheduler.waiting), None, []))
                 continue
             idle_reported = False
             try:
@@ -146,7 +248,8 @@ def _engine_main(conn, model_path, llm_options: dict) -> None:
             stats = None
             if now - stats_sent_at >= STATS_INTERVAL_S:
                 stats, stats_sent_at = _stats(engine), now
-            conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats))
+            deltas = _new_tokens(engine, tokens_only) if tokens_only else []
+            conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats, deltas))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone: nothing left to serve
 
@@ -163,6 +266,19 @@ class _RemoteRequest:
     def __init__(self):
         self.prompt = None
         self.seqs = ()
+
+
+class _Detokenized:
+    """A streamed request whose text the parent makes: the child sends its new token ids each step
+    (:func:`_new_tokens`), the parent detokenizes them, as the engine would have (``IncrementalDetokenizer``)."""
+
+    __slots__ = ("prompt_token_ids", "detokenizer", "token_ids", "text")
+
+    def __init__(self, prompt_token_ids: list[int], detokenizer):
+        self.prompt_token_ids = prompt_token_ids
+        self.detokenizer = detokenizer
+        self.token_ids: list[int] = []
+        self.text = ""
 
 
 class _RemoteScheduler:
@@ -182,13 +298,20 @@ class RemoteEngine:
 
     ``model_path`` and ``llm_options`` are what ``LLM(model_path, **llm_options)`` takes; the child
     builds it (a CUDA context is created there, never in the parent: "spawn", not "fork").
-    ``on_death(error)`` is called (in the engine thread) once, when the child is found dead."""
+    ``on_death(error)`` is called (in the engine thread) once, when the child is found dead.
+    ``cpus``: the CPUs the child may run on (its every thread; None: wherever the OS puts it). Whoever
+    passes them usually keeps the server process off them (:func:`pin_process`, as ``miniinfer serve
+    --engine-cpus`` does): on a small CPU the engine then has its cores to itself, and the event loop, the
+    HTTP clients and the parent's unpickling of the outputs run beside it instead of preempting it."""
 
     def __init__(self, model_path, llm_options: dict | None = None, *, startup_timeout: float = 600.0,
-                 on_death: Callable[[BaseException], None] | None = None):
+                 on_death: Callable[[BaseException], None] | None = None, cpus: set[int] | None = None,
+                 detokenize_in_parent: bool = True):
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_engine_main, args=(child_conn, model_path, dict(llm_options or {})),
+        self.cpus = set(cpus) if cpus else None
+        self.process = context.Process(target=_engine_main,
+                                       args=(child_conn, model_path, dict(llm_options or {}), self.cpus),
                                        name="miniinfer-engine-core", daemon=True)
         self.process.start()
         child_conn.close()  # the parent keeps one end only: the child's exit then reads as end-of-pipe
@@ -197,6 +320,7 @@ class RemoteEngine:
         self._outbox: list[tuple] = []                    # commands not yet sent (one message per step)
         self._pending: collections.deque = collections.deque()  # received, not yet returned by step()
         self._live: set[str] = set()                      # added, final output not yet returned
+        self._detokenized: dict[str, _Detokenized] = {}   # streamed requests whose text is made here
         self._num_waiting = 0
         self.requests: dict[str, _RemoteRequest] = {}
         self.scheduler = _RemoteScheduler(self)
@@ -213,6 +337,9 @@ class RemoteEngine:
         self.num_kv_blocks = info["num_kv_blocks"]
         self.device = info["device"]
         self.generation_defaults = info["generation_defaults"]
+        # Streamed requests' text is made here, from the token ids the child sends (see _plain):
+        # detokenization and building a streamed output every step leave the engine's process.
+        self.detokenize_in_parent = detokenize_in_parent
         self.pid = info["pid"]
         self._stats = info["stats"]
 
@@ -247,8 +374,21 @@ class RemoteEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._live.add(request_id)
         request = self.requests[request_id] = _RemoteRequest()
-        self._outbox.append(("add", request_id, list(prompt), params, stream, request))
+        token_ids = list(prompt)
+        here = self.detokenize_in_parent and stream and self._plain(params)
+        if here:
+            from miniinfer.tokenizer import IncrementalDetokenizer
+
+            self._detokenized[request_id] = _Detokenized(
+                token_ids, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+        self._outbox.append(("add", request_id, token_ids, params, stream, request, here))
         return request_id
+
+    def _plain(self, params) -> bool:
+        """Whether a streamed request's outputs can be made here from its token ids alone: one completion,
+        no stop strings (the engine needs the text to find them), no logprobs."""
+        return (self.tokenizer is not None and params.n == 1 and not params.stop_strings
+                and params.logprobs is None and params.prompt_logprobs is None)
 
     def abort_request(self, request_id: str) -> bool:
         if self.dead is not None or request_id not in self._live:
@@ -267,6 +407,7 @@ class RemoteEngine:
         item = self._pending.popleft()
         if isinstance(item, BaseException):
             raise item
+        item = self._outputs(*item)
         for output in item:
             if output.finished:
                 self._live.discard(output.request_id)
@@ -282,7 +423,43 @@ class RemoteEngine:
                 pass
         stats = dict(self._stats)
         stats["engine_process_alive"] = self.dead is None
+        stats["engine_cpus"] = format_cpu_list(self.cpus) if self.cpus else None
         return stats
+
+    def _outputs(self, outputs: list[RequestOutput], deltas: list[tuple]) -> list[RequestOutput]:
+        """One step's outputs as the engine would have streamed them: the child's own (a final output of a
+        request detokenized here gets its last deltas), and one output per new-token delta."""
+        detokenized = self._detokenized
+        if detokenized:
+            for position, output in enumerate(outputs):
+                state = detokenized.pop(output.request_id, None) if output.finished else None
+                if state is not None:  # streamed so far from here: the rest of its text and tokens
+                    outputs[position] = replace(output, outputs=[self._last(c, state) for c in output.outputs])
+        for request_id, new_token_ids, num_cached_tokens in deltas:
+            state = detokenized.get(request_id)
+            request = self.requests.get(request_id)
+            if state is None or request is None:  # aborted meanwhile: its final output is on its way
+                continue
+            add = state.detokenizer.add
+            new_text = "".join([add(token) for token in new_token_ids])
+            state.text += new_text
+            state.token_ids += new_token_ids
+            completion = CompletionOutput(0, state.text, list(state.token_ids), None, new_text=new_text,
+                                          new_token_ids=new_token_ids)
+            outputs.append(RequestOutput(request_id, request.prompt, state.prompt_token_ids, [completion],
+                                         num_cached_tokens=num_cached_tokens))
+        return outputs
+
+    @staticmethod
+    def _last(completion: CompletionOutput, state: _Detokenized) -> CompletionOutput:
+        """The final completion of a request detokenized here, with the deltas since its last output. The
+        child decoded its text in one piece; the engine streaming it would have flushed the detokenizer
+        only for a natural end (length, stop, EOS): an aborted or failed request keeps the text streamed
+        so far (no U+FFFD for a character cut short), as it would have there."""
+        new_token_ids = completion.token_ids[len(state.token_ids):]
+        if completion.finish_reason in ("abort", "error"):
+            return replace(completion, text=state.text, new_text="", new_token_ids=new_token_ids)
+        return replace(completion, new_text=completion.text[len(state.text):], new_token_ids=new_token_ids)
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
@@ -292,7 +469,7 @@ class RemoteEngine:
         commands = []
         for command in self._outbox:
             if command[0] == "add":  # the prompt's text, as AsyncEngine set it after add_request
-                command = (*command[:5], command[5].prompt)
+                command = (*command[:5], command[5].prompt, command[6])
             commands.append(command)
         self._outbox = []
         try:
@@ -315,8 +492,8 @@ class RemoteEngine:
             except (OSError, EOFError):
                 self._died()
             if kind == "outputs":
-                outputs, self._num_waiting, stats = payload
-                self._pending.append(outputs)
+                outputs, self._num_waiting, stats, deltas = payload
+                self._pending.append((outputs, deltas))
                 if stats is not None:
                     self._stats = stats
                 if block:
@@ -337,6 +514,7 @@ class RemoteEngine:
             log.error("engine process died", extra={"fields": {"pid": self.process.pid,
                                                                "exitcode": self.process.exitcode}})
             self._live.clear()
+            self._detokenized.clear()
             self.requests.clear()
             self._pending.clear()
             self._outbox = []

@@ -76,8 +76,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-process", action="store_true",
                         help="run the engine in its own process instead of a thread of the server, so that it does "
                              "not share the interpreter lock with the HTTP event loop (default: a thread)")
+    parser.add_argument("--engine-cpus", default=None, metavar="CPUS",
+                        help="with --engine-process: run the engine's process on these CPUs (e.g. 0, 0-3, 0,2) and "
+                             "the server process (HTTP, event loop) on the others, so that neither preempts the "
+                             "other (default: no pinning)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")
+
+
+def place_processes(engine_cpus: str | None) -> tuple[set[int] | None, set[int] | None]:
+    """``--engine-cpus``: the engine process's CPUs and the server process's (the other available ones),
+    and pin this (the server) process to the latter. (None, None) without the option; the server keeps
+    every CPU when the engine's take all of them."""
+    if engine_cpus is None:
+        return None, None
+    from miniinfer.server.engine_process import available_cpus, parse_cpu_list, pin_process
+
+    engine = parse_cpu_list(engine_cpus)
+    rest = (available_cpus() or set()) - engine
+    if rest:
+        pin_process(rest)
+    else:
+        log.warning("--engine-cpus names every CPU: the server process shares them with the engine")
+    return engine, rest or None
 
 
 def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
@@ -142,6 +163,9 @@ def run(args) -> int:
         raise ValueError(f"--stream-interval must be >= 1 engine step, got {args.stream_interval}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    engine_cpus = getattr(args, "engine_cpus", None)
+    if engine_cpus is not None and not getattr(args, "engine_process", False):
+        raise ValueError("--engine-cpus needs --engine-process (it places the engine's own process)")
     path = _model_path(args.model)
     options = {k: v for k, v in dict(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                      num_kv_blocks=args.num_kv_blocks).items() if v is not None}
@@ -153,7 +177,9 @@ def run(args) -> int:
 
         # The child process loads the model and owns the KV cache; the parent keeps what the API needs
         # (tokenizer, defaults, limits), which the child sends once it has loaded.
-        remote = RemoteEngine(path, dict(device=args.device, dtype=args.dtype, seed=args.seed, **options))
+        engine_cpus, server_cpus = place_processes(engine_cpus)
+        remote = RemoteEngine(path, dict(device=args.device, dtype=args.dtype, seed=args.seed, **options),
+                              cpus=engine_cpus)
         llm = SimpleNamespace(engine=remote, tokenizer=remote.tokenizer, generation_defaults=remote.generation_defaults)
     else:
         llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)
@@ -191,6 +217,7 @@ def _serve(args, path, llm, remote) -> int:
                                           "grpc_port": args.grpc_port, "device": str(llm.engine.device),
                                           "max_model_len": llm.engine.max_model_len,
                                           "kv_blocks": llm.engine.num_kv_blocks,
-                                          "engine_process": remote.pid if remote is not None else None}})
+                                          "engine_process": remote.pid if remote is not None else None,
+                                          "engine_cpus": getattr(args, "engine_cpus", None)}})
     server.run()
     return 0
