@@ -367,8 +367,9 @@ def test_multi_candidate_rule_is_exact(seed):
         assert chi_square_p_value(counts, p) > 1e-4, mode
 
 
-@pytest.mark.parametrize("seq_lens, q_lens", [([9, 3, 17, 1], [5, 1, 4, 1]), ([9], [5]), ([17], [1]), ([4], [4])],
-                         ids=["batch", "one-sequence", "one-decode", "one-prompt"])
+@pytest.mark.parametrize("seq_lens, q_lens", [([9, 3, 17, 1], [5, 1, 4, 1]), ([9, 3, 17, 6], [3, 3, 3, 3]), ([9], [5]),
+                                              ([17], [1]), ([4], [4])],
+                         ids=["batch", "batch-uniform", "one-sequence", "one-decode", "one-prompt"])
 def test_batched_verify_attention_matches_the_paged_reference(seed, seq_lens, q_lens):
     """Short chunks over cached prefixes (and a decode row), GQA, against the reference prefill; one
     sequence alone takes the single-sequence path."""

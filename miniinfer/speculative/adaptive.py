@@ -62,10 +62,37 @@ class AdaptiveGamma:
     def __post_init__(self):
         self._tests = self.prior_tests               # decayed sums: tested guesses,
         self._successes = self.alpha * self.prior_tests  # accepted ones
+        # batch bucket -> cost per guess of a speculative step, in plain decode steps of that batch size
+        self.step_costs: dict[int, float] = {}
 
     @property
     def gamma(self) -> int:
         return max(self.min_gamma, best_gamma(self.alpha, self.cost_ratio, self.max_gamma))
+
+    def gamma_for(self, batch_size: int) -> int:
+        """γ for a decode step of ``batch_size`` sequences: from the measured cost of speculative steps at
+        that batch size (its power-of-two bucket) against a plain step, once known; else :attr:`gamma`.
+
+        :func:`speedup`'s "a verify costs one decode step" fails where the matmuls are bound by arithmetic
+        (a CPU, a large batch): a verify of B·(1 + γ) rows costs ~(1 + β·γ) plain steps of B rows. So
+        per bucket the cost per guess is measured whole — draft time plus the verify's excess over a plain
+        step, both in plain steps: ``(draft + verify − plain) / plain / γ`` — and γ maximises
+        ``E(α, γ) / (1 + cost·γ)`` with it (at batch 16 on a CPU: γ = 1–2 where batch 1 takes 4–8)."""
+        cost = self.step_costs.get(_batch_bucket(batch_size))
+        if cost is None:
+            return self.gamma
+        return max(self.min_gamma, best_gamma(self.alpha, cost, self.max_gamma))
+
+    def observe_step_cost(self, batch_size: int, guesses: int, speculative_seconds: float,
+                          plain_seconds: float) -> None:
+        """One speculative step of ``batch_size`` sequences with up to ``guesses`` guesses each took
+        ``speculative_seconds`` (proposing and verifying); a plain step of that size takes ``plain_seconds``."""
+        if not self.measure_cost or guesses <= 0 or plain_seconds <= 0:
+            return
+        cost = max(speculative_seconds / plain_seconds - 1.0, 0.0) / guesses
+        bucket = _batch_bucket(batch_size)
+        old = self.step_costs.get(bucket)
+        self.step_costs[bucket] = cost if old is None else self.decay * old + (1 - self.decay) * cost
 
     def observe(self, num_proposed: int, num_accepted: int, draft_seconds: float | None = None,
                 target_seconds: float | None = None, draft_steps: int = 1, num_rejected: int | None = None) -> None:
@@ -124,18 +151,33 @@ class SpeculationGate:
     request's prompt going through the draft) fades out of the window. The first ``2 × warmup`` decode
     steps of a batch size alternate the two kinds; after
     that every ``probe_every``-th runs the other kind once, so a change (longer contexts, another mix
-    of requests) is noticed. A batch size not measured yet starts from its nearest measured neighbour.
+    of requests) is noticed; while probes keep losing by more than ``decisive`` the interval doubles
+    (up to ``max_probe_every``: a probe of speculation after plain steps also pays the draft's catch-up
+    on every token it skipped), and it drops back as soon as one does not. A batch size not measured yet
+    starts from its nearest measured neighbour.
     """
 
     probe_every: int = 8
     warmup: int = 2
     window: int = 6
     margin: float = 1.0   # speculate while its cost per token < margin × plain's
+    max_probe_every: int = 64
+    decisive: float = 1.1  # a probe that costs this much more per token than the other kind doubles the interval
 
     def __post_init__(self):
         # (bucket, speculative) -> recent steps' (seconds, tokens)
         self.steps: dict[tuple[int, bool], list[tuple[float, int]]] = {}
         self.num_steps: dict[int, int] = {}
+        self.interval: dict[int, int] = {}      # bucket -> steps between probes (grows while probes lose clearly)
+        self.last_probe: dict[int, int] = {}    # bucket -> the step of its last probe
+        self.probing: dict[int, bool] = {}      # bucket -> the kind its pending probe runs
+        self.preferred: dict[int, bool] = {}    # bucket -> the kind its latest decision preferred
+
+    def plain_step_seconds(self, batch_size: int) -> float | None:
+        """Measured seconds of a plain decode step of ``batch_size`` sequences (its bucket's cost per token
+        × the batch size), or None."""
+        cost = self.cost(_batch_bucket(batch_size), False)
+        return None if cost is None else cost * batch_size
 
     def cost(self, bucket: int, speculative: bool) -> float | None:
         """Seconds per emitted token of that kind of step at that batch size (None: not measured)."""
@@ -158,11 +200,28 @@ class SpeculationGate:
         if step <= 2 * self.warmup:
             return step % 2 == 1
         better = spec < self.margin * plain
-        return better != (step % self.probe_every == 0)  # the probe runs the other kind
+        if self.preferred.get(bucket, better) != better:  # the choice flipped: probe the loser soon again
+            self.interval[bucket] = self.probe_every
+        self.preferred[bucket] = better
+        interval = self.interval.get(bucket, self.probe_every)
+        if step - self.last_probe.get(bucket, 2 * self.warmup) >= interval:  # the probe runs the other kind
+            self.last_probe[bucket] = step
+            self.probing[bucket] = not better
+            return not better
+        return better
 
     def observe(self, batch_size: int, speculative: bool, seconds: float, tokens: int) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        recent = self.steps.setdefault((_batch_bucket(batch_size), speculative), [])
+        bucket = _batch_bucket(batch_size)
+        recent = self.steps.setdefault((bucket, speculative), [])
         recent.append((seconds, tokens))
         del recent[:-self.window]
+        if self.probing.get(bucket) is speculative:  # a probe's result: probe less often while it loses clearly
+            del self.probing[bucket]
+            probed, other = self.cost(bucket, speculative), self.cost(bucket, not speculative)
+            interval = self.interval.get(bucket, self.probe_every)
+            if other is not None and probed > self.decisive * other:
+                self.interval[bucket] = min(2 * interval, self.max_probe_every)
+            else:
+                self.interval[bucket] = self.probe_every

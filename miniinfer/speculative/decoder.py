@@ -74,6 +74,7 @@ class SpeculativeDecoder:
         # machine runs), wall time on a GPU (each step ends with a device -> host copy, so it is complete).
         self.clock = clock or time.perf_counter
         self._gate_step: tuple[int, bool, float] | None = None
+        self._one_off = False
         self._trees: dict[int, list[int]] = {}
         self._plan = None
         self._runner = None
@@ -96,10 +97,15 @@ class SpeculativeDecoder:
         self.gamma_history: list[int] = []
         self._draft_seconds = 0.0
         self._verify_start = 0.0
+        self._last_gamma: int | None = None   # γ after the latest speculative step ("auto": for its batch size)
 
     @property
     def gamma(self) -> int:
         return self.fixed_gamma if self.adaptive is None else self.adaptive.gamma
+
+    def gamma_for(self, batch_size: int) -> int:
+        """γ for a step of ``batch_size`` sequences ("auto": from the costs measured at that batch size)."""
+        return self.fixed_gamma if self.adaptive is None else self.adaptive.gamma_for(batch_size)
 
     # -- 1. propose ------------------------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class SpeculativeDecoder:
         preempting: a sequence that does not fit guesses fewer tokens, or none)."""
         plan.draft_tokens = plan.draft_probs = None
         self._gate_step = None
+        self._one_off = False
         self._trees: dict[int, list[int]] = {}   # id(seq) -> parents of its token tree (tree speculation)
         if self.tree_width and max(plan.num_new_tokens) > MAX_VERIFY_QUERIES:
             return  # a long prefill chunk in this step: tree masks need the batched verify attention
@@ -116,7 +123,7 @@ class SpeculativeDecoder:
         if any(seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens
                for seq in plan.seqs):
             return
-        gamma = self.gamma
+        gamma = self.gamma_for(len(plan.seqs))
         candidates, wanted = [], []
         sampled_ids = {id(row.seq) for row in plan.samples}
         for b, (seq, num_new) in enumerate(zip(plan.seqs, plan.num_new_tokens)):
@@ -135,9 +142,12 @@ class SpeculativeDecoder:
             self._gate_step = (len(plan.seqs), speculate, self.clock())
             if not speculate:
                 return
-        start = time.perf_counter()
+        start = self.clock()
         proposals = self.proposer.propose([plan.seqs[b] for b in candidates], wanted)
-        self._draft_seconds = time.perf_counter() - start
+        self._draft_seconds = self.clock() - start
+        # A draft that met new sequences ran their prompts through itself first: a one-off cost that says
+        # nothing about the next steps, kept out of the measurements "auto" decides by.
+        self._one_off = bool(getattr(self.proposer, "num_new_sequences", 0))
         manager = scheduler.block_manager
         budget = scheduler.config.max_num_batched_tokens - sum(plan.num_new_tokens)
         draft_tokens: list[list[int]] = [[] for _ in plan.seqs]
@@ -162,7 +172,7 @@ class SpeculativeDecoder:
         plan.copies = plan.copies + manager.take_pending_copies()
         if any(draft_tokens):
             plan.draft_tokens, plan.draft_probs = draft_tokens, draft_probs
-            self._verify_start = time.perf_counter()
+            self._verify_start = self.clock()
 
     # -- 2. verify (called by the model runner with the logits of every verified position) ----------
 
@@ -372,16 +382,22 @@ class SpeculativeDecoder:
     # -- 3. after the commit ---------------------------------------------------------------------
 
     def after_commit(self, plan: StepPlan, sampled: SampledTokens) -> None:
+        now = self.clock()
         if self._gate_step is not None:
             batch_size, _, start = self._gate_step
             accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
             # A step the gate let speculate but that got no guesses (n-gram lookup found nothing) was a
             # plain decode step, and is measured as one.
-            self.gate.observe(batch_size, plan.draft_tokens is not None, self.clock() - start,
-                              len(plan.samples) + accepted)
+            speculative = plan.draft_tokens is not None
+            if not (speculative and self._one_off):
+                self.gate.observe(batch_size, speculative, now - start, len(plan.samples) + accepted)
+                plain = self.gate.plain_step_seconds(batch_size)
+                if speculative and plain is not None and self.adaptive is not None:
+                    self.adaptive.observe_step_cost(batch_size, max(len(t) for t in plan.draft_tokens),
+                                                    now - start, plain)
             self._gate_step = None
         if plan.draft_tokens is not None:
-            verify_seconds = time.perf_counter() - self._verify_start
+            verify_seconds = now - self._verify_start
             proposed = sum(len(t) for t in plan.draft_tokens)
             accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
             verified = sum(1 for t in plan.draft_tokens if t)
@@ -397,9 +413,11 @@ class SpeculativeDecoder:
                     guesses = {id(seq): len(t) for seq, t in zip(plan.seqs, plan.draft_tokens) if t}
                     rejected = sum(1 for row, kept in zip(plan.samples, sampled.spec_tokens or ())
                                    if guesses.get(id(row.seq)) and (kept is None or len(kept) < guesses[id(row.seq)]))
-                self.adaptive.observe(proposed, accepted, self._draft_seconds, verify_seconds,
-                                      draft_steps=max(len(t) for t in plan.draft_tokens), num_rejected=rejected)
-            self.gamma_history.append(self.gamma)
+                self.adaptive.observe(proposed, accepted, None if self._one_off else self._draft_seconds,
+                                      verify_seconds, draft_steps=max(len(t) for t in plan.draft_tokens),
+                                      num_rejected=rejected)
+            self._last_gamma = self.gamma_for(len(plan.seqs))  # after this step's measurements
+            self.gamma_history.append(self._last_gamma)
         for seq in plan.seqs:
             if seq.is_finished:
                 self.proposer.release(seq)
@@ -410,6 +428,6 @@ class SpeculativeDecoder:
         c["spec_mean_accepted_length"] = c["spec_accepted_tokens"] / verified if verified else 0.0
         c["spec_tokens_per_verify"] = c["spec_emitted_tokens"] / verified if verified else 0.0
         c["spec_acceptance_rate"] = c["spec_accepted_tokens"] / c["spec_draft_tokens"] if c["spec_draft_tokens"] else 0.0
-        c["spec_gamma"] = self.gamma
+        c["spec_gamma"] = self.gamma if self._last_gamma is None else self._last_gamma  # the latest step's
         c["spec_proposer"] = self.proposer.name
         return c

@@ -44,7 +44,10 @@ def _layout(metadata: PagedAttentionMetadata, block_size: int, device):
                 N, S = mask.shape[0], host_lens[b]
                 allowed[b, :N, S - N:S] = mask.to(device)
     allowed |= ~valid[:, :, None]  # padding queries see everything (their output is dropped): no NaN rows
-    layout = (rows, valid, slots, allowed.unsqueeze(1))
+    # Every sequence with L new tokens (all speculating with the same γ, the usual verify step): the packed
+    # queries are already [B, L] — no gather in, no boolean selection out.
+    uniform = int(metadata.cu_seqlens_q[-1]) == rows.shape[0] * L
+    layout = (None if uniform else rows, None if uniform else valid, slots, allowed.unsqueeze(1))
     metadata._verify_layout = layout
     return layout
 
@@ -68,19 +71,20 @@ def batched_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if metadata.block_tables.shape[0] == 1 and getattr(metadata, "tree_masks", None) is None:
         return _single_sequence_verify_attention(q, k_cache, v_cache, metadata, scale)
     rows, valid, slots, allowed = _layout(metadata, k_cache.shape[1], q.device)
-    B, L = rows.shape
+    B, L = allowed.shape[0], allowed.shape[2]
     G = H // H_kv
     mask = getattr(metadata, "_verify_grouped_mask", None)
     if mask is None or mask.dtype != q.dtype:
         mask = metadata._verify_grouped_mask = _grouped_mask(allowed, G, q.dtype)   # [B, 1, G·L, S]
-    qg = q[rows].view(B, L, H_kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, H_kv, G * L, D)
+    qg = (q if rows is None else q[rows]).view(B, L, H_kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, H_kv, G * L, D)
     # index_select over the flattened slots: the same gather as cache[slots], ~6 × faster on a CPU
     flat, S = slots.reshape(-1), slots.shape[1]
     k = k_cache.view(-1, H_kv * D).index_select(0, flat).view(B, S, H_kv, D).transpose(1, 2)  # [B, H_kv, S, D]
     v = v_cache.view(-1, H_kv * D).index_select(0, flat).view(B, S, H_kv, D).transpose(1, 2)
     out = torch.nn.functional.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                            scale=scale)              # [B, H_kv, G·L, D]
-    return out.view(B, H_kv, G, L, D).permute(0, 3, 1, 2, 4).reshape(B, L, H, D)[valid]  # [T, H, D]
+    out = out.view(B, H_kv, G, L, D).permute(0, 3, 1, 2, 4)
+    return out.reshape(B * L, H, D) if valid is None else out.reshape(B, L, H, D)[valid]  # [T, H, D]
 
 
 def _single_sequence_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
