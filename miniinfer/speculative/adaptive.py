@@ -77,10 +77,19 @@ class AdaptiveGamma:
         (a CPU, a large batch): a verify of B·(1 + γ) rows costs ~(1 + β·γ) plain steps of B rows. So
         per bucket the cost per guess is measured whole — draft time plus the verify's excess over a plain
         step, both in plain steps: ``(draft + verify − plain) / plain / γ`` — and γ maximises
-        ``E(α, γ) / (1 + cost·γ)`` with it (at batch 16 on a CPU: γ = 1–2 where batch 1 takes 4–8)."""
-        cost = self.step_costs.get(_batch_bucket(batch_size))
+        ``E(α, γ) / (1 + cost·γ)`` with it (at batch 16 on a CPU: γ = 1–2 where batch 1 takes 4–8). A
+        batch size not measured yet borrows the cost of the nearest measured larger one (a guess costs
+        relatively more in a larger batch: the choice errs towards fewer guesses), and larger than every
+        measured one tries ``min_gamma`` first."""
+        bucket = _batch_bucket(batch_size)
+        cost = self.step_costs.get(bucket)
         if cost is None:
-            return self.gamma
+            if not self.step_costs:
+                return self.gamma
+            larger = [b for b in self.step_costs if b > bucket]
+            if not larger:
+                return self.min_gamma
+            cost = self.step_costs[min(larger)]
         return max(self.min_gamma, best_gamma(self.alpha, cost, self.max_gamma))
 
     def observe_step_cost(self, batch_size: int, guesses: int, speculative_seconds: float,

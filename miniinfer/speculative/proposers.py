@@ -255,12 +255,15 @@ class DraftKVCache:
     A draft is tiny, so the engine's paging machinery (block tables, slot mappings, a scheduler round
     trip per guessed token) costs far more than its forward; here a sequence owns a row, position p
     of its keys sits at ``[row, :, p]``, and rolling back is lowering its computed count. Per layer:
-    ``k[layer], v[layer]: [rows, H_kv, max_len + 1, D]`` (the last position takes the padding rows'
-    writes). Rows are allocated on first use and grow by doubling.
+    ``k[layer], v[layer]: [rows, H_kv, length + 1, D]`` (the last position, :attr:`spare`, takes the padding
+    rows' writes). Rows are allocated on first use and grow by doubling; so do the positions (``length``,
+    up to ``max_len``: a new engine's first step does not zero-fill rows of ``max_len`` positions that
+    its sequences never reach).
     """
 
-    def __init__(self, config, max_len: int, device, dtype):
+    def __init__(self, config, max_len: int, device, dtype, initial_length: int = 256):
         self.max_len = max_len
+        self.length = min(max_len, initial_length)
         self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.device, self.dtype = device, dtype
         self.k: dict[int, torch.Tensor] = {}   # layer index -> keys (a self-draft uses some of the target's indices)
@@ -268,9 +271,26 @@ class DraftKVCache:
         self.capacity = 0
         self.free_rows: list[int] = []
 
+    @property
+    def spare(self) -> int:
+        """The position padding rows write to (past every real one)."""
+        return self.length
+
     def _empty(self, rows: int) -> torch.Tensor:
-        return torch.zeros(rows, self.num_kv_heads, self.max_len + 1, self.head_dim, dtype=self.dtype,
+        return torch.zeros(rows, self.num_kv_heads, self.length + 1, self.head_dim, dtype=self.dtype,
                            device=self.device)
+
+    def reserve(self, num_positions: int) -> None:
+        """Make room for positions 0 … ``num_positions`` − 1 in every row (doubling, up to ``max_len``)."""
+        if num_positions <= self.length:
+            return
+        old = self.length
+        self.length = min(self.max_len, max(2 * old, num_positions))
+        for pool in (self.k, self.v):
+            for layer, cache in pool.items():
+                grown = self._empty(cache.shape[0])
+                grown[:, :, :old] = cache[:, :, :old]
+                pool[layer] = grown
 
     def allocate_row(self) -> int:
         if not self.free_rows:
@@ -303,6 +323,7 @@ class ContiguousKVContext:
         self.single = B == 1  # one sequence: slices of its row, no index tensors
         self.row, self.start, self.L = rows[0], starts[0], L
         self.S = max(s + n for s, n in zip(starts, lengths))   # keys the longest sequence attends to
+        cache.reserve(self.S)
         self.mask = None
         if self.single:
             if L > 1:  # query i (position start + i) sees keys 0 … start + i
@@ -323,7 +344,7 @@ class ContiguousKVContext:
                 positions = torch.tensor(starts, device=device)[:, None] + offsets                # [B, L]
                 padding = offsets[None, :] >= torch.tensor(lengths, device=device)[:, None]
                 self.write_rows = self.rows[:, None].expand(B, L)
-                self.write_positions = positions.masked_fill(padding, cache.max_len)  # padding: the spare slot
+                self.write_positions = positions.masked_fill(padding, cache.spare)  # padding: the spare slot
                 allowed = key_positions[None, None, :] <= positions[:, :, None]                   # [B, L, S]
             # additive (0 / −inf), [B, 1, L, S]; repeated for the G query heads of a KV head at the first layer
             self.mask = torch.zeros(allowed.shape, device=device, dtype=cache.dtype).masked_fill_(
@@ -375,6 +396,7 @@ class _DraftState:
     row: int
     token_ids: list[int]
     num_computed: int = 0
+    synced: int = 0   # how many of token_ids were the target's at the latest sync (the rest: guesses)
 
 
 class DraftModelProposer(Proposer):
@@ -420,18 +442,23 @@ class DraftModelProposer(Proposer):
         state = self.states.get(seq.seq_id)
         if state is None:
             self.num_new_sequences += 1
-            state = _DraftState(seq, self.cache.allocate_row(), list(seq.token_ids))
+            state = _DraftState(seq, self.cache.allocate_row(), list(seq.token_ids), synced=len(seq.token_ids))
             self.states[seq.seq_id] = state
             return state
         old, new = state.token_ids, seq.token_ids
         common = min(len(old), len(new), state.num_computed)
-        while common > 0 and old[common - 1] != new[common - 1]:
+        synced = min(state.synced, common)   # old[:synced] were the target's own tokens at the last sync
+        while common > synced and old[common - 1] != new[common - 1]:
             common -= 1
-        if old[:common] != new[:common]:  # diverged earlier (a preempted, recomputed sequence): start over
+        # A target's tokens only ever grow: old[:synced] still match unless the sequence was replaced (a
+        # preempted, recomputed one is the same list) — then start over.
+        if old[synced:common] != new[synced:common] or (synced and old[synced - 1] != new[synced - 1]):
             common = 0
         # At least the newest token is computed again: its logits give the first guess.
         state.num_computed = min(common, len(new) - 1)
-        state.token_ids = list(new)
+        del old[common:]
+        old.extend(new[common:])
+        state.synced = len(new)
         return state
 
     def _collect_finished(self) -> None:
