@@ -696,6 +696,11 @@ def run_benchmark(args, echo=print) -> dict:
                   "microseconds per generated token of the offline run, and of the server split into its event "
                   "loop's thread (HTTP, JSON, SSE, hand-over) and the rest (the engine thread). The load generator "
                   "is a minimal asyncio HTTP/1.1 client; its CPU (client_cpu_s) is never counted as the server's.")
+    if "overhead_at_saturation_engine_process" in summary:
+        notes += (" overhead_at_saturation_engine_process: the same measurement, in the same pairs and against the "
+                  "same offline runs, for a second server started with --engine-process (and --engine-cpus: its "
+                  "engine process on those CPUs, the server process and, while it loads that server, the load "
+                  "generator on the others); its cpu_s counts both processes.")
     return {"columns": list(COLUMNS), "rows": rows, "summary": summary, "notes": notes}
 
 

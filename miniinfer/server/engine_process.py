@@ -12,6 +12,21 @@ one the engine cannot spend in Python between its torch calls, so each step is s
 engine thread (still :class:`~miniinfer.server.async_engine.AsyncEngine`'s) mostly waits on a pipe,
 which releases the lock. This is the split vLLM v1 makes between its API server and its engine core.
 
+Two more things make the split pay on a small CPU (chapter 13 and ``benchmarks/results/serving_cpu.json``
+measure them):
+
+* **Its own CPUs** (``cpus=``, ``miniinfer serve --engine-process --engine-cpus 0``): the child runs on
+  those, the server process on the others (:func:`pin_process`). Unpinned, the scheduler moves the
+  engine, the event loop and the HTTP clients between the cores and the engine keeps being preempted:
+  the split alone measured no faster than the thread on 2 cores;
+* **text made in the parent**: for a plain streamed request (one completion, no stop strings, no
+  logprobs: :meth:`RemoteEngine._plain`) the child adds it to the engine *without* streaming and sends
+  only the token ids each step gave it; the parent detokenizes them (``IncrementalDetokenizer``, as the
+  engine would) and builds the streamed outputs, on the server's CPUs. The engine's process then spends
+  its time on steps, not on two decodes and one output object per token. Stop strings need the text
+  inside the engine (they end a sequence), so such requests, like n > 1 and logprobs, keep the engine's
+  own streaming; the outputs a consumer sees are the same either way (tests/test_server_engine_process_detok.py).
+
 :class:`RemoteEngine` offers AsyncEngine the small part of :class:`~miniinfer.engine.LLMEngine` it uses
 (``validate_prompt``, ``add_request``, ``abort_request``, ``has_unfinished_requests``, ``step``,
 ``stats``, ``requests``, ``scheduler.waiting``, ``max_model_len``) and is used, like the engine, from the
@@ -20,11 +35,14 @@ child reports at start-up, so a bad request still gets its 400 with the engine's
 
 The protocol, over one :func:`multiprocessing.Pipe`:
 
-* parent → child: a list of commands per message: ``("add", id, token_ids, params, stream, text)``,
-  ``("abort", id)``, ``("shutdown",)``; commands gathered between two steps travel together.
-* child → parent: ``("ready", info)`` once; then per step ``("outputs", outputs, num_waiting, stats)``
-  (``stats`` at most every :data:`STATS_INTERVAL_S`, else None); ``("stats", stats)`` when it goes idle
-  (so that /debug/engine sees the KV blocks freed); ``("step_failed", message)``.
+* parent → child: a list of commands per message: ``("add", id, token_ids, params, stream, text,
+  parent_detokenizes)``, ``("abort", id)``, ``("shutdown",)``; commands gathered between two steps
+  travel together.
+* child → parent: ``("ready", info)`` once; then per step ``("outputs", outputs, num_waiting, stats,
+  deltas)`` (``outputs``: the engine's; ``deltas``: ``(id, new token ids, num_cached_tokens)`` of the
+  requests the parent detokenizes; ``stats`` at most every :data:`STATS_INTERVAL_S`, else None);
+  ``("stats", stats)`` when it goes idle (so that /debug/engine sees the KV blocks freed);
+  ``("step_failed", message)``.
 
 The child steps as long as it has work, without waiting for the parent to read, and blocks on the pipe
 when idle. If it dies, the parent notices (end of pipe, or the process no longer alive) and raises
