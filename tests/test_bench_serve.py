@@ -88,6 +88,28 @@ def test_overhead_pairs_server_and_offline_runs(server):
     assert any("per CPU-second" in line for line in bench.overhead_lines(overhead))
 
 
+def test_overhead_measures_more_servers_in_the_same_pairs(server):
+    """``others``: a second server (here the same one, the load generator pinned to one CPU while it loads
+    it, as for a server whose engine process has the other CPUs) gets its own summary, against the same
+    offline runs; the load generator's CPUs are restored afterwards."""
+    import os
+
+    llm = bench.load_offline_llm(None, "cpu", 8)
+    before = os.sched_getaffinity(0)
+    cpu = {min(before)}
+    overhead = bench.measure_overhead(server.url, "shakespeare", server.process.pid, llm, num_requests=4,
+                                      max_tokens=3, seed=0, repeats=2,
+                                      others={"engine_process": {"url": server.url, "model": "shakespeare",
+                                                                 "pid": server.process.pid, "client_cpus": cpu}})
+    assert os.sched_getaffinity(0) == before
+    other = overhead["engine_process"]
+    assert other["repeats"] == 2 and len(other["runs"]) == 2 and other["server_tok_s"] > 0
+    assert other["offline_tok_s"] == overhead["offline_tok_s"]  # the same offline runs
+    low, high = other["server_vs_offline_tok_s_range"]
+    assert low <= other["server_vs_offline_tok_s"] <= high
+    assert any("range" in line for line in bench.overhead_lines(other))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rates", "4", "0"], "a rate must be > 0"),
     (["--rates", "fast"], "a rate is a number of requests per second or 'inf'"),
