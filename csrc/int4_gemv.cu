@@ -143,7 +143,7 @@ __device__ __forceinline__ void copy_async_wait() {
 // Bytes of dynamic shared memory the ring of kStages steps takes (0: the register path, no ring).
 template <int kTokenTiles, int kWarps, int kStages>
 constexpr int ring_bytes() {
-    return kWarps * kStages * (1 + kTokenTiles) * 32 * 16;
+    return kStages > 0 ? kWarps * kStages * (1 + kTokenTiles) * 32 * 16 : 0;
 }
 
 template <typename T, int kTokenTiles, int kWarpsN, int kWarpsK, int kUnroll, int kStages, bool kTiled>
@@ -302,7 +302,40 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                 }
         };
 
-        if constexpr (kStages == 0) {
+        if constexpr (kStages < 0) {
+            // A rolling register queue of kUnroll steps: as soon as a step's vectors are taken, the load of
+            // the step kUnroll ahead goes out into the same registers, so kUnroll − 1 steps stay in flight
+            // all the time (the double buffer below has between kUnroll and 0).
+            uint4 wq[kUnroll], xq[kUnroll][kTokenTiles];
+            auto load_one = [&](int s, uint4& w, uint4 (&xv)[kTokenTiles]) {
+                const int row = row_begin + s * kRowsPerStep + t;
+                const bool row_ok = s < s_end && row < row_end;
+                w = make_uint4(0u, 0u, 0u, 0u);
+                if (col_ok && row_ok) w = load_streaming(qweight + weight_index(row));
+#pragma unroll
+                for (int mt = 0; mt < kTokenTiles; ++mt) {
+                    const int token = mt * 8 + g;
+                    xv[mt] = make_uint4(0u, 0u, 0u, 0u);
+                    if (row_ok && token < M) {
+                        xv[mt] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * K + row * 8));
+                    }
+                }
+            };
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) load_one(s_begin + u, wq[u], xq[u]);
+            for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    if (s0 + u >= s_end) break;
+                    const uint4 wv = wq[u];
+                    uint4 xv[kTokenTiles];
+#pragma unroll
+                    for (int mt = 0; mt < kTokenTiles; ++mt) xv[mt] = xq[u][mt];
+                    load_one(s0 + u + kUnroll, wq[u], xq[u]);
+                    compute_step(s0 + u, wv, xv);
+                }
+            }
+        } else if constexpr (kStages == 0) {
             // Registers: the weights of the next kUnroll steps are in flight while these are used.
             uint4 w_next[kUnroll], x_next[kUnroll][kTokenTiles];
             load_batch(s_begin, w_next, x_next);
@@ -487,6 +520,11 @@ const char* launch(const void* x, const void* qweight, const void* qzeros, const
         case 15: MINIINFER_INT4_LAUNCH(TILES, 1, 4, 4, 0, true); break;    \
         case 16: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 5, true); break;    \
         case 17: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 1, 8, true); break;    \
+        case 18: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 8, -1, false); break;  \
+        case 19: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 8, -1, true); break;   \
+        case 20: MINIINFER_INT4_LAUNCH(TILES, 1, 4, 8, -1, true); break;   \
+        case 21: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 6, -1, true); break;   \
+        case 22: MINIINFER_INT4_LAUNCH(TILES, 1, 4, 12, -1, true); break;  \
         default: MINIINFER_INT4_LAUNCH(TILES, 1, 8, 4, 0, false); break;   \
     }
     if (M <= 8) {

@@ -17,6 +17,8 @@ the dequantize + cuBLAS path above; on a CPU, torch.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from miniinfer.kernels.build import CudaUnavailableError, cuda_kernels_available, load_cuda_extension
@@ -133,13 +135,15 @@ def cuda_supports(x: torch.Tensor, N: int, K: int, group_size: int) -> str | Non
 CUDA_MAX_M = 16       # two n8 token tiles of the tensor-core fragment
 CUDA_ROWS_PER_STEP = 4  # packed rows per warp step: a K split is a multiple of it
 # The launcher's CTA shapes (csrc/int4_gemv.cu, `launch`): code -> (warps along N, warps along K, steps
-# in flight per thread in registers, steps in a shared-memory ring filled by cp.async (0 = no ring),
+# in flight per thread in registers, steps in a shared-memory ring filled by cp.async (0 = no ring: a
+# register double buffer; -1: a rolling register queue),
 # weights in the tiled layout of :func:`tile_int4_weight`). A CTA covers 32 · warps-along-N columns.
 CUDA_SHAPES = {0: (1, 8, 4, 0, False), 1: (2, 4, 4, 0, False), 2: (4, 2, 4, 0, False), 3: (8, 1, 4, 0, False),
                4: (4, 2, 8, 0, False), 5: (8, 1, 8, 0, False), 6: (4, 1, 8, 0, False), 7: (1, 8, 8, 0, False),
                8: (1, 8, 1, 8, False), 9: (1, 8, 1, 12, False), 10: (1, 4, 1, 16, False), 11: (2, 4, 1, 8, False),
                12: (1, 8, 1, 5, False), 13: (1, 8, 4, 0, True), 14: (1, 8, 8, 0, True), 15: (1, 4, 4, 0, True),
-               16: (1, 8, 1, 5, True), 17: (1, 8, 1, 8, True)}
+               16: (1, 8, 1, 5, True), 17: (1, 8, 1, 8, True), 18: (1, 8, 8, -1, False), 19: (1, 8, 8, -1, True),
+               20: (1, 4, 8, -1, True), 21: (1, 8, 6, -1, True), 22: (1, 4, 12, -1, True)}
 
 
 def tile_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
@@ -156,7 +160,11 @@ def tile_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
     return words.permute(2, 0, 3, 1, 4).contiguous().view(rows, N)  # (column block, step, g, t, word)
 
 
-CUDA_DEFAULT_SHAPE = 0
+# The shape calls use unless they name one. MINIINFER_INT4_CUDA_SHAPE overrides it for tuning runs (a code
+# whose weights are in GPTQ's layout: callers pass that layout).
+CUDA_DEFAULT_SHAPE = int(os.environ.get("MINIINFER_INT4_CUDA_SHAPE", "0"))
+if CUDA_DEFAULT_SHAPE not in CUDA_SHAPES or CUDA_SHAPES[CUDA_DEFAULT_SHAPE][4]:
+    raise ValueError(f"MINIINFER_INT4_CUDA_SHAPE={CUDA_DEFAULT_SHAPE}: not a shape code of GPTQ-layout weights")
 
 
 def cuda_split(N: int, K: int, num_sms: int, split_k: int | None = None, shape: int = CUDA_DEFAULT_SHAPE

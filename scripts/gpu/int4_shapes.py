@@ -29,7 +29,8 @@ from miniinfer.kernels.int4_matmul import (  # noqa: E402
     tile_int4_weight,
 )
 
-SHAPE_CODES = {code: f"{wn}x{wk} warps, " + (f"{u} in flight" if not stages else f"ring of {stages}")
+SHAPE_CODES = {code: f"{wn}x{wk} warps, " + (f"{u} in flight" if not stages else f"queue of {u}" if stages < 0
+                                           else f"ring of {stages}")
                + (", tiled" if tiled else "") for code, (wn, wk, u, stages, tiled) in CUDA_SHAPES.items()}
 MATRICES = [(8192, 8192), (3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)]
 
