@@ -493,8 +493,8 @@ def test_draft_proposer_fast_paths_match_plain_forwards(target, kind):
 
 def test_speculation_gate_follows_measured_cost():
     """"auto" speculates only while it measures cheaper per token than plain decoding (over its recent
-    steps), per batch size, probing the other kind now and then; a new batch size starts from
-    its nearest measured neighbour."""
+    steps), per batch size, probing the other kind now and then; a new batch size follows its nearest
+    measured neighbour and measures the kind it lacks now and then."""
     from miniinfer.speculative import SpeculationGate
 
     gate = SpeculationGate(probe_every=4, warmup=2, window=3)
@@ -505,9 +505,36 @@ def test_speculation_gate_follows_measured_cost():
         gate.observe(16, decisions[-1], 3.0 if decisions[-1] else (4.0 if step == 1 else 1.0), 10)
     assert decisions == [True, False, True, False]
     assert [gate.speculate(16) for _ in range(8)] == [False, False, False, True, False, False, False, True]
-    assert gate.speculate(1) is True          # a new size: the neighbour says plain, so its first step probes
-    gate.observe(1, True, 0.5, 3)
-    assert gate.speculate(1) is False         # then the neighbour's choice, measured
-    gate.observe(1, False, 0.3, 1)
-    assert [gate.speculate(1) for _ in range(6)] == [True, False, True, True, True, False]   # warm-up, then
-    # speculation (it pays at batch 1) with a probe every 4th step
+    decisions = []
+    for _ in range(4):  # a new size follows its nearest measured neighbour (plain), its 4th step measures speculation
+        decisions.append(gate.speculate(1))
+        gate.observe(1, decisions[-1], 0.5 if decisions[-1] else 0.3, 3 if decisions[-1] else 1)
+    assert decisions == [False, False, False, True]
+    gate.observe(1, True, 0.4, 3)    # a second speculative measurement (one alone does not decide)
+    assert [gate.speculate(1) for _ in range(4)] == [True, True, True, False]   # speculation (it pays at
+    # batch 1) with a probe every 4th step
+
+
+def test_speculation_gate_probes_less_while_probes_lose_and_holds_near_ties():
+    """Probes that lose clearly double the interval (up to a cap); a choice flips only for a difference
+    beyond the hysteresis; a speculative step that could not be measured (a draft's catch-up, no guesses)
+    is retried at once."""
+    from miniinfer.speculative import SpeculationGate
+
+    gate = SpeculationGate(probe_every=4, warmup=1, window=2, max_probe_every=16)
+    for speculative in (True, False):           # warm-up: speculation 2.0 s per token, plain 1.0
+        assert gate.speculate(8) is speculative
+        gate.observe(8, speculative, 2.0 if speculative else 1.0, 1)
+    gate.observe(8, True, 2.0, 1)
+    probes = []
+    for step in range(50):
+        speculative = gate.speculate(8)
+        gate.observe(8, speculative, 2.0 if speculative else 1.0, 1)
+        if speculative:
+            probes.append(step)
+    assert [b - a for a, b in zip(probes, probes[1:])] == [8, 16, 16], probes   # 4, then 8, 16, 16 (capped)
+    gate.observe(8, False, 1.95, 1)
+    gate.observe(8, False, 1.95, 1)             # plain now within 3 % of speculation: still plain
+    assert gate.speculate(8) is False
+    gate.measure_again(8)
+    assert gate.speculate(8) is True and gate.speculate(8) is False

@@ -78,18 +78,25 @@ class AdaptiveGamma:
         per bucket the cost per guess is measured whole — draft time plus the verify's excess over a plain
         step, both in plain steps: ``(draft + verify − plain) / plain / γ`` — and γ maximises
         ``E(α, γ) / (1 + cost·γ)`` with it (at batch 16 on a CPU: γ = 1–2 where batch 1 takes 4–8). A
-        batch size not measured yet borrows the cost of the nearest measured larger one (a guess costs
-        relatively more in a larger batch: the choice errs towards fewer guesses), and larger than every
-        measured one tries ``min_gamma`` first."""
+        batch size not measured yet interpolates (in log₂ of the batch size) between the measured sizes
+        around it, takes the nearest larger one's cost if none is smaller (a guess costs relatively more
+        in a larger batch: the choice errs towards fewer guesses), and tries ``min_gamma`` above all of
+        them."""
         bucket = _batch_bucket(batch_size)
         cost = self.step_costs.get(bucket)
         if cost is None:
             if not self.step_costs:
                 return self.gamma
             larger = [b for b in self.step_costs if b > bucket]
+            smaller = [b for b in self.step_costs if b < bucket]
             if not larger:
                 return self.min_gamma
-            cost = self.step_costs[min(larger)]
+            high = min(larger)
+            cost = self.step_costs[high]
+            if smaller:
+                low = max(smaller)
+                t = (bucket.bit_length() - low.bit_length()) / (high.bit_length() - low.bit_length())
+                cost = (1 - t) * self.step_costs[low] + t * cost
         return max(self.min_gamma, best_gamma(self.alpha, cost, self.max_gamma))
 
     def observe_step_cost(self, batch_size: int, guesses: int, speculative_seconds: float,
@@ -162,8 +169,9 @@ class SpeculationGate:
     that every ``probe_every``-th runs the other kind once, so a change (longer contexts, another mix
     of requests) is noticed; while probes keep losing by more than ``decisive`` the interval doubles
     (up to ``max_probe_every``: a probe of speculation after plain steps also pays the draft's catch-up
-    on every token it skipped), and it drops back as soon as one does not. A batch size not measured yet
-    starts from its nearest measured neighbour.
+    on every token it skipped), and it drops back as soon as one does not; costs within ``hysteresis``
+    keep the current choice. A batch size not measured yet follows its nearest measured neighbour and
+    measures the kind it lacks every ``probe_every``-th step.
     """
 
     probe_every: int = 8
@@ -172,6 +180,7 @@ class SpeculationGate:
     margin: float = 1.0   # speculate while its cost per token < margin × plain's
     max_probe_every: int = 64
     decisive: float = 1.1  # a probe that costs this much more per token than the other kind doubles the interval
+    hysteresis: float = 0.03  # costs per token closer than this (relative) keep the current choice
 
     def __post_init__(self):
         # (bucket, speculative) -> recent steps' (seconds, tokens)
@@ -181,6 +190,13 @@ class SpeculationGate:
         self.last_probe: dict[int, int] = {}    # bucket -> the step of its last probe
         self.probing: dict[int, bool] = {}      # bucket -> the kind its pending probe runs
         self.preferred: dict[int, bool] = {}    # bucket -> the kind its latest decision preferred
+        self.again: set[int] = set()            # buckets whose next step speculates to be measured
+        self.borrowed: set[int] = set()         # buckets that started from a neighbour's costs (no warm-up)
+
+    def measure_again(self, batch_size: int) -> None:
+        """The latest speculative step of this size carried a one-off cost and was not recorded: run the
+        next one speculatively too (not counted as a step of the schedule), and record that one."""
+        self.again.add(_batch_bucket(batch_size))
 
     def plain_step_seconds(self, batch_size: int) -> float | None:
         """Measured seconds of a plain decode step of ``batch_size`` sequences (its bucket's cost per token
@@ -196,21 +212,36 @@ class SpeculationGate:
     def speculate(self, batch_size: int) -> bool:
         """Decide for one decode step of ``batch_size`` sequences (call once per such step)."""
         bucket = _batch_bucket(batch_size)
+        if bucket in self.again:
+            self.again.discard(bucket)
+            return True
         step = self.num_steps[bucket] = self.num_steps.get(bucket, 0) + 1
         spec, plain = self.cost(bucket, True), self.cost(bucket, False)
         if spec is None or plain is None:
             measured = [b for b in self.num_steps if self.cost(b, True) is not None and self.cost(b, False) is not None]
             if not measured:  # nothing known at all: speculation first, then plain decoding
                 return step % 2 == 1
+            # A new size follows its nearest measured neighbour (a batch passing through — the last
+            # sequences of a wave finishing — gains nothing from experiments); one that lasts measures the
+            # kind it lacks every probe_every-th step.
+            self.borrowed.add(bucket)
+            if step % self.probe_every == 0:
+                return spec is None
             nearest = min(measured, key=lambda b: abs(b.bit_length() - bucket.bit_length()))
-            spec, plain = self.cost(nearest, True), self.cost(nearest, False)
-            better = spec < self.margin * plain
-            return better if step > 1 else not better  # this size's first step measures the other kind
-        if step <= 2 * self.warmup:
+            return self.cost(nearest, True) < self.margin * self.cost(nearest, False)
+        if step <= 2 * self.warmup and bucket not in self.borrowed:
             return step % 2 == 1
+        if len(self.steps[(bucket, True)]) < self.warmup:
+            return True  # one speculative step alone (a lucky or unlucky draw) does not decide
         better = spec < self.margin * plain
-        if self.preferred.get(bucket, better) != better:  # the choice flipped: probe the loser soon again
-            self.interval[bucket] = self.probe_every
+        previous = self.preferred.get(bucket)
+        if previous is not None and previous != better:
+            # Switching kinds costs (speculation after plain steps: the draft's catch-up): only for a clear
+            # difference — within ``hysteresis`` of each other, the kind chosen before stays.
+            if abs(spec - self.margin * plain) < self.hysteresis * self.margin * plain:
+                better = previous
+            else:  # the choice flipped: probe the loser soon again
+                self.interval[bucket] = self.probe_every
         self.preferred[bucket] = better
         interval = self.interval.get(bucket, self.probe_every)
         if step - self.last_probe.get(bucket, 2 * self.warmup) >= interval:  # the probe runs the other kind

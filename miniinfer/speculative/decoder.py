@@ -53,6 +53,7 @@ from miniinfer.speculative.verify_attention import MAX_VERIFY_QUERIES
 __all__ = ["SpeculativeDecoder", "ACCEPT_STREAM"]
 
 ACCEPT_STREAM = 0x5EC0  # derive_seed(stream_seed, ACCEPT_STREAM): the uniforms of the acceptance tests
+CATCH_UP_STEADY = 3     # tokens a draft catches up on between consecutive speculative steps, at most
 
 
 def can_speculate(seq: Sequence) -> bool:
@@ -145,9 +146,12 @@ class SpeculativeDecoder:
         start = self.clock()
         proposals = self.proposer.propose([plan.seqs[b] for b in candidates], wanted)
         self._draft_seconds = self.clock() - start
-        # A draft that met new sequences ran their prompts through itself first: a one-off cost that says
-        # nothing about the next steps, kept out of the measurements "auto" decides by.
-        self._one_off = bool(getattr(self.proposer, "num_new_sequences", 0))
+        # A draft that met new sequences ran their prompts through itself first, and one that comes back
+        # after plain steps catches up on every token it skipped: one-off costs that say nothing about the
+        # next steps, kept out of the measurements "auto" decides by (the gate runs the next step
+        # speculatively as well, to measure that one instead).
+        self._one_off = bool(getattr(self.proposer, "num_new_sequences", 0)
+                             or getattr(self.proposer, "max_catch_up", 0) > CATCH_UP_STEADY)
         manager = scheduler.block_manager
         budget = scheduler.config.max_num_batched_tokens - sum(plan.num_new_tokens)
         draft_tokens: list[list[int]] = [[] for _ in plan.seqs]
@@ -384,17 +388,18 @@ class SpeculativeDecoder:
     def after_commit(self, plan: StepPlan, sampled: SampledTokens) -> None:
         now = self.clock()
         if self._gate_step is not None:
-            batch_size, _, start = self._gate_step
+            batch_size, chose_speculation, start = self._gate_step
             accepted = sum(len(t) for t in sampled.spec_tokens or () if t is not None)
-            # A step the gate let speculate but that got no guesses (n-gram lookup found nothing) was a
-            # plain decode step, and is measured as one.
             speculative = plan.draft_tokens is not None
             if not (speculative and self._one_off):
+                # A step the gate let speculate but that got no guesses (n-gram lookup found nothing) was a
+                # plain decode step, and is measured as one.
                 self.gate.observe(batch_size, speculative, now - start, len(plan.samples) + accepted)
-                plain = self.gate.plain_step_seconds(batch_size)
-                if speculative and plain is not None and self.adaptive is not None:
-                    self.adaptive.observe_step_cost(batch_size, max(len(t) for t in plan.draft_tokens),
-                                                    now - start, plain)
+            plain = self.gate.plain_step_seconds(batch_size)
+            if speculative and not self._one_off and plain is not None and self.adaptive is not None:
+                self.adaptive.observe_step_cost(batch_size, max(len(t) for t in plan.draft_tokens), now - start, plain)
+            if chose_speculation and (self._one_off or not speculative):
+                self.gate.measure_again(batch_size)  # no speculative step measured: the next one is
             self._gate_step = None
         if plan.draft_tokens is not None:
             verify_seconds = now - self._verify_start

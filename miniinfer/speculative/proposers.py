@@ -427,6 +427,7 @@ class DraftModelProposer(Proposer):
             self.forward = DraftForward(model) if fast else LeanForward(model)
         self.states: dict[int, _DraftState] = {}  # target seq_id -> state
         self.num_new_sequences = 0  # sequences the latest propose() met for the first time (prompt catch-up)
+        self.max_catch_up = 0
 
     @property
     def num_tracked(self) -> int:
@@ -511,6 +512,9 @@ class DraftModelProposer(Proposer):
         want = {b: k for b, k in enumerate(num_tokens) if k > 0}
         states = {b: self._sync(seqs[b]) for b in want}
         start = {b: len(states[b].token_ids) for b in want}
+        # Tokens the draft had not seen yet, at most over the sequences: 1–3 between speculative steps,
+        # more after plain steps (the engine did not speculate) — a one-off cost of switching back.
+        self.max_catch_up = max((len(state.token_ids) - state.num_computed for state in states.values()), default=0)
         probs: dict[int, list[torch.Tensor]] = {b: [] for b in want}
         while want:
             for group in self._padded_groups(list(want), states):
