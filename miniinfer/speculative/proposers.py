@@ -216,8 +216,9 @@ class DraftForward(LeanForward):
                            folded(w_down)))
         self.layers = layers
         self.head_t = folded(self.head, self.norm)
-        self.cos_full = torch.cat([self.cos, self.cos], dim=-1)     # [P, D]
-        self.sin_signed = torch.cat([-self.sin, self.sin], dim=-1)  # [P, D]
+        # [P, 2, D]: [cos, cos] and [−sin, sin] of each position, fetched with one index_select per forward
+        self.rope_table = torch.stack([torch.cat([self.cos, self.cos], dim=-1), torch.cat([-self.sin, self.sin], dim=-1)],
+                                      dim=1)
 
     @staticmethod
     def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -229,8 +230,8 @@ class DraftForward(LeanForward):
         H, H_kv, D = self.H, self.H_kv, self.D
         B, L = input_ids.shape
         N, R = B * L, H + H_kv
-        flat = positions.reshape(-1)
-        cos, sin = self.cos_full[flat][:, None, :], self.sin_signed[flat][:, None, :]   # [N, 1, D]
+        rope = self.rope_table.index_select(0, positions.reshape(-1))                 # [N, 2, D]
+        cos, sin = rope[:, :1], rope[:, 1:]                                           # [N, 1, D] each
         x = F.embedding(input_ids.reshape(-1), self.embed)                            # [N, E]
         for index, scale, w_qkv, b_qkv, w_o, b_o, w_gate_up, w_down in self.layers:
             h = x / vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
