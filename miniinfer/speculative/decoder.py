@@ -262,7 +262,9 @@ class SpeculativeDecoder:
         if spec_rows:
             rows = [plan.samples[i] for i in spec_rows]
             drafts = [draft_of[id(row.seq)] for row in rows]
-            num_accepted, next_tokens = self._accept(rows, drafts, spec_logits)
+            # Every row speculated (the usual verify step): their logits are the whole tensor, in order.
+            whole = logits if not plain_rows and not tree_rows and offset == logits.shape[0] else None
+            num_accepted, next_tokens = self._accept(rows, drafts, spec_logits, whole)
             for i, (tokens, _), a, token in zip(spec_rows, drafts, num_accepted, next_tokens):
                 spec_tokens[i] = list(tokens[:a]) if token >= 0 else []
                 token_ids[i] = token
@@ -327,13 +329,15 @@ class SpeculativeDecoder:
             flat = cache.view(-1, *cache.shape[2:])
             flat[destination] = flat[source]
 
-    def _accept(self, rows, drafts, spec_logits: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    def _accept(self, rows, drafts, spec_logits: list[torch.Tensor],
+                whole: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
         device = spec_logits[0].device
         if not self.custom_rule and all(row.seq.params.greedy for row in rows):
             # Greedy: a guess survives iff it is the target's argmax; the next token is the argmax after
             # the last survivor. (What accept_draft computes for one-hot p and q, without building them.)
             num_accepted, next_tokens = [], []
-            values, best = torch.cat(spec_logits).max(dim=-1)     # one argmax and one copy for the batch
+            # one argmax for the batch (and no copy when the rows are the whole logits tensor)
+            values, best = (whole if whole is not None else torch.cat(spec_logits)).max(dim=-1)
             best = best.masked_fill(~torch.isfinite(values), -1).tolist()
             offset = 0
             for tokens, _ in drafts:
