@@ -190,7 +190,8 @@ def test_stream_interval_sends_the_same_tokens_in_fewer_chunks(interval):
     with_tokens = [c for c in chunks if c.outputs[0].new_token_ids]
     assert "".join(c.outputs[0].new_text for c in chunks) == expected.outputs[0].text
     assert [t for c in chunks for t in c.outputs[0].new_token_ids] == expected.outputs[0].token_ids
-    assert len(with_tokens[0].outputs[0].new_token_ids) == 1  # the first token is never held back
+    if engine.num_merged_outputs == 0:  # (a reader that falls behind may get the first two merged)
+        assert len(with_tokens[0].outputs[0].new_token_ids) == 1  # the first token is never held back
     assert chunks[-1].finished
     if interval == 1:
         assert len(with_tokens) <= 10  # one per token, unless a reader that falls behind gets them merged
