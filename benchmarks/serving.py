@@ -2,6 +2,8 @@
 
     python benchmarks/serving.py                          # bundled model on CPU: starts a server, writes results/serving_cpu.json
     python benchmarks/serving.py --quick                  # fewer requests, three rates, one overhead pair
+    python benchmarks/serving.py --overhead-requests 64 --overhead-repeats 9 --compare-engine-process --engine-cpus 0
+                                                          # results/serving_cpu.json's run: both engine modes
     python benchmarks/serving.py --url http://host:8000 --model NAME --rates 1 4 16 inf --out results.json
 
 A thin script over :mod:`miniinfer.server.bench` (also ``miniinfer bench serve``), which holds the load

@@ -34,6 +34,12 @@ ratios:
   server's :class:`~miniinfer.server.async_engine.AsyncEngine` in this process (engine thread, streamed
   outputs, hand-over to an event loop) with consumers that only count tokens: the server without HTTP.
 
+``--compare-engine-process`` starts a second server with ``--engine-process`` (and ``--engine-cpus``) and
+measures it in the same interleaved pairs, against the same offline runs
+(``overhead_at_saturation_engine_process``). With ``--engine-cpus`` the load generator runs on the server
+process's CPUs while it loads that server, so that it does not preempt the pinned engine either; the
+offline runs keep this process's CPUs (one torch thread: where it runs does not change its speed here).
+
 The engine work itself is the same in all of them; what the server adds is HTTP, JSON and SSE per
 streamed chunk, the hand-over from the engine thread to the event loop, incremental detokenization
 (streamed requests need text every step) and the two threads' competition for the interpreter lock.
