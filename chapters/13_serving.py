@@ -391,8 +391,8 @@ if recorded is not None and "overhead_at_saturation" in recorded.get("summary", 
 # load generator) on CPU 1 — and with the streamed text made in the server process from the token
 # ids the engine sends (detokenizing twice per token and building an output per token had cost the
 # engine ~4 % of its step), the engine's step is within a few percent of offline's and the server
-# kept 0.93–0.95x of offline's throughput in three sessions (last line): that is the mode that meets
-# the ≤ 10 % goal on this CPU. It needs a spare core, so the thread stays the default; on a GPU the
+# kept 0.91–0.95x of offline's throughput in four sessions (last line: the first), against 0.81–0.84x
+# for the thread: that is the mode that meets the ≤ 10 % goal on this CPU. It needs a spare core, so the thread stays the default; on a GPU the
 # engine's step is GPU time and the event loop's CPU cost overlaps it. `--stream-interval N` sends
 # tokens every N steps, merged: fewer events, burstier streams.
 #
