@@ -242,9 +242,9 @@ def main() -> None:
                key=lambda r: r["speedup"])
     keys = ("proposer", "gamma", "tok/s", "speedup", "tokens/verify")
 
-    def best_of(workload, batch, proposer=None):
+    def best_of(workload, batch, proposer=None, gamma=None):
         found = [r for r in speculative if r["workload"] == workload and r["batch"] == batch and r["sampling"] == "greedy"
-                 and (proposer is None or r["proposer"] == proposer)]
+                 and (proposer is None or r["proposer"] == proposer) and (gamma is None or r["gamma"] == gamma)]
         return {k: max(found, key=lambda r: r["speedup"]).get(k) for k in keys} if found else None
 
     summary = {"best_batch1_greedy": {k: best.get(k) for k in keys},
@@ -253,6 +253,7 @@ def main() -> None:
                "best_repeat_ngram": best_of("repeat", 1, "ngram"),
                "best_self_quote_ngram": best_of("self-quote", 1, "ngram"),
                "best_batch16_greedy": best_of("shakespeare", 16),
+               "batch16_greedy_draft_auto": best_of("shakespeare", 16, "draft", "auto"),
                # plain decoding on the model's own forward, against plain decoding (see the docstring)
                "none_unpacked_speedup": {f"{r['workload']} batch {r['batch']}": r["speedup"] for r in rows
                                          if r["proposer"] == UNPACKED_PLAIN},
