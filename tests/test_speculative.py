@@ -491,6 +491,47 @@ def test_draft_proposer_fast_paths_match_plain_forwards(target, kind):
     assert proposer.num_tracked == 0 and len(proposer.cache.free_rows) == proposer.cache.capacity
 
 
+@pytest.mark.parametrize("kind", ["draft", "self"])
+def test_draft_forward_matches_the_model_and_kv_rows_grow(target, kind):
+    """DraftForward (transposed weights, folded norms, flip RoPE, matmul attention) gives the model's logits
+    up to rounding over a padded batch whose cached prefix is longer than the cache's first allocation
+    (the rows' positions grow, keeping what they held); a single row agrees too."""
+    from miniinfer.speculative.proposers import (
+        ContiguousKVContext,
+        DraftForward,
+        DraftKVCache,
+        self_draft_model,
+    )
+
+    model, _ = target
+    draft = load_model(DRAFT, device="cpu")[0] if kind == "draft" else self_draft_model(model, 2)
+    layers = [layer.self_attn.layer_index for layer in (draft.model.layers if kind == "draft" else
+                                                          [model.model.layers[i] for i in draft.layer_indices])]
+    g = torch.Generator().manual_seed(0)
+    prefix = 40
+    for rows_lengths in ([5, 3], [4]):
+        B, L = len(rows_lengths), max(rows_lengths)
+        ids = torch.randint(0, 4096, (B, L), generator=g)
+        positions = (prefix + torch.arange(L)).expand(B, L)
+        logits = []
+        for forward in (draft, DraftForward(draft)):
+            cache = DraftKVCache(draft.config, 128, torch.device("cpu"), torch.float32, initial_length=16)
+            rows = [cache.allocate_row() for _ in range(B)]
+            for layer in layers:  # the same cached prefix in every row, written before the rows grow
+                k, v = cache.layer(layer)
+                k[:, :, :16] = v[:, :, :16] = 0.25
+            cache.reserve(prefix)
+            for layer in layers:
+                k, v = cache.layer(layer)
+                assert bool((k[:, :, :16] == 0.25).all()) and k.shape[2] == cache.length + 1 >= prefix
+                k[:, :, 16:prefix] = v[:, :, 16:prefix] = 0.25
+            with torch.inference_mode():
+                out = forward(ids, positions, attention=ContiguousKVContext(cache, rows, [prefix] * B, rows_lengths))
+            logits.append(out.reshape(B, L, -1))
+        for b, n in enumerate(rows_lengths):  # padding rows' logits are not compared
+            torch.testing.assert_close(logits[1][b, :n], logits[0][b, :n], atol=1e-3, rtol=1e-3)
+
+
 def test_speculation_gate_follows_measured_cost():
     """"auto" speculates only while it measures cheaper per token than plain decoding (over its recent
     steps), per batch size, probing the other kind now and then; a new batch size follows its nearest
