@@ -271,6 +271,14 @@ class DraftKVCache:
         self.v: dict[int, torch.Tensor] = {}
         self.capacity = 0
         self.free_rows: list[int] = []
+        self._positions: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """0, 1, …, ``length`` (int64; sliced for position and key indices, not rebuilt every forward)."""
+        if self._positions is None or self._positions.numel() < self.length + 1:
+            self._positions = torch.arange(self.length + 1, device=self.device)
+        return self._positions
 
     @property
     def spare(self) -> int:
@@ -334,22 +342,22 @@ class ContiguousKVContext:
             # Rows r0, r0 + 1, … in batch order (the usual case: rows are handed out in order): the cached
             # keys of the batch are a slice of the pool, no gather.
             self.first_row = rows[0] if rows == list(range(rows[0], rows[0] + B)) else None
-            self.rows = torch.tensor(rows, device=device)
-            key_positions = torch.arange(self.S, device=device)
+            index = torch.tensor([rows, starts, lengths], device=device)                          # one copy in
+            self.rows = index[0]
+            key_positions = cache.positions[:self.S]
             if L == 1:  # one new token each (a guess): written at its position, seeing keys 0 … start
-                starts_t = torch.tensor(starts, device=device)
+                starts_t = index[1]
                 self.write_rows, self.write_positions = self.rows[:, None], starts_t[:, None]
-                allowed = key_positions[None, None, :] <= starts_t[:, None, None]                  # [B, 1, S]
+                hidden = key_positions[None, None, :] > starts_t[:, None, None]                    # [B, 1, S]
             else:
-                offsets = torch.arange(L, device=device)
-                positions = torch.tensor(starts, device=device)[:, None] + offsets                # [B, L]
-                padding = offsets[None, :] >= torch.tensor(lengths, device=device)[:, None]
+                offsets = cache.positions[:L]
+                positions = index[1][:, None] + offsets                                            # [B, L]
+                padding = offsets[None, :] >= index[2][:, None]
                 self.write_rows = self.rows[:, None].expand(B, L)
                 self.write_positions = positions.masked_fill(padding, cache.spare)  # padding: the spare slot
-                allowed = key_positions[None, None, :] <= positions[:, :, None]                   # [B, L, S]
+                hidden = key_positions[None, None, :] > positions[:, :, None]                      # [B, L, S]
             # additive (0 / −inf), [B, 1, L, S]; repeated for the G query heads of a KV head at the first layer
-            self.mask = torch.zeros(allowed.shape, device=device, dtype=cache.dtype).masked_fill_(
-                ~allowed, float("-inf")).unsqueeze(1)
+            self.mask = torch.where(hidden, float("-inf"), 0.0).to(cache.dtype).unsqueeze(1)
             self.grouped_mask = None
 
     def attend(self, layer_index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
