@@ -15,6 +15,7 @@ proposers by the same number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from miniinfer.speculative.acceptance import expected_tokens_per_step
@@ -93,9 +94,9 @@ class AdaptiveGamma:
                 return self.min_gamma
             high = min(larger)
             cost = self.step_costs[high]
-            if smaller:
+            if smaller:  # in log₂ of the batch size itself (15 sequences sit next to 16, not 8)
                 low = max(smaller)
-                t = (bucket.bit_length() - low.bit_length()) / (high.bit_length() - low.bit_length())
+                t = min(1.0, math.log2(batch_size / low) / math.log2(high / low))
                 cost = (1 - t) * self.step_costs[low] + t * cost
         return max(self.min_gamma, best_gamma(self.alpha, cost, self.max_gamma))
 
