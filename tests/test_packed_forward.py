@@ -63,13 +63,13 @@ def test_packed_forward_follows_in_place_weight_updates(target):
 
 
 def test_engine_steps_run_the_packed_forward(target):
-    """Every eager CPU step (verify included) runs the packed forward unless cpu_packed_weights=False; the
+    """With cpu_packed_weights=True every eager CPU step (verify included) runs the packed forward; the
     greedy text is the unpacked engine's."""
     from miniinfer.sampling import SamplingParams
 
     model, tokenizer = target
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, speculative_model="ngram",
-                                                      num_speculative_tokens=4))
+                                                      num_speculative_tokens=4, cpu_packed_weights=True))
     assert isinstance(engine.runner.forward, PackedForward)
     assert engine.runner.forward is packed_forward_for(model)
     plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, cpu_packed_weights=False))
@@ -87,7 +87,7 @@ def test_packed_forward_steps_aside_when_the_model_changes(target):
     """A swapped layer (quantize_model after the engine was built), a forward hook, a wrapped forward, a
     replaced ``runner.model``: the model's own forward runs."""
     model, tokenizer = target
-    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, cpu_packed_weights=True))
     packed = engine.runner.forward
     assert isinstance(packed, PackedForward) and packed.usable()
     mlp = model.model.layers[1].mlp
@@ -113,6 +113,93 @@ def test_packed_forward_steps_aside_when_the_model_changes(target):
     wrapper = lambda *args, **kwargs: model(*args, **kwargs)  # noqa: E731
     engine.runner.model = wrapper
     assert engine.runner.forward is wrapper
+
+
+@pytest.mark.parametrize("value", [None, 1, 0, "yes", "Auto", "packed"])
+def test_cpu_packed_weights_accepts_true_false_or_auto(value):
+    assert EngineConfig().cpu_packed_weights == "auto"
+    for ok in (True, False, "auto"):
+        EngineConfig(cpu_packed_weights=ok)
+    with pytest.raises(ValueError, match="cpu_packed_weights must be True, False or 'auto'"):
+        EngineConfig(cpu_packed_weights=value)
+
+
+def test_auto_measures_once_and_keeps_the_faster_forward(target, monkeypatch):
+    """"auto" (the default) times both forwards once per model shape (cached for the process), records the
+    decision and both timings on the runner, and runs the path that measured faster; the greedy text is
+    the same on whichever path it picks."""
+    from miniinfer.engine import packed_forward as pf
+    from miniinfer.sampling import SamplingParams
+
+    model, tokenizer = target
+    monkeypatch.setattr(pf, "_CHOICES", {})
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+    choice = engine.runner.packed_weights_choice
+    assert set(choice) >= {"packed", "linear_ms", "packed_ms", "ratio", "measure_ms", "cached"}
+    assert sorted(choice["linear_ms"]) == sorted(choice["packed_ms"]) == [1, 16]
+    assert all(v > 0 for v in (*choice["linear_ms"].values(), *choice["packed_ms"].values()))
+    assert choice["packed"] == (choice["ratio"] < 1) and not choice["cached"]
+    assert isinstance(engine.runner.forward, PackedForward) if choice["packed"] else engine.runner.forward is model
+    assert choice["measure_ms"] < 2000  # the bundled model: ~0.2 s on a 2-core CPU, packing included
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured twice")
+
+    monkeypatch.setattr(pf, "measure_packed_forward", fail)
+    again = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+    assert again.runner.packed_weights_choice == {**choice, "cached": True}
+    assert type(again.runner.forward) is type(engine.runner.forward)
+    plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, cpu_packed_weights=False))
+    assert plain.runner.packed_weights_choice is None and plain.runner.forward is model
+    texts = []
+    for e in (again, plain):
+        e.add_request("JULIET:\n", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), stream=False)
+        while e.has_unfinished_requests():
+            texts += [out.outputs[0].token_ids for out in e.step() if out.finished]
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("packed_faster", [True, False])
+def test_auto_follows_the_measurement(target, monkeypatch, packed_faster):
+    from miniinfer.engine import packed_forward as pf
+
+    model, tokenizer = target
+    monkeypatch.setattr(pf, "_CHOICES", {})
+    fast, slow = {1: 1e-4, 16: 2e-4}, {1: 2e-4, 16: 3e-4}
+    monkeypatch.setattr(pf, "measure_packed_forward", lambda model, packed: {
+        "linear": slow if packed_faster else fast, "packed": fast if packed_faster else slow})
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, cpu_packed_weights="auto"))
+    assert engine.runner.packed_weights_choice["packed"] is packed_faster
+    assert engine.runner.packed_weights_choice["linear_ms"][1] == (0.2 if packed_faster else 0.1)
+    if packed_faster:
+        assert engine.runner.forward is packed_forward_for(model)
+    else:
+        assert engine.runner.forward is model
+    # A different thread count is a different decision (measured again).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert not LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64)).runner.packed_weights_choice["cached"]
+    finally:
+        torch.set_num_threads(threads)
+    assert LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64)).runner.packed_weights_choice["cached"]
+
+
+def test_auto_does_not_measure_where_packing_does_not_apply(monkeypatch):
+    from miniinfer.engine import packed_forward as pf
+
+    monkeypatch.setattr(pf, "measure_packed_forward", lambda *args: (_ for _ in ()).throw(AssertionError))
+    forward, choice = pf.choose_packed_forward(torch.nn.Linear(2, 2).double())
+    assert forward is None and choice["packed"] is False and "reason" in choice
+
+
+def test_llm_passes_cpu_packed_weights():
+    from miniinfer import LLM
+
+    llm = LLM(cpu_packed_weights=False, num_kv_blocks=32, device="cpu")
+    assert llm.engine.runner.packed_weights_choice is None and llm.engine.runner.forward is llm.engine.runner.model
+    with pytest.raises(ValueError, match="cpu_packed_weights"):
+        LLM(cpu_packed_weights="sometimes", num_kv_blocks=32, device="cpu")
 
 
 def test_adaptive_alpha_counts_only_tested_guesses():

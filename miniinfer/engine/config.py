@@ -28,9 +28,10 @@ class EngineConfig:
     enable_cuda_graphs: bool = True         # replay decode steps as CUDA graphs (GPU only), captured at start-up
     enforce_eager: bool = False             # vLLM's name for the opposite: never use CUDA graphs
     enable_fused_kernels: bool = True       # fused Triton norm/RoPE/SwiGLU kernels on a GPU (default components only)
-    cpu_packed_weights: bool = True         # CPU float32: steps run the model's forward on oneDNN-prepacked weights
-                                            # (miniinfer.engine.packed_forward; default components only): faster
-                                            # small-M matmuls than F.linear/MKL; False: the model's own forward
+    cpu_packed_weights: bool | str = "auto"  # CPU float32: steps run the model's forward on oneDNN-prepacked
+                                            # weights (miniinfer.engine.packed_forward; default components only);
+                                            # False: the model's own forward (F.linear/MKL); "auto": the faster of
+                                            # the two for this model on this CPU, measured once at start-up
     seed: int | None = None                 # seeds the random streams of requests that have no seed of their own
     # Speculative decoding (miniinfer.speculative): None (off) | a draft checkpoint folder (same vocabulary) |
     # "ngram" (prompt lookup) | "self" (the target's first layers); guesses per step: an int or "auto"
@@ -52,9 +53,12 @@ class EngineConfig:
         positive_int("block_size", self.block_size)
         positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs", "enforce_eager",
-                     "enable_fused_kernels", "cpu_packed_weights"):
+                     "enable_fused_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.cpu_packed_weights, bool) or (isinstance(self.cpu_packed_weights, str)
+                                                              and self.cpu_packed_weights == "auto")):
+            raise ValueError(f"cpu_packed_weights must be True, False or 'auto', got {self.cpu_packed_weights!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.prefill_kernel not in PREFILL_KERNELS:

@@ -13,7 +13,8 @@
    eager path would have used.
 3. **Forward**: a decode-only step that fits a captured batch-size bucket replays its CUDA graph
    (captured at start-up, :mod:`miniinfer.engine.cuda_graphs`); anything else runs eagerly — on a CPU
-   in float32 through the model's forward on prepacked oneDNN weights where it applies
+   in float32 through the model's forward on prepacked oneDNN weights where it applies and, by default
+   (``"auto"``), measures faster than the model's own forward on this CPU
    (:mod:`miniinfer.engine.packed_forward`, ``EngineConfig.cpu_packed_weights``).
 4. **Sample** every row in one batched pass (:mod:`miniinfer.sampler`), and bring the tokens to the
    host with one copy.
@@ -156,7 +157,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, backend: AttentionBackend,
                  hooks: EngineHooks | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int = 2048, cuda_graph_max_batch: int = 0, eos_token_ids: tuple[int, ...] = (),
-                 cpu_packed_weights: bool = False):
+                 cpu_packed_weights: bool | str = False):
         self.model = model
         hooks = hooks or EngineHooks()
         self._pack_batch = hooks.pack_batch or pack_batch            # resolved once
@@ -183,12 +184,18 @@ class ModelRunner:
         self.last_step: list[StepEntry] = []  # what the latest step ran, one entry per sequence
         self.speculator = None  # a miniinfer.speculative.SpeculativeDecoder, set by the engine
         # CPU float32: eager steps run the model's forward on prepacked oneDNN weights (same math, faster
-        # small-M matmuls), for the model it was built for; None: the model's own forward.
+        # small-M matmuls on some CPUs), for the model it was built for; None: the model's own forward.
+        # "auto": whichever of the two measures faster here (timed once per model shape in the process);
+        # the decision and both timings stay in packed_weights_choice (None where nothing was measured).
         self.packed_forward = None
+        self.packed_weights_choice: dict | None = None
         if cpu_packed_weights and self.device.type == "cpu":
-            from miniinfer.engine.packed_forward import packed_forward_for
+            from miniinfer.engine.packed_forward import choose_packed_forward, packed_forward_for
 
-            self.packed_forward = packed_forward_for(model)
+            if cpu_packed_weights == "auto":
+                self.packed_forward, self.packed_weights_choice = choose_packed_forward(model)
+            else:
+                self.packed_forward = packed_forward_for(model)
         self._packed_model = model
         # The course's sampler plug-in (Components.probabilities) runs per row, in Python.
         from miniinfer.components import Components

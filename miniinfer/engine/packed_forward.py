@@ -13,7 +13,7 @@ about even in isolation, yet batch-1 decoding through the whole packed forward m
 :class:`PackedForward` is :class:`~miniinfer.speculative.proposers.LeanForward` (the model's forward as
 one flat function: same contract, same math, less Python per layer) with those matmuls. The model
 runner calls it for every eager CPU step — prefill, decode and speculative verify — when
-``EngineConfig.cpu_packed_weights`` is on (the default) and :meth:`PackedForward.supports` the model:
+``EngineConfig.cpu_packed_weights`` is True (or ``"auto"``, the default, and it measures faster) and :meth:`PackedForward.supports` the model:
 float32 on the CPU, oneDNN built in, a Qwen2 / Llama model on the default components, plain
 ``nn.Linear`` layers, no per-head q/k norms. Anything else, and any step where :meth:`PackedForward.usable`
 says the model changed under it (its components replaced, a layer swapped — ``quantize_model`` after
@@ -24,16 +24,29 @@ the next step.
 Results are the model's up to float rounding (a different summation order), so a greedy text can
 differ from the unpacked path's where two logits nearly tie; ``cpu_packed_weights=False`` gives the
 model's own forward everywhere.
+
+Which path is faster depends on the CPU: the figures above are from one machine; on another (a Xeon
+with AVX-512 and AMX) oneDNN's inner product cost ~13–17 µs per call at 1–5 rows against 2–8 µs for
+MKL, and batch-1 decoding through the model's own forward was ~1.25 × faster than the packed one. So
+``cpu_packed_weights="auto"`` (the default) measures: :func:`choose_packed_forward` times both forwards
+once on decode-shaped inputs (1 and 16 rows; attention left out, it is the same on both paths) and
+keeps the faster, a decision cached for the process per model shape, dtype and torch thread count.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import statistics
+import time
 import weakref
 
 import torch
 from torch import nn
 
-__all__ = ["PackedForward", "packed_forward_for"]
+__all__ = ["PackedForward", "choose_packed_forward", "measure_packed_forward", "packed_forward_for"]
+
+log = logging.getLogger("miniinfer.engine.packed_forward")
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -188,3 +201,93 @@ def packed_forward_for(model: nn.Module) -> PackedForward | None:
     except RuntimeError:  # a oneDNN build that cannot pack these weights: the model's own forward
         return None
     return forward
+
+
+class _NoAttention:
+    """The attention context of a timing run: the queries stand in for attention's output (attention
+    costs the same on both paths, and would only add noise to their difference)."""
+
+    @staticmethod
+    def attend(layer_index, q, k, v, scale):
+        return q
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What decides the two paths' costs: the model's shapes, its dtype, torch's thread count."""
+    config = model.config
+    linears = tuple((tuple(module.weight.shape), module.bias is not None) for layer in model.model.layers
+                    for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                   layer.mlp.down_proj))
+    head = model.lm_head_weight
+    return (type(model).__name__, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            linears, tuple(head.shape), head.dtype, torch.get_num_threads())
+
+
+def measure_packed_forward(model: nn.Module, packed: PackedForward, rows: tuple[int, ...] = (1, 16),
+                           repeats: int = 9) -> dict:
+    """Seconds per forward of the model's own forward (``F.linear``, MKL) and of ``packed``, at each of
+    ``rows`` decode rows (one token per sequence, every row's logits): the median of ``repeats`` calls
+    each, the two paths alternating (so that a load spike hits both), after two warm-up calls each."""
+    vocab = model.config.vocab_size
+    timings: dict[str, dict[int, float]] = {"linear": {}, "packed": {}}
+    attention = _NoAttention()
+    with torch.inference_mode():
+        for n in rows:
+            ids = torch.arange(n, dtype=torch.int32) % vocab
+            positions = torch.arange(8, 8 + n, dtype=torch.int32)
+            indices = torch.arange(n, dtype=torch.int32)
+            calls = {"linear": lambda ids=ids, positions=positions, indices=indices: model(
+                         ids, positions, attention=attention, logits_indices=indices),
+                     "packed": lambda ids=ids, positions=positions, indices=indices: packed(
+                         ids, positions, attention, indices)}
+            samples: dict[str, list[float]] = {name: [] for name in calls}
+            for _ in range(2):
+                for call in calls.values():
+                    call()
+            for _ in range(repeats):
+                for name, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    samples[name].append(time.perf_counter() - start)
+            for name in calls:
+                timings[name][n] = statistics.median(samples[name])
+    return timings
+
+
+_CHOICES: dict[tuple, dict] = {}  # _signature(model) -> the decision of choose_packed_forward
+
+
+def choose_packed_forward(model: nn.Module) -> tuple[PackedForward | None, dict]:
+    """``cpu_packed_weights="auto"``: the model's packed forward if it measures faster than the model's
+    own, else None; and the decision: ``{"packed": bool, "linear_ms": {rows: ms}, "packed_ms": {rows:
+    ms}, "ratio": packed / linear (geometric mean over the row counts), "measure_ms", "cached"}``.
+
+    Measured once per process for each model shape, dtype and torch thread count (:func:`_signature`);
+    a model the packed forward does not apply to gets None without a measurement."""
+    if not PackedForward.supports(model):
+        return None, {"packed": False, "reason": "the packed forward does not apply to this model"}
+    key = _signature(model)
+    decision = _CHOICES.get(key)
+    if decision is not None:
+        packed = packed_forward_for(model) if decision["packed"] else None  # F.linear: nothing to pack
+        return packed, {**decision, "cached": True}
+    existed = model in _PACKED
+    started = time.perf_counter()
+    packed = packed_forward_for(model)
+    if packed is None:
+        return None, {"packed": False, "reason": "this oneDNN build cannot pack the model's weights"}
+    timings = measure_packed_forward(model, packed)
+    rows = sorted(timings["linear"])
+    ratio = math.exp(statistics.fmean(math.log(timings["packed"][n] / timings["linear"][n]) for n in rows))
+    decision = {"packed": ratio < 1.0,
+                "linear_ms": {n: round(timings["linear"][n] * 1e3, 4) for n in rows},
+                "packed_ms": {n: round(timings["packed"][n] * 1e3, 4) for n in rows},
+                "ratio": round(ratio, 4), "measure_ms": round((time.perf_counter() - started) * 1e3, 1)}
+    _CHOICES[key] = decision
+    if not decision["packed"] and not existed:
+        _PACKED.pop(model, None)  # not used: do not keep a second copy of the weights alive with the model
+    log.info("cpu_packed_weights='auto': %s (forward ms at %s rows: F.linear %s, packed %s; packed/F.linear "
+             "%.3f; measured in %.0f ms)", "packed oneDNN weights" if decision["packed"] else "F.linear",
+             rows, list(decision["linear_ms"].values()), list(decision["packed_ms"].values()), ratio,
+             decision["measure_ms"])
+    return (packed if decision["packed"] else None), {**decision, "cached": False}
