@@ -533,6 +533,33 @@ else:
     print("No GPU results yet: run `python benchmarks/quantization.py` on a CUDA machine.")
 
 # %% [markdown]
+# **What did not help, measured.** Two textbook remedies for a memory-bound kernel were tried on
+# the H200 and kept as CTA shape codes of the same kernel, so that anyone can re-run the comparison
+# (`scripts/gpu/int4_shapes.py --codes …`):
+#
+# * *More bytes in flight*: a ring of 5–16 steps per warp in shared memory, filled by `cp.async`
+#   (up to ~120 KB requested per SM instead of at most 32 KB). If the kernel were waiting on DRAM
+#   latency this would have helped; it was slower everywhere, and deeper rings slower still.
+# * *Contiguous reads*: GPTQ's layout puts the four packed rows a warp reads 32 KB apart; a tiled
+#   copy of the weights (`tile_int4_weight`) makes each warp's reads one contiguous stream. Equal at
+#   M = 1 on 8192², faster at M = 16 and on the widest matrix.
+#
+# Both hypotheses were reasonable and both were wrong for M = 1: that is why the kernel is tuned by
+# measurement, not by argument. A straight-line fit of time against bytes over the five matrices
+# says ~4.5 µs of every call is fixed (launch inside a CUDA graph, the first load's latency, the
+# CTA's reduction and its tail): a third of the 8192² time, and the next thing to attack.
+
+# %%
+variants_file = results_dir / "int4_variants_h200.json"
+if variants_file.exists():
+    variants = json.loads(variants_file.read_text())
+    print(f"{variants['card']}, {variants['date'][:10]}: best of each data path (µs)")
+    for row in variants["summary"]["best_per_data_path"]:
+        if row["K"] == 8192:
+            print(f"8192² M={row['M']:2d} {row['data path']:14s} {row['best us']:6.1f} µs  "
+                  f"{row['% floor']:5.1f} % of the floor   ({row['shape']}, split {row['split']})")
+
+# %% [markdown]
 # ## Summary
 #
 # * Quantization stores $w \approx s\,(q - z)$ with few-bit integers $q$ and a scale (and zero
