@@ -39,7 +39,9 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``,
     ``num_kv_blocks``, ``enable_prefix_caching``, ``enable_chunked_prefill``, ``attention_backend``,
     ``gpu_memory_utilization``, ``cpu_kv_cache_gib``, ``enable_cuda_graphs`` / ``enforce_eager``,
-    ``enable_fused_kernels``, ``cpu_packed_weights``.
+    ``enable_fused_kernels``, ``cpu_packed_weights`` (True, False or "auto", the default: on a CPU in
+    float32, the faster of the oneDNN-prepacked forward and the model's own, measured once at start-up;
+    ``llm.engine.runner.packed_weights_choice`` holds the decision and both timings).
     ``speculative_model`` (chapter 10: None, a draft checkpoint folder with the same tokenizer, "ngram"
     or "self"), ``num_speculative_tokens`` (an int or "auto") and ``speculative_tree`` (a tree width, with
     a draft model, on the CPU backends) turn on speculative decoding; ``stats()`` then adds
