@@ -23,11 +23,11 @@ decoding of the same workload: the median over passes of the ratio within each p
 the number the theory E(α, γ) predicts), ``mean accepted`` accepted guesses per verify, ``α``
 accepted / proposed guesses. Greedy outputs are checked to equal plain greedy decoding.
 
-On a CPU every engine step (plain decoding, prefill, verify) runs the model's forward on
-oneDNN-prepacked weights (:mod:`miniinfer.engine.packed_forward`, ``EngineConfig.cpu_packed_weights``),
-so speculation is measured against equally fast plain decoding. The ``none (F.linear)`` rows are plain
-decoding with ``cpu_packed_weights=False`` (the model's own forward, MKL through ``F.linear``) — the
-baseline before the packed forward became the engine's, a reference for older results.
+On a CPU the engine's steps (plain decoding, prefill, verify) run on whichever of the model's own
+forward (MKL through ``F.linear``) and oneDNN-prepacked weights (:mod:`miniinfer.engine.packed_forward`)
+it measured faster at start-up (``EngineConfig.cpu_packed_weights="auto"``), so speculation is measured
+against the engine's default plain decoding on the same matmuls. The ``none (F.linear)`` rows are plain
+decoding with ``cpu_packed_weights=False``: equal to the baseline where auto picked ``F.linear``.
 
 ``draft tree w=W`` rows run token trees in the engine (the draft's top-W first tokens, each continued
 greedily, about γ guessed tokens in all; CPU backends only; the draft builds each tree with plain
