@@ -306,3 +306,24 @@ def test_bad_arguments_raise_clear_errors():
                                 seq_lens, 0.25, backend="torch")
     with pytest.raises(ValueError, match="slot_mapping"):
         write_kv(torch.randn(3, 2, 16), torch.randn(3, 2, 16), k_cache, v_cache, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("capacity,long_context", [(4096, 4096), (32768, 32768), (1024, 2048)])
+def test_backend_timing_workloads_keep_the_cuda_kernels_contract(capacity, long_context):
+    """The engine times the decode kernels at start-up on these workloads. The CUDA kernel refuses a
+    max_seq_len past the block tables' width (max_blocks · P): tables as narrow as the context with the
+    engine's capacity as max_seq_len failed that check on every workload (on the H200 the failed check
+    took the process down while a 0.5B model loaded with max_model_len 4096). Each workload must be one
+    the kernel accepts, and the torch reference must run it."""
+    from miniinfer.engine.attention_backends import decode_workloads
+
+    P = 16
+    for q, k_cache, v_cache, tables, lengths, max_seq_len in decode_workloads(
+            "cpu", torch.float32, 4, 2, 8, P, long_context=long_context, capacity=capacity):
+        assert tables.dtype == torch.int32 and lengths.dtype == torch.int32
+        assert max_seq_len <= tables.shape[1] * P, "the CUDA kernel's TORCH_CHECK would refuse this"
+        assert max_seq_len >= capacity and int(lengths.max()) <= max_seq_len
+        assert 0 <= int(tables.min()) and int(tables.max()) < k_cache.shape[0]
+        if q.shape[0] == 1 and max_seq_len <= 4096:
+            out = paged_decode_attention(q, k_cache, v_cache, tables, lengths, 8 ** -0.5, backend="torch")
+            assert torch.isfinite(out).all()

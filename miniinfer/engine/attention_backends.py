@@ -228,6 +228,30 @@ def _decode_time(fn: Callable, q, k_cache, v_cache, block_tables, seq_lens, scal
     return (time.perf_counter() - started) / repeats
 
 
+def decode_workloads(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                     block_size: int, long_context: int, capacity: int) -> list[tuple]:
+    """The three timing workloads of :func:`measure_decode_backends`: (q, k_cache, v_cache, block_tables,
+    seq_lens, max_seq_len) each. The block tables are as wide as the engine's (``capacity`` keys, or the
+    context if longer): the CUDA kernel sizes its grid by ``max_seq_len`` and refuses a ``max_seq_len``
+    past the tables' width. Entries past a sequence's blocks point at block 0, as padding does."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    workloads = []
+    for batch, context in ((1, 2048), (1, long_context), (64, 1024)):
+        blocks_per_seq = -(-context // block_size)
+        width = -(-max(capacity, context) // block_size)
+        num_blocks = batch * blocks_per_seq
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        k_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        v_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+        q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype, generator=generator)
+        tables = torch.zeros(batch, width, dtype=torch.int32, device=device)
+        tables[:, :blocks_per_seq] = torch.randperm(num_blocks, device=device, generator=generator).view(
+            batch, blocks_per_seq).int()
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+        workloads.append((q, k_cache, v_cache, tables, lengths, width * block_size))
+    return workloads
+
+
 @functools.cache
 def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
                             block_size: int, long_context: int = 32768,
@@ -241,18 +265,7 @@ def measure_decode_backends(device: str, dtype: torch.dtype, num_heads: int, num
     divided by the best backend's (1.0 = fastest). Backends that cannot run these inputs (the CUDA
     kernel takes head dims 64 and 128 only) are left out.
     """
-    generator = torch.Generator(device=device).manual_seed(0)
-    workloads = []
-    for batch, context in ((1, 2048), (1, long_context), (64, 1024)):
-        blocks_per_seq = -(-context // block_size)
-        num_blocks = batch * blocks_per_seq
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        k_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
-        v_cache = torch.randn(shape, device=device, dtype=dtype, generator=generator)
-        q = torch.randn(batch, num_heads, head_dim, device=device, dtype=dtype, generator=generator)
-        tables = torch.randperm(num_blocks, device=device, generator=generator).view(batch, blocks_per_seq).int()
-        lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-        workloads.append((q, k_cache, v_cache, tables, lengths, max(capacity, context)))
+    workloads = decode_workloads(device, dtype, num_heads, num_kv_heads, head_dim, block_size, long_context, capacity)
     candidates = {"triton": paged_decode_attention_triton}
     if cuda_supports(workloads[0][0], workloads[0][1]) is None:
         candidates["cuda"] = paged_decode_attention_cuda
