@@ -463,8 +463,10 @@ yours = LLM(MODEL, num_kv_blocks=64, hooks=EngineHooks(needs_copy_on_write=logge
 mine = yours.generate([prompt_ids], sampling, use_tqdm=False)[0]
 theirs = LLM(MODEL, num_kv_blocks=64).generate([prompt_ids], sampling, use_tqdm=False)[0]
 for completion, reference in zip(mine.outputs, theirs.outputs):
-    print(f"sample {completion.index}: {completion.text!r}  (same as the package: "
-          f"{completion.token_ids == reference.token_ids})")
+    # The sampled text itself depends on the CPU's float rounding (a near-tie can flip a token), so
+    # the answer key prints what must hold everywhere: your rule reproduces the package token for token.
+    print(f"sample {completion.index}: {len(completion.token_ids)} tokens, same as the package: "
+          f"{completion.token_ids == reference.token_ids}")
 print(f"shared blocks your rule had copied: {sorted(copied)}; "
       f"prompt tokens computed: {yours.stats()['prefill_tokens_computed']}")
 

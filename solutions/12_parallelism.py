@@ -140,7 +140,9 @@ with torch.no_grad():
     single = model(torch.tensor(ids))
 for rank, result in enumerate(results):
     error = (result["logits"] - single).abs().max().item()
-    print(f"rank {rank}: max |TP - one process| = {error:.1e} (logit range {float(single.max() - single.min()):.1f})")
+    # float32 sums in another order: a few 1e-6 of a logit range of ~30, the exact value varies by CPU
+    print(f"rank {rank}: max |TP - one process| < 1e-4: {error < 1e-4} "
+          f"(logit range {float(single.max() - single.min()):.1f})")
 print("greedy continuation, 2 ranks:", repr(tokenizer.decode(results[0]["tokens"][0])))
 comm = results[0]["comm"]
 print({op: v for op, v in comm.items()}, "per forward of", len(ids[0]), "tokens")
@@ -385,7 +387,7 @@ except Exception as error:  # exercise 12.4 not written yet
 moe_results = pool.run(tasks.ep_forward, moe, [40, 40], None)
 for rank, result in enumerate(moe_results):
     error = (result["routed"] - result["reference"]).abs().max().item()
-    print(f"rank {rank}: max |EP - dense| {error:.1e}; all-to-all bytes {result['all_to_all_bytes']:,}")
+    print(f"rank {rank}: max |EP - dense| < 1e-4: {error < 1e-4}; all-to-all bytes {result['all_to_all_bytes']:,}")
 shares = moe_results[0]["balance"]["share"]
 print("share of pairs per expert:", [round(s, 3) for s in shares], "aux loss",
       round(moe_results[0]["balance"]["aux_loss"], 3))
