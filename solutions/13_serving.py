@@ -393,9 +393,27 @@ if recorded is not None and "overhead_at_saturation" in recorded.get("summary", 
 # ids the engine sends (detokenizing twice per token and building an output per token had cost the
 # engine ~4 % of its step), the engine's step is within a few percent of offline's and the server
 # kept 0.91–0.95x of offline's throughput in four sessions (last line: the first), against 0.81–0.84x
-# for the thread: that is the mode that meets the ≤ 10 % goal on this CPU. It needs a spare core, so the thread stays the default; on a GPU the
-# engine's step is GPU time and the event loop's CPU cost overlaps it. `--stream-interval N` sends
-# tokens every N steps, merged: fewer events, burstier streams.
+# for the thread: that is the mode that meets the ≤ 10 % goal on this CPU. It needs a spare core, so
+# the thread stays the default. `--stream-interval N` sends tokens every N steps, merged: fewer
+# events, burstier streams.
+#
+# One might expect a GPU to hide the event loop's CPU behind the engine's GPU time. The H200 run says
+# otherwise: a decode step of a 0.5B model with a hundred sequences is ~3 ms, most of it the engine's
+# own Python (scheduling, sampling, building outputs) while the GPU replays a CUDA graph, so the step
+# *is* interpreter time, and beside the event loop it more than doubles:
+
+# %%
+gpu_file = MODEL.parents[3] / "benchmarks/results/serving_h200.json"
+if gpu_file.exists():
+    gpu = json.loads(gpu_file.read_text())
+    cost = gpu["summary"]["overhead_at_saturation"]
+    print(f"{gpu['card']}, {gpu['date'][:10]}, {gpu['summary']['engine']}: server {cost['server_vs_offline_tok_s']:.2f}x "
+          f"offline at saturation; engine steps offline {cost['offline_step_ms']:.2f} ms, "
+          f"in the server {cost['server_step_ms']:.2f} ms")
+
+# %% [markdown]
+# That is the case for the engine process (not yet measured on the GPU) and, further, for an engine
+# whose CPU work per step overlaps the GPU's (vLLM's and SGLang's asynchronous scheduling).
 #
 # ## 7. What the metrics tell an operator
 #
