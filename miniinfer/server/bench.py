@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -447,23 +448,18 @@ def bridge_run(bridge, llm, num_requests: int, max_tokens: int) -> dict:
     return {"tokens": tokens, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
+@contextlib.contextmanager
 def _pinned(cpus: set[int] | None):
     """Run this (the load generator's) process on ``cpus`` for a while; None: leave it where it is."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def pinned():
-        if not cpus:
-            yield
-            return
-        before = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, cpus)
-        try:
-            yield
-        finally:
-            os.sched_setaffinity(0, before)
-
-    return pinned()
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requests: int, max_tokens: int,
@@ -583,9 +579,9 @@ def load_generator_cpus(server) -> set[int] | None:
         return None
     if not engine_cpus:
         return None
-    from miniinfer.server.engine_process import parse_cpu_list
+    from miniinfer.server.engine_process import available_cpus, parse_cpu_list
 
-    rest = set(os.sched_getaffinity(0)) - parse_cpu_list(engine_cpus)
+    rest = (available_cpus() or set()) - parse_cpu_list(engine_cpus)
     return rest or None
 
 
@@ -618,11 +614,12 @@ def run_benchmark(args, echo=print) -> dict:
         process_args = ["--engine-process"] + (["--engine-cpus", engine_cpus] if engine_cpus else [])
         if getattr(args, "engine_process", False):
             server_args += process_args
-        server = ServerProcess(*server_args)
+        startup_timeout = getattr(args, "server_startup_timeout", 90.0)
+        server = ServerProcess(*server_args, startup_timeout=startup_timeout)
         url = server.url
         if getattr(args, "compare_engine_process", False) and not getattr(args, "engine_process", False):
             # The same server with its engine in a process of its own, measured in the same pairs.
-            process_server = ServerProcess(*server_args, *process_args)
+            process_server = ServerProcess(*server_args, *process_args, startup_timeout=startup_timeout)
     pid = None if server is None else server_pids(server)
     client_cpus = None if server is None else load_generator_cpus(server)
     rows: list[dict] = []
@@ -812,6 +809,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-requests", type=_positive_int, default=None,
                         help="requests in each overhead run (default: --num-requests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
+    parser.add_argument("--server-startup-timeout", type=float, default=90.0,
+                        help="seconds the server it starts may take to answer /health (default 90; a first start "
+                             "on a GPU compiles kernels and captures CUDA graphs)")
     parser.add_argument("--out", help="also write the report as JSON to this file (benchmarks/results schema)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")

@@ -65,7 +65,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 SERVER_PACKAGES = ["fastapi", "uvicorn", "httpx"]
 
 START = time.perf_counter()
-SERVER_LOGS: list[Path] = []  # the logs of the servers `bench serve` started (see longer_server_startup)
+SERVER_LOG_DIR = Path(tempfile.mkdtemp(prefix="miniinfer-serving-logs-"))  # TMPDIR of the servers bench starts
 
 
 def log(message: str) -> None:
@@ -245,31 +245,11 @@ def warm_up(folder: Path, device: str, max_num_seqs: int) -> None:
         torch.cuda.empty_cache()
 
 
-def longer_server_startup(seconds: float) -> None:
-    """``bench serve`` starts its server through ``ServerProcess`` with a 90 s limit; the first start on a
-    GPU (kernel measurements, CUDA graph capture) may come close, so give it ``seconds``; note its log."""
-    from miniinfer.server import testing
-
-    original = testing.ServerProcess.__init__
-    if getattr(original, "_longer_startup", False):
-        return
-
-    def init(self, *args, startup_timeout: float = seconds):
-        try:
-            original(self, *args, startup_timeout=max(startup_timeout, seconds))
-        finally:
-            if getattr(self, "log_path", None) is not None:
-                SERVER_LOGS.append(self.log_path)
-
-    init._longer_startup = True
-    testing.ServerProcess.__init__ = init
-
-
 def bench_arguments(args, folder: Path) -> list[str]:
     return ["--model", str(folder), "--device", args.device, "--rates", *args.rates,
             "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
             "--max-num-seqs", str(args.max_num_seqs), "--overhead-repeats", str(args.overhead_repeats),
-            "--out", str(args.out)]
+            "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)]
 
 
 def run_bench(args, folder: Path) -> dict:
@@ -280,7 +260,7 @@ def run_bench(args, folder: Path) -> dict:
     parser = argparse.ArgumentParser(prog="miniinfer bench serve")
     bench.add_bench_serve_arguments(parser)
     bench_args = parser.parse_args(argv)
-    longer_server_startup(args.server_startup_timeout)
+    os.environ["TMPDIR"] = str(SERVER_LOG_DIR)  # ServerProcess writes its server's log there
     code = bench.run(bench_args)
     if code:
         raise SystemExit(f"miniinfer bench serve exited with {code}")
@@ -353,7 +333,8 @@ def parse_args(argv=None):
 def keep_server_log(out: Path) -> None:
     """Copy the log of the server this run started (``ServerProcess`` writes it to $TMPDIR) beside ``out``,
     unless it is empty (the server logs warnings and errors only)."""
-    logs = [p for p in SERVER_LOGS if p.is_file() and p.stat().st_size]
+    logs = sorted((p for p in SERVER_LOG_DIR.glob("miniinfer-serve-*.log") if p.stat().st_size),
+                  key=lambda p: p.stat().st_mtime)
     if logs:
         target = out.with_name(out.stem + "_server.log")
         target.parent.mkdir(parents=True, exist_ok=True)
