@@ -345,6 +345,51 @@ def test_best_first_tree_spends_its_budget_on_the_likeliest_paths(target):
         draft_tree_best_first(draft, ids, 0, 2)
 
 
+def test_acceptance_calibration_learns_what_verification_accepts(target):
+    """AcceptanceCalibration: an unseen bin answers the draft's probability (the bin's centre); counts take
+    over as they come; only tested nodes (children of the root and of accepted nodes) teach it. A
+    calibration that has seen first guesses always accepted and second guesses never makes the best-first
+    tree the draft's greedy chain, whatever the draft's own probabilities say."""
+    from miniinfer.speculative.tree import (
+        AcceptanceCalibration,
+        TokenTree,
+        draft_tree,
+        draft_tree_best_first,
+        tested_nodes,
+    )
+
+    calibration = AcceptanceCalibration(num_bins=5, prior_weight=2.0)
+    assert calibration.estimate(0, 0.13) == pytest.approx(0.1)
+    for _ in range(98):
+        calibration.observe(0, 0.13, True)
+    assert calibration.estimate(0, 0.19) == pytest.approx((0.2 + 98) / 100)
+    assert calibration.estimate(1, 0.13) == pytest.approx(0.1)  # another rank: another bin
+    #        0
+    #      1   2        node 1 accepted, node 2 rejected; 3 and 4 under node 1: 3 accepted, 4 tested
+    #     3 4   5       and rejected; 5 under the rejected node 2: never tested
+    tree = TokenTree([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2],
+                     [(0, 1.0), (0, 0.5), (1, 0.3), (0, 0.5), (1, 0.3), (0, 0.9)])
+    assert sorted(tested_nodes(tree, [1, 3])) == [1, 2, 3, 4]
+    fresh = AcceptanceCalibration()
+    fresh.observe_tree(tree, [1, 3])
+    assert fresh.counts[(0, 2)][1] == fresh.prior_weight + 2 and fresh.counts[(1, 1)][1] == fresh.prior_weight + 2
+    assert (0, 4) not in fresh.counts  # node 5 was never judged
+    with pytest.raises(ValueError):
+        AcceptanceCalibration(prior_weight=0)
+
+    model, tokenizer = target
+    draft, _ = load_model(DRAFT, device="cpu")
+    ids = tokenizer.encode("JULIET.\nO Romeo, Romeo")
+    sure = AcceptanceCalibration(prior_weight=1e-6)
+    for bin_probability in (0.1, 0.3, 0.5, 0.7, 0.9):
+        for _ in range(100):
+            sure.observe(0, bin_probability, True)
+            sure.observe(1, bin_probability, False)
+    chain = draft_tree_best_first(draft, ids, 6, 2, sure)
+    assert chain.tokens == draft_tree(draft, ids, 1, 6).tokens and chain.parents == list(range(-1, 6))
+    assert [rank for rank, _ in chain.confidence] == [0] * 7
+
+
 def test_multi_candidate_rule_is_exact(seed):
     """SpecInfer's rule with deterministic candidates and with candidates drawn from q: the emitted token
     follows p (chi-square over 6000 draws each)."""

@@ -77,6 +77,7 @@ class SpeculativeDecoder:
         self._gate_step: tuple[int, bool, float] | None = None
         self._one_off = False
         self._trees: dict[int, list[int]] = {}
+        self._tree_confidence: dict[int, list[tuple[int, float]]] = {}
         self._plan = None
         self._runner = None
         if num_speculative_tokens == "auto":
@@ -117,6 +118,7 @@ class SpeculativeDecoder:
         self._gate_step = None
         self._one_off = False
         self._trees: dict[int, list[int]] = {}   # id(seq) -> parents of its token tree (tree speculation)
+        self._tree_confidence: dict[int, list[tuple[int, float]]] = {}  # id(seq) -> its nodes' (rank, p)
         if self.tree_width and max(plan.num_new_tokens) > MAX_VERIFY_QUERIES:
             return  # a long prefill chunk in this step: tree masks need the batched verify attention
         if len(plan.samples) != len(plan.seqs) and any(row.is_fork for row in plan.samples):
@@ -173,6 +175,8 @@ class SpeculativeDecoder:
             draft_probs[b] = proposal.probs[:k] if proposal.probs is not None else None
             if proposal.parents is not None:
                 self._trees[id(seq)] = list(proposal.parents[:k + 1])  # a prefix of the nodes is a tree
+                if proposal.confidence is not None:
+                    self._tree_confidence[id(seq)] = list(proposal.confidence[:k + 1])
         plan.copies = plan.copies + manager.take_pending_copies()
         if any(draft_tokens):
             plan.draft_tokens, plan.draft_probs = draft_tokens, draft_probs
@@ -278,7 +282,7 @@ class SpeculativeDecoder:
         from miniinfer.speculative.tree import TokenTree, multi_candidate_accept
 
         seq = row.seq
-        tree = TokenTree([seq.token_ids[-1], *guesses], self._trees[id(seq)])
+        tree = TokenTree([seq.token_ids[-1], *guesses], self._trees[id(seq)], self._tree_confidence.get(id(seq)))
         depths = tree.depths
         if not bool(torch.isfinite(logits).all()):
             return [], -1
@@ -308,6 +312,7 @@ class SpeculativeDecoder:
                 break
             path.append(nxt)
             node = nxt
+        self.proposer.observe_tree(tree, path)  # a tree proposer learns how often its guesses survive
         self._compact_kv(seq, path)
         return [tree.tokens[n] for n in path], int(token)
 

@@ -48,6 +48,8 @@ class Proposal:
     #: a token tree instead of a chain: parents[i] of node i (node 0 = the sequence's newest token, parent
     #: -1; node i ≥ 1 is tokens[i − 1]); every guess deterministic (one-hot q)
     parents: list[int] | None = None
+    #: with ``parents``: each node's (rank among its parent's candidates, draft probability), node 0 first
+    confidence: list[tuple[int, float]] | None = None
 
 
 class Proposer:
@@ -60,6 +62,9 @@ class Proposer:
 
     def release(self, seq: Sequence) -> None:
         pass
+
+    def observe_tree(self, tree, path: list[int]) -> None:
+        """A tree this proposer guessed was verified: ``path`` is the accepted nodes (tree proposers learn)."""
 
 
 def ngram_lookup(token_ids: list[int], num_tokens: int, max_n: int = 3, min_n: int = 1) -> list[int]:
@@ -572,13 +577,20 @@ class TreeDraftProposer(Proposer):
     def __init__(self, model: nn.Module, width: int):
         if width < 2:
             raise ValueError(f"a token tree needs a width of at least 2, got {width}")
+        from miniinfer.speculative.tree import AcceptanceCalibration
+
         self.model, self.width = model, width
+        # What verification accepted, per (rank, draft probability): the trees are grown by these estimates.
+        self.calibration = AcceptanceCalibration()
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[Proposal]:
         from miniinfer.speculative.tree import draft_tree_best_first
 
         proposals = []
         for seq, k in zip(seqs, num_tokens):
-            tree = draft_tree_best_first(self.model, seq.token_ids, max(1, k), self.width)
-            proposals.append(Proposal(tree.tokens[1:], parents=tree.parents))
+            tree = draft_tree_best_first(self.model, seq.token_ids, max(1, k), self.width, self.calibration)
+            proposals.append(Proposal(tree.tokens[1:], parents=tree.parents, confidence=tree.confidence))
         return proposals
+
+    def observe_tree(self, tree, path: list[int]) -> None:
+        self.calibration.observe_tree(tree, path)

@@ -39,8 +39,9 @@ import torch
 
 from miniinfer.speculative.acceptance import draw_from, residual_distribution
 
-__all__ = ["TokenTree", "tree_attention_mask", "build_tree", "draft_tree", "draft_tree_best_first", "tree_logits",
-           "verify_tree_greedy", "multi_candidate_accept", "verify_tree_sampled"]
+__all__ = ["TokenTree", "tree_attention_mask", "build_tree", "draft_tree", "draft_tree_best_first",
+           "AcceptanceCalibration", "tested_nodes", "tree_logits", "verify_tree_greedy", "multi_candidate_accept",
+           "verify_tree_sampled"]
 
 
 @dataclass
@@ -49,6 +50,9 @@ class TokenTree:
 
     tokens: list[int]
     parents: list[int]
+    #: how each node was chosen, where a draft grew the tree: (rank among its parent's candidates, the draft's
+    #: probability of it); node 0's entry is (0, 1.0). What :class:`AcceptanceCalibration` learns from.
+    confidence: list[tuple[int, float]] | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens or self.parents[0] != -1 or len(self.tokens) != len(self.parents):
@@ -115,42 +119,112 @@ def draft_tree(draft_model, token_ids: list[int], width: int, depth: int) -> Tok
     return build_tree(token_ids[-1], branches)
 
 
-@torch.inference_mode()
-def draft_tree_best_first(draft_model, token_ids: list[int], num_guesses: int, width: int = 2) -> TokenTree:
-    """The ``num_guesses`` continuations the draft believes in most: a tree grown best-first.
+class AcceptanceCalibration:
+    """How often the target accepts a draft's guess, as a function of how the draft ranked it and how sure
+    it was: counts per (rank, confidence bin), learnt from the verify steps.
 
-    A node's *path probability* is the product of the draft's probabilities along the path from the
-    root; if the draft were calibrated, it would be the chance that the target accepts the node, and the
-    expected number of accepted guesses is the sum over the tree's nodes. So grow the tree greedily by
-    that sum: keep a frontier of candidates (each added node offers its draft's top ``width`` next
-    tokens), and add the most probable candidate until ``num_guesses`` nodes are in (EAGLE-2's dynamic
+    A draft's probability is not the chance that its guess survives verification. The bundled draft is
+    *underconfident*: over the target's own greedy text, its top guesses with probability below 0.2 are the
+    target's argmax 57 % of the time, its second guesses only 14 %. Growing a tree by the raw
+    probabilities then spends nodes on second guesses where extending the first guess pays far more, and
+    the tree accepts *fewer* tokens than a chain of the same size (measured: 2.45 against 2.60 tokens per
+    target step at 4 guesses). Estimating acceptance per (rank, confidence) from what verification actually
+    did fixes that (2.68 at 4 guesses, 3.14 against 2.96 at 8). This is EAGLE-2's best-first tree with
+    Sequoia's lesson: use measured acceptance rates, not the draft's word.
+
+    Each bin starts from a prior of ``prior_weight`` pseudo-observations at the bin's mean raw probability,
+    so an empty bin answers the draft's own probability and the counts take over as they come in.
+    """
+
+    def __init__(self, num_bins: int = 5, prior_weight: float = 2.0):
+        if num_bins < 1 or prior_weight <= 0:
+            raise ValueError(f"AcceptanceCalibration needs num_bins >= 1 and prior_weight > 0, got "
+                             f"{num_bins}, {prior_weight}")
+        self.num_bins, self.prior_weight = num_bins, prior_weight
+        self.counts: dict[tuple[int, int], list[float]] = {}  # (rank, bin) -> [accepted, tested]
+
+    def _bin(self, probability: float) -> int:
+        return min(int(probability * self.num_bins), self.num_bins - 1)
+
+    def _entry(self, rank: int, probability: float) -> list[float]:
+        key = (rank, self._bin(probability))
+        if key not in self.counts:
+            centre = (key[1] + 0.5) / self.num_bins
+            self.counts[key] = [self.prior_weight * centre, self.prior_weight]
+        return self.counts[key]
+
+    def estimate(self, rank: int, probability: float) -> float:
+        """The estimated chance that a guess of this rank and draft probability is accepted, if tested."""
+        accepted, tested = self._entry(rank, probability)
+        return accepted / tested
+
+    def observe(self, rank: int, probability: float, accepted: bool) -> None:
+        entry = self._entry(rank, probability)
+        entry[0] += float(accepted)
+        entry[1] += 1.0
+
+    def observe_tree(self, tree: TokenTree, path: list[int]) -> None:
+        """Learn from one verified tree: every tested node (:func:`tested_nodes`) was accepted iff it is
+        on the accepted ``path`` (node ids below the root)."""
+        if tree.confidence is None:
+            return
+        on_path = set(path)
+        for node in tested_nodes(tree, path):
+            rank, probability = tree.confidence[node]
+            self.observe(rank, probability, node in on_path)
+
+
+def tested_nodes(tree: TokenTree, path: list[int]) -> list[int]:
+    """The guesses verification actually judged: the children of the root and of every accepted node.
+    (Nodes below a rejected guess were never compared with anything: they say nothing about acceptance.)"""
+    tested = []
+    for node in [0, *path]:
+        tested.extend(tree.children(node))
+    return tested
+
+
+@torch.inference_mode()
+def draft_tree_best_first(draft_model, token_ids: list[int], num_guesses: int, width: int = 2,
+                          calibration: AcceptanceCalibration | None = None) -> TokenTree:
+    """The ``num_guesses`` continuations most likely to be accepted: a tree grown best-first.
+
+    A node's *path probability* is the product, along the path from the root, of each guess's chance of
+    acceptance; the expected number of accepted guesses is the sum over the tree's nodes. So grow the tree
+    greedily by that sum: keep a frontier of candidates (each added node offers its draft's top ``width``
+    next tokens), and add the most probable candidate until ``num_guesses`` nodes are in (EAGLE-2's dynamic
     tree, Li et al. 2024). Where the draft is sure, this is a chain; where it hesitates, it branches —
-    the fixed ``width × depth`` shape of :func:`draft_tree` chooses before it knows. Nodes come in the
-    order they were added, so parents come first and every prefix of the nodes is a tree.
+    the fixed ``width × depth`` shape of :func:`draft_tree` chooses before it knows. A guess's chance of
+    acceptance is the draft's probability of it, or with ``calibration`` the acceptance rate measured for
+    guesses of that rank and draft probability (:class:`AcceptanceCalibration`: an uncalibrated draft
+    builds bad trees). Nodes come in the order they were added, so parents come first and every prefix of
+    the nodes is a tree; ``confidence`` records each node's (rank, draft probability).
     One plain forward per added node (a tiny draft, no KV cache), one row each.
     """
     if num_guesses < 1 or width < 1:
         raise ValueError(f"draft_tree_best_first needs num_guesses >= 1 and width >= 1, got {num_guesses}, {width}")
     device = next(draft_model.parameters()).device
     tokens, parents, paths = [token_ids[-1]], [-1], [[]]  # paths[i]: the guesses from the root to node i
-    frontier: list[tuple[float, int, int, int]] = []       # (-path probability, tie-break, parent, token)
+    confidence = [(0, 1.0)]
+    frontier: list[tuple[float, int, int, int, int, float]] = []  # (-path score, tie-break, parent, token, rank, p)
     order = itertools.count()
 
-    def offer_children(node: int, path_probability: float) -> None:
+    def offer_children(node: int, path_score: float) -> None:
         logits = draft_model(torch.tensor([token_ids + paths[node]], device=device))[0, -1]
         top = logits.float().softmax(dim=-1).topk(width)
-        for probability, token in zip(top.values.tolist(), top.indices.tolist()):
-            heapq.heappush(frontier, (-path_probability * probability, next(order), node, token))
+        for rank, (probability, token) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            chance = probability if calibration is None else calibration.estimate(rank, probability)
+            heapq.heappush(frontier, (-path_score * chance, next(order), node, token, rank, probability))
 
     offer_children(0, 1.0)
     while len(tokens) - 1 < num_guesses:
-        negative, _, parent, token = heapq.heappop(frontier)
+        negative, _, parent, token, rank, probability = heapq.heappop(frontier)
         tokens.append(token)
         parents.append(parent)
         paths.append(paths[parent] + [token])
+        confidence.append((rank, probability))
         if len(tokens) - 1 < num_guesses:
             offer_children(len(tokens) - 1, -negative)
-    return TokenTree(tokens, parents)
+    return TokenTree(tokens, parents, confidence)
 
 
 class _TreeMaskAttention:
