@@ -249,7 +249,9 @@ def bench_arguments(args, folder: Path) -> list[str]:
     return ["--model", str(folder), "--device", args.device, "--rates", *args.rates,
             "--num-requests", str(args.num_requests), "--max-tokens", str(args.max_tokens),
             "--max-num-seqs", str(args.max_num_seqs), "--overhead-repeats", str(args.overhead_repeats),
-            "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)]
+            "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)] + (
+        ["--compare-engine-process"] if args.compare_engine_process else []) + (
+        ["--engine-cpus", args.engine_cpus] if args.engine_cpus else [])
 
 
 def run_bench(args, folder: Path) -> dict:
@@ -320,6 +322,12 @@ def parse_args(argv=None):
     parser.add_argument("--server-startup-timeout", type=float, default=600.0,
                         help="seconds the server may take to come up (default 600)")
     parser.add_argument("--skip-warm-up", action="store_true", help="no LLM load in this process first")
+    parser.add_argument("--compare-engine-process", action="store_true",
+                        help="also measure a server started with --engine-process, in the same pairs (bench serve's "
+                             "option of that name)")
+    parser.add_argument("--engine-cpus", metavar="CPUS",
+                        help="with --compare-engine-process: the engine process's CPUs (e.g. 0-1); the load "
+                             "generator and the server process take the others")
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.shape].items():
         if getattr(args, name) is None:
