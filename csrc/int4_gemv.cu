@@ -140,6 +140,24 @@ __device__ __forceinline__ void copy_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// Programmatic dependent launch (sm_90+). In a chain of kernels, the next one normally starts only after
+// this one has finished to the last CTA and the launch machinery has caught up: each GEMV pays the
+// previous kernel's tail and its own ramp as idle DRAM time (a few µs per call, against ~8 µs of reading
+// at 8192²). Launched with the programmatic-serialization attribute (`launch(..., pdl = 1)`), a kernel may
+// start while its predecessor is still running: it streams its WEIGHTS, which no kernel before it writes,
+// and waits (griddepcontrol.wait: the predecessor complete, its memory visible) only before it reads x,
+// the previous kernel's output, or writes anything. Launched without the attribute, both are no-ops.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Bytes of dynamic shared memory the ring of kStages steps takes (0: the register path, no ring).
 template <int kTokenTiles, int kWarps, int kStages>
 constexpr int ring_bytes() {
@@ -153,6 +171,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                    const T* __restrict__ scales, T* __restrict__ out, float* __restrict__ partial,
                    int* __restrict__ counters, int M, int N, int K, int group_size, int rows_per_split) {
     using O = Ops<T>;
+    pdl_launch_dependents();  // the next kernel may be scheduled now; it waits for us before reading our output
     constexpr int kWarps = kWarpsN * kWarpsK;
     constexpr int kThreads = kWarps * 32;
     constexpr int kTileN = 32 * kWarpsN;  // columns of a CTA: kWarpsN warps side by side
@@ -232,15 +251,19 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
         // The weights of kUnroll steps, and x of the same rows for this lane's tokens (B serves every column
         // of the tile, so x is loaded by row only). x is small and cached, but an L2 hit still takes
         // hundreds of cycles: it is fetched a batch ahead like the weights.
-        auto load_batch = [&](int s_first, uint4 (&w)[kUnroll], uint4 (&xv)[kUnroll][kTokenTiles]) {
+        auto load_batch = [&](int s_first, uint4 (&w)[kUnroll], uint4 (&xv)[kUnroll][kTokenTiles],
+                              bool weights = true, bool xs = true) {
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int row = row_begin + (s_first + u) * kRowsPerStep + t;
                 const bool row_ok = s_first + u < s_end && row < row_end;
-                w[u] = make_uint4(0u, 0u, 0u, 0u);
-                if (col_ok && row_ok) {
-                    w[u] = load_streaming(qweight + weight_index(row));
+                if (weights) {
+                    w[u] = make_uint4(0u, 0u, 0u, 0u);
+                    if (col_ok && row_ok) {
+                        w[u] = load_streaming(qweight + weight_index(row));
+                    }
                 }
+                if (!xs) continue;
 #pragma unroll
                 for (int mt = 0; mt < kTokenTiles; ++mt) {
                     const int token = mt * 8 + g;
@@ -321,6 +344,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                     }
                 }
             };
+            pdl_wait();
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) load_one(s_begin + u, wq[u], xq[u]);
             for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
@@ -338,7 +362,9 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
         } else if constexpr (kStages == 0) {
             // Registers: the weights of the next kUnroll steps are in flight while these are used.
             uint4 w_next[kUnroll], x_next[kUnroll][kTokenTiles];
-            load_batch(s_begin, w_next, x_next);
+            load_batch(s_begin, w_next, x_next, true, false);  // the first weights: no kernel before us writes them
+            pdl_wait();                                        // x may be the previous kernel's output
+            load_batch(s_begin, w_next, x_next, false, true);
             for (int s0 = s_begin; s0 < s_end; s0 += kUnroll) {
                 uint4 w[kUnroll], xb[kUnroll][kTokenTiles];
 #pragma unroll
@@ -381,6 +407,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                     }
                 }
             };
+            pdl_wait();
 #pragma unroll
             for (int i = 0; i < kStages - 1; ++i) {
                 issue(s_begin + i, i);
@@ -407,6 +434,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
         }
         fold();
     }
+    pdl_wait();  // (a warp without steps has not waited yet) nothing is written before the predecessor is done
 
     // Add the kWarpsK K lanes' sums: red[warp][value][lane] (lane fastest: no bank conflicts).
     constexpr int kValues = kTokenTiles * 8;
@@ -479,7 +507,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
 template <typename T>
 const char* launch(const void* x, const void* qweight, const void* qzeros, const void* scales, void* out,
                    float* partial, int* counters, int M, int N, int K, int group_size, int rows_per_split,
-                   int shape, cudaStream_t stream) {
+                   int shape, int pdl, cudaStream_t stream) {
     const int rows = K / 8;
     const int splits = (rows + rows_per_split - 1) / rows_per_split;
     if (splits > 1 && (partial == nullptr || counters == nullptr)) {
@@ -498,8 +526,19 @@ const char* launch(const void* x, const void* qweight, const void* qzeros, const
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRing) != cudaSuccess) {     \
             return "int4_gemv: cannot give the kernel its shared-memory ring (cudaFuncSetAttribute)";             \
         }                                                                                                          \
-        kernel<<<dim3((N + 32 * WN - 1) / (32 * WN), splits), WN * WK * 32, kRing, stream>>>(                      \
-            xs, qw, qz, sc, o, partial, counters, M, N, K, group_size, rows_per_split);                            \
+        cudaLaunchConfig_t config = {};                                                                            \
+        config.gridDim = dim3((N + 32 * WN - 1) / (32 * WN), splits);                                             \
+        config.blockDim = dim3(WN * WK * 32);                                                                      \
+        config.dynamicSmemBytes = kRing;                                                                           \
+        config.stream = stream;                                                                                    \
+        cudaLaunchAttribute attribute[1];                                                                          \
+        attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;                                     \
+        attribute[0].val.programmaticStreamSerializationAllowed = 1;                                               \
+        config.attrs = attribute;                                                                                  \
+        config.numAttrs = pdl ? 1 : 0;                                                                             \
+        const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, xs, qw, qz, sc, o, partial, counters, M, N, \
+                                                        K, group_size, rows_per_split);                            \
+        if (launched != cudaSuccess) return cudaGetErrorString(launched);                                         \
     } while (0)
 #define MINIINFER_INT4_SHAPES(TILES)                                \
     switch (shape) {                                                \
@@ -544,10 +583,11 @@ const char* launch(const void* x, const void* qweight, const void* qzeros, const
 // K split, a multiple of 4 (K/8 or more: no split). partial [splits, M, N] float32 and counters [N/32]
 // int32 (zeroed once; every launch leaves them zero) are needed only when K is split. Returns nullptr or
 // an error message. shape: the CTA shape code (warps along N x warps along K x steps in flight), see `launch`.
+// pdl: 1 = launch as a programmatic dependent of the previous kernel on the stream (see pdl_wait).
 const char* miniinfer_launch_int4_gemv(const void* x, const void* qweight, const void* qzeros, const void* scales,
                                        void* out, float* partial, int* counters, int64_t M, int64_t N, int64_t K,
                                        int64_t group_size, int64_t rows_per_split, int dtype_code, int shape,
-                                       void* stream) {
+                                       int pdl, void* stream) {
     if (M < 1 || M > 16 || N % 8 != 0 || K % 8 != 0 || group_size % 32 != 0 || K % group_size != 0 ||
         rows_per_split < 1 || rows_per_split % kRowsPerStep != 0 || M * N >= (int64_t{1} << 31)) {
         return "int4_gemv: needs 1 <= M <= 16, N % 8 == 0, group_size % 32 == 0 dividing K, "
@@ -558,10 +598,10 @@ const char* miniinfer_launch_int4_gemv(const void* x, const void* qweight, const
     const int g = static_cast<int>(group_size);
     const int rps = static_cast<int>(rows_per_split);
     if (dtype_code == 1) {
-        return launch<__half>(x, qweight, qzeros, scales, out, partial, counters, m, n, k, g, rps, shape, s);
+        return launch<__half>(x, qweight, qzeros, scales, out, partial, counters, m, n, k, g, rps, shape, pdl, s);
     }
     if (dtype_code == 2) {
-        return launch<__nv_bfloat16>(x, qweight, qzeros, scales, out, partial, counters, m, n, k, g, rps, shape, s);
+        return launch<__nv_bfloat16>(x, qweight, qzeros, scales, out, partial, counters, m, n, k, g, rps, shape, pdl, s);
     }
     return "int4_gemv: x must be float16 or bfloat16";
 }

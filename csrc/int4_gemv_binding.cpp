@@ -6,18 +6,19 @@
 const char* miniinfer_launch_int4_gemv(const void* x, const void* qweight, const void* qzeros, const void* scales,
                                        void* out, float* partial, int* counters, int64_t M, int64_t N, int64_t K,
                                        int64_t group_size, int64_t rows_per_split, int dtype_code, int shape,
-                                       void* stream);
+                                       int pdl, void* stream);
 
 namespace {
 
 // x [M, K] (M <= 16); qweight int32 [K/8, N]; qzeros int32 [G, N/8]; scales [G, N] (x's dtype); out [M, N]
 // (x's dtype), written in full. partial float32 [splits, M, N] and counters int32 [>= N/32] (all zero) only
 // when rows_per_split < K/8. `stream` is torch.cuda.current_stream().cuda_stream. `shape`: the CTA shape
-// code of the launcher (0: the default).
+// code of the launcher (0: the default). `pdl`: launch as a programmatic dependent launch (sm_90+): the kernel
+// starts streaming its weights while the previous kernel on the stream finishes.
 void int4_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& qzeros,
                const torch::Tensor& scales, const torch::Tensor& out, const std::optional<torch::Tensor>& partial,
                const std::optional<torch::Tensor>& counters, int64_t group_size, int64_t rows_per_split,
-               int64_t stream, int64_t shape) {
+               int64_t stream, int64_t shape, bool pdl) {
     for (const torch::Tensor* t : {&x, &qweight, &qzeros, &scales, &out}) {
         TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "int4_gemv: every tensor must be a contiguous CUDA tensor");
         TORCH_CHECK(t->device() == x.device(), "int4_gemv: tensors on different devices");
@@ -66,7 +67,8 @@ void int4_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch
     const char* error = miniinfer_launch_int4_gemv(x.data_ptr(), qweight.data_ptr(), qzeros.data_ptr(),
                                                    scales.data_ptr(), out.data_ptr(), partial_ptr, counters_ptr, M, N,
                                                    K, group_size, rows_per_split, dtype_code,
-                                                   static_cast<int>(shape), reinterpret_cast<void*>(stream));
+                                                   static_cast<int>(shape), pdl ? 1 : 0,
+                                                   reinterpret_cast<void*>(stream));
     TORCH_CHECK(error == nullptr, "int4_gemv launch failed: ", error ? error : "");
 }
 
@@ -75,5 +77,6 @@ void int4_gemv(const torch::Tensor& x, const torch::Tensor& qweight, const torch
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4_gemv", &int4_gemv, "int4 x fp16/bf16 matmul for M <= 16 tokens, GPTQ layout, tensor cores (CUDA)",
           py::arg("x"), py::arg("qweight"), py::arg("qzeros"), py::arg("scales"), py::arg("out"), py::arg("partial"),
-          py::arg("counters"), py::arg("group_size"), py::arg("rows_per_split"), py::arg("stream") = 0, py::arg("shape") = 0);
+          py::arg("counters"), py::arg("group_size"), py::arg("rows_per_split"), py::arg("stream") = 0, py::arg("shape") = 0,
+          py::arg("pdl") = false);
 }

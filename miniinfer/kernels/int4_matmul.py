@@ -163,6 +163,9 @@ def tile_int4_weight(qweight: torch.Tensor) -> torch.Tensor:
 # The shape calls use unless they name one. MINIINFER_INT4_CUDA_SHAPE overrides it for tuning runs (a code
 # whose weights are in GPTQ's layout: callers pass that layout).
 CUDA_DEFAULT_SHAPE = int(os.environ.get("MINIINFER_INT4_CUDA_SHAPE", "0"))
+# Programmatic dependent launch (Hopper): each call may start streaming its weights while the previous
+# kernel on the stream finishes (csrc/int4_gemv.cu, pdl_wait). MINIINFER_INT4_PDL=0 or 1 overrides the default.
+CUDA_PDL = os.environ.get("MINIINFER_INT4_PDL", "0") == "1"
 if CUDA_DEFAULT_SHAPE not in CUDA_SHAPES or CUDA_SHAPES[CUDA_DEFAULT_SHAPE][4]:
     raise ValueError(f"MINIINFER_INT4_CUDA_SHAPE={CUDA_DEFAULT_SHAPE}: not a shape code of GPTQ-layout weights")
 
@@ -207,9 +210,10 @@ def _aligned(t: torch.Tensor, bytes_: int) -> torch.Tensor:
 
 
 def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | None = None,
-                   shape: int = CUDA_DEFAULT_SHAPE):
+                   shape: int = CUDA_DEFAULT_SHAPE, pdl: bool | None = None):
     """Our CUDA kernel (``csrc/int4_gemv.cu``, tensor cores): x [M ≤ 16, K] fp16/bf16 -> [M, N].
-    ``shape``: the launcher's CTA shape code (:data:`CUDA_SHAPES`)."""
+    ``shape``: the launcher's CTA shape code (:data:`CUDA_SHAPES`). ``pdl``: launch as a programmatic
+    dependent of the stream's previous kernel (sm_90+; None: :data:`CUDA_PDL`; ignored below sm_90)."""
     M, N, K = _check(x, qweight, qzeros, scales, group_size)
     why = cuda_supports(x, N, K, group_size)
     if why:
@@ -228,8 +232,14 @@ def int4_gemv_cuda(x, qweight, qzeros, scales, group_size, *, split_k: int | Non
     # 16-byte vector loads of x and the weights, 8-byte loads of 4 scales: the pointers must allow them.
     _cuda_extension().int4_gemv(_aligned(x, 16), _aligned(qweight, 16), qzeros.contiguous(), _aligned(scales, 8),
                                 out, partial, counters, group_size, rows_per_split,
-                                torch.cuda.current_stream(x.device).cuda_stream, shape)
+                                torch.cuda.current_stream(x.device).cuda_stream, shape,
+                                bool(CUDA_PDL if pdl is None else pdl) and _supports_pdl(x.device))
     return out
+
+
+def _supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 _warned_cuda_failure = False

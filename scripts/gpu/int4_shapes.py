@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--ms", type=int, nargs="*", default=[1, 16])
     ap.add_argument("--codes", type=int, nargs="*", default=sorted(SHAPE_CODES), help="shape codes to time")
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8], help="K splits (and the default)")
+    ap.add_argument("--pdl", type=int, nargs="*", default=[0], choices=[0, 1],
+                    help="time without (0) and/or with (1) programmatic dependent launch (consecutive calls overlap)")
     args = ap.parse_args()
     g = 128
     bandwidth = copy_bandwidth()
@@ -61,16 +63,17 @@ def main() -> int:
                 label = SHAPE_CODES[code]
                 code_layers = tiled_layers if CUDA_SHAPES[code][4] else layers
                 default_split = cuda_split(N, K, sms, None, code)[1]
-                for split in sorted({*args.splits, default_split}):
-                    got = int4_gemv_cuda(xs[0], *code_layers[0], g, split_k=split, shape=code)
+                for split, pdl in [(s, p) for s in sorted({*args.splits, default_split}) for p in args.pdl]:
+                    got = int4_gemv_cuda(xs[0], *code_layers[0], g, split_k=split, shape=code, pdl=bool(pdl))
                     err = (got.float() - reference).abs().max().item() / reference.abs().max().item()
                     if err > 2e-2:
-                        rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split, "error": err})
+                        rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split,
+                                     "pdl": pdl, "error": err})
                         print("WRONG", rows[-1], flush=True)
                         continue
-                    t, how = time_per_call(lambda i, s=split, c=code, xs=xs, ls=code_layers: int4_gemv_cuda(
-                        xs[i % 4], *ls[i], g, split_k=s, shape=c), sets)
-                    rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split,
+                    t, how = time_per_call(lambda i, s=split, c=code, p=pdl, xs=xs, ls=code_layers: int4_gemv_cuda(
+                        xs[i % 4], *ls[i], g, split_k=s, shape=c, pdl=bool(p)), sets)
+                    rows.append({"K": K, "N": N, "M": M, "shape": label, "code": code, "split": split, "pdl": pdl,
                                  "default split": split == default_split, "us": round(t * 1e6, 2),
                                  "bf16 us": round(t_bf16 * 1e6, 2), "vs bf16": round(t_bf16 / t, 2),
                                  "% floor": round(100 * int4_bytes / bandwidth / t, 1), "timing": how})

@@ -132,6 +132,61 @@ def test_int4_in_a_cuda_graph(backend):
     close(out, int4_matmul_torch(x.float(), layer.qweight, layer.qzeros, layer.scales.float(), 128), dtype)
 
 
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("shape", [0, 13, 8, 18])
+def test_programmatic_dependent_launch_waits_for_its_input(shape, split_k):
+    """pdl=True lets each call start streaming its weights before the previous kernel is done; it must still
+    read x only once that kernel has written it. A chain y_{i+1} = f(y_i) of square layers in one CUDA graph
+    (each call's input is the previous call's output; one elementwise kernel in the middle) gives
+    the same bits with and without pdl, and the reference's values; so do split-K tickets reused back to
+    back. The register double buffer, the tiled layout, the cp.async ring and the rolling queue each place
+    the wait in their own prologue."""
+    from miniinfer.kernels.int4_matmul import CUDA_SHAPES, _supports_pdl, int4_gemv_cuda, tile_int4_weight
+
+    if not _supports_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    dtype, K, g = torch.float16, 2048, 128
+    layers = [layer_tensors(K, K, g, dtype, 40 + i) for i in range(3)]
+    weights = [tile_int4_weight(layer.qweight) if CUDA_SHAPES[shape][4] else layer.qweight for layer in layers]
+
+    def chain(x, pdl):
+        y = x
+        for i in range(6):
+            layer = layers[i % 3]
+            y = int4_gemv_cuda(y, weights[i % 3], layer.qzeros, layer.scales, g, split_k=split_k, shape=shape,
+                               pdl=pdl)
+            if i == 2:  # keep values in fp16's range; the other calls follow each other directly
+                y = y / y.abs().amax().clamp_min(1e-3)
+        return y
+
+    x = torch.randn(1, K, device="cuda", dtype=dtype)
+    results = {}
+    for pdl in (False, True):
+        chain(x, pdl)  # build, allocate
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x, pdl)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        results[pdl] = out.clone()
+        eager = chain(x, pdl)
+        torch.cuda.synchronize()
+        assert torch.equal(eager, results[pdl]), pdl
+    assert torch.equal(results[True], results[False])
+    from miniinfer.kernels.int4_matmul import int4_matmul_torch
+
+    y = x.float()
+    for i in range(6):
+        layer = layers[i % 3]
+        y = int4_matmul_torch(y.to(dtype).float(), layer.qweight, layer.qzeros, layer.scales.float(), g)
+        y = y.to(dtype).float()
+        if i == 2:
+            y = y / y.abs().amax().clamp_min(1e-3)
+    close(results[True], y, torch.bfloat16)  # six layers of fp16 rounding: the looser bf16 tolerance
+
+
 def test_w8a8_int_mm_matches_emulation():
     torch.manual_seed(0)
     linear = torch.nn.Linear(1024, 520, bias=True).cuda()
