@@ -29,11 +29,14 @@ it measured faster at start-up (``EngineConfig.cpu_packed_weights="auto"``), so 
 against the engine's default plain decoding on the same matmuls. The ``none (F.linear)`` rows are plain
 decoding with ``cpu_packed_weights=False``: equal to the baseline where auto picked ``F.linear``.
 
-``draft tree w=W`` rows run token trees in the engine (the draft's top-W first tokens, each continued
-greedily, about γ guessed tokens in all; CPU backends only; the draft builds each tree with plain
-forwards, no KV cache, so trees lose wall time to the draft here). The second table (``chain 1xd`` /
-``tree wxd``) compares shapes at equal numbers of guesses with the torch reference
-(:mod:`miniinfer.speculative.tree`): tokens per target forward only.
+``draft tree w=W`` rows run token trees in the engine (γ guessed tokens per tree, grown best-first with
+up to W children per node by the acceptance rates the proposer's AcceptanceCalibration has learnt; CPU
+backends only; the draft builds each tree with plain forwards, no KV cache, so trees lose wall time to
+the draft here). Every engine is warmed up on a 48-token request of its own (``WARM_UP_PROMPT``) that
+counts neither in the time nor in the counters. The second table (``chain 1xd`` / ``tree wxd`` /
+``best-first`` on the draft's raw probabilities / ``calibrated`` best-first) compares shapes at equal
+numbers of guesses with the torch reference (:mod:`miniinfer.speculative.tree`): tokens per target
+forward only.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ COLUMNS = ["workload", "sampling", "batch", "proposer", "gamma", "tok/s", "speed
 
 
 UNPACKED_PLAIN = "none (F.linear)"
+WARM_UP_PROMPT = "FALSTAFF:\n"
 
 
 def run_once(model, tokenizer, prompts, params, device, **spec) -> tuple[float, list[list[int]], dict]:
@@ -74,7 +78,9 @@ def run_once(model, tokenizer, prompts, params, device, **spec) -> tuple[float, 
     if spec.get("speculative_model") == UNPACKED_PLAIN:  # plain decoding on the model's own forward (a reference row)
         spec = {"cpu_packed_weights": False}
     engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=512, enable_prefix_caching=False, **spec))
-    engine.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
+    # The warm-up: first calls, and what a long-running engine has learnt by the time a request comes ('auto'
+    # γ's costs, a tree proposer's acceptance calibration), on a prompt the measurement does not use.
+    engine.add_request(WARM_UP_PROMPT, SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     if engine.speculator is not None:  # the warm-up does not count
@@ -126,8 +132,11 @@ def run_workload(model, tokenizer, prompts, params, device, repeat, configs):
     return [best[i] + (speedups[i],) for i in range(len(configs) + 1)]
 
 
-def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
+def tree_rows(model, tokenizer, draft, prompts, num_tokens, warm_up_prompts) -> list[dict]:
+    """Shapes at equal numbers of guesses, with the torch reference. ``calibrated`` best-first trees grow by
+    acceptance rates an AcceptanceCalibration learnt on a pass over ``warm_up_prompts`` and keeps learning."""
     from miniinfer.speculative.tree import (
+        AcceptanceCalibration,
         build_tree,
         draft_tree,
         draft_tree_best_first,
@@ -135,20 +144,31 @@ def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
         verify_tree_greedy,
     )
 
+    calibration = AcceptanceCalibration()
+    for prompt in warm_up_prompts:
+        tokens = tokenizer.encode(prompt)
+        for _ in range(num_tokens // 4):
+            tree = draft_tree_best_first(draft, tokens, 8, 2, calibration)
+            path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
+            calibration.observe_tree(tree, path)
+            tokens += [tree.tokens[n] for n in path] + [token]
     rows = []
     # (label, width, depth): a chain (width 1), a fixed width x depth tree, or best-first (depth = guesses)
-    shapes = [("chain 1x4", 1, 4), ("tree 2x2", 2, 2), ("best-first 4 w2", -2, 4),
+    shapes = [("chain 1x4", 1, 4), ("tree 2x2", 2, 2), ("best-first 4 w2", -2, 4), ("calibrated 4 w2", -2, 4),
               ("chain 1x6", 1, 6), ("tree 2x3", 2, 3), ("tree 3x2", 3, 2), ("best-first 6 w2", -2, 6),
-              ("chain 1x8", 1, 8), ("tree 4x2", 4, 2), ("best-first 8 w2", -2, 8),
-              ("chain 1x12", 1, 12), ("best-first 12 w2", -2, 12), ("chain 1x16", 1, 16), ("best-first 16 w2", -2, 16)]
+              ("calibrated 6 w2", -2, 6),
+              ("chain 1x8", 1, 8), ("tree 4x2", 4, 2), ("best-first 8 w2", -2, 8), ("calibrated 8 w2", -2, 8),
+              ("chain 1x12", 1, 12), ("best-first 12 w2", -2, 12), ("calibrated 12 w2", -2, 12),
+              ("chain 1x16", 1, 16), ("best-first 16 w2", -2, 16), ("calibrated 16 w2", -2, 16)]
     for label, width, depth in shapes:
+        calibrated = label.startswith("calibrated")
         emitted = steps = guesses = 0
         for prompt in prompts:
             tokens = tokenizer.encode(prompt)
             start = len(tokens)
             while len(tokens) - start < num_tokens:
                 if width < 0:
-                    tree = draft_tree_best_first(draft, tokens, depth, -width)
+                    tree = draft_tree_best_first(draft, tokens, depth, -width, calibration if calibrated else None)
                 else:
                     tree = draft_tree(draft, tokens, width, depth) if width > 1 else None
                 if tree is None:  # a chain is a one-branch tree
@@ -158,6 +178,8 @@ def tree_rows(model, tokenizer, draft, prompts, num_tokens) -> list[dict]:
                             chain.append(int(draft(torch.tensor([chain], device=next(draft.parameters()).device))[0, -1].argmax()))
                     tree = build_tree(tokens[-1], [chain[len(tokens):]])
                 path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
+                if calibrated:
+                    calibration.observe_tree(tree, path)
                 tokens += [tree.tokens[n] for n in path] + [token]
                 emitted += len(path) + 1
                 steps += 1
@@ -234,7 +256,7 @@ def main() -> None:
                   f"{stats['spec_tokens_per_verify']:.2f} tokens/verify", flush=True)
     draft, _ = load_model(DRAFT, device=device)
     tree = tree_rows(model, tokenizer, draft, OPENINGS[:4] if not args.quick else OPENINGS[:2],
-                     args.max_tokens // 2)
+                     args.max_tokens // 2, [WARM_UP_PROMPT, "HAMLET:\nTo be, or not to be"])
     print_table(COLUMNS, rows)
     print_table(["proposer", "gamma", "guesses/verify", "tokens/verify"], tree)
     speculative = [r for r in rows if not r["proposer"].startswith("none")]
