@@ -147,6 +147,9 @@ __device__ __forceinline__ void copy_async_wait() {
 // start while its predecessor is still running: it streams its WEIGHTS, which no kernel before it writes,
 // and waits (griddepcontrol.wait: the predecessor complete, its memory visible) only before it reads x,
 // the previous kernel's output, or writes anything. Launched without the attribute, both are no-ops.
+// x is read with ld.global.cg (L2, coherent), not the read-only path: with PDL the kernel is already
+// resident while its predecessor writes x, and data read through the non-coherent path must not change
+// during the kernel's lifetime.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -269,7 +272,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                     const int token = mt * 8 + g;
                     xv[u][mt] = make_uint4(0u, 0u, 0u, 0u);
                     if (row_ok && token < M) {
-                        xv[u][mt] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * K + row * 8));
+                        xv[u][mt] = __ldcg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * K + row * 8));
                     }
                 }
             }
@@ -340,7 +343,7 @@ int4_matmul_kernel(const T* __restrict__ x, const uint4* __restrict__ qweight, c
                     const int token = mt * 8 + g;
                     xv[mt] = make_uint4(0u, 0u, 0u, 0u);
                     if (row_ok && token < M) {
-                        xv[mt] = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * K + row * 8));
+                        xv[mt] = __ldcg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(token) * K + row * 8));
                     }
                 }
             };

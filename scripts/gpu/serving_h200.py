@@ -251,7 +251,8 @@ def bench_arguments(args, folder: Path) -> list[str]:
             "--max-num-seqs", str(args.max_num_seqs), "--overhead-repeats", str(args.overhead_repeats),
             "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)] + (
         ["--compare-engine-process"] if args.compare_engine_process else []) + (
-        ["--engine-cpus", args.engine_cpus] if args.engine_cpus else [])
+        ["--engine-cpus", args.engine_cpus] if args.engine_cpus else []) + (
+        ["--overhead-requests", str(args.overhead_requests)] if args.overhead_requests else [])
 
 
 def run_bench(args, folder: Path) -> dict:
@@ -322,6 +323,9 @@ def parse_args(argv=None):
     parser.add_argument("--server-startup-timeout", type=float, default=600.0,
                         help="seconds the server may take to come up (default 600)")
     parser.add_argument("--skip-warm-up", action="store_true", help="no LLM load in this process first")
+    parser.add_argument("--overhead-requests", type=int,
+                        help="requests per run of the server-vs-offline pairs at saturation (default: --num-requests); "
+                             "more make the steady state outweigh the first and last steps")
     parser.add_argument("--compare-engine-process", action="store_true",
                         help="also measure a server started with --engine-process, in the same pairs (bench serve's "
                              "option of that name)")
