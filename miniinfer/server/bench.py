@@ -612,14 +612,15 @@ def run_benchmark(args, echo=print) -> dict:
             server_args += ["--device", args.device]
         engine_cpus = getattr(args, "engine_cpus", None)
         process_args = ["--engine-process"] + (["--engine-cpus", engine_cpus] if engine_cpus else [])
-        if getattr(args, "engine_process", False):
-            server_args += process_args
+        # Say which placement: the server's default depends on the device (a process on a GPU).
+        server_args += process_args if getattr(args, "engine_process", False) else ["--no-engine-process"]
         startup_timeout = getattr(args, "server_startup_timeout", 90.0)
         server = ServerProcess(*server_args, startup_timeout=startup_timeout)
         url = server.url
         if getattr(args, "compare_engine_process", False) and not getattr(args, "engine_process", False):
             # The same server with its engine in a process of its own, measured in the same pairs.
-            process_server = ServerProcess(*server_args, *process_args, startup_timeout=startup_timeout)
+            thread_args = [a for a in server_args if a != "--no-engine-process"]
+            process_server = ServerProcess(*thread_args, *process_args, startup_timeout=startup_timeout)
     pid = None if server is None else server_pids(server)
     client_cpus = None if server is None else load_generator_cpus(server)
     rows: list[dict] = []

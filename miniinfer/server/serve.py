@@ -73,16 +73,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send a stream's new tokens every N engine steps, merged into one event: fewer "
                              "wake-ups and events for the server under load, burstier tokens for the client "
                              "(default 1: every token as it comes)")
-    parser.add_argument("--engine-process", action="store_true",
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                         help="run the engine in its own process instead of a thread of the server, so that it does "
                              "not share the interpreter lock with the HTTP event loop; with --engine-cpus, on CPUs "
-                             "of its own: on a small CPU the fastest setup (default: a thread)")
+                             "of its own (default: a process when the engine runs on a GPU, a thread on a CPU; "
+                             "--no-engine-process: always a thread)")
     parser.add_argument("--engine-cpus", default=None, metavar="CPUS",
                         help="with --engine-process: run the engine's process on these CPUs (e.g. 0, 0-3, 0,2) and "
                              "the server process (HTTP, event loop) on the others, so that neither preempts the "
                              "other (default: no pinning)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")
+
+
+def use_engine_process(args) -> bool:
+    """``--engine-process`` / ``--no-engine-process`` as given; by default a process exactly when the engine
+    runs on a GPU. There a decode step is interpreter time (launching a captured graph, sampling, scheduling),
+    and beside the event loop in one interpreter it took twice as long: on an H200 the server delivered 0.48x
+    of offline throughput with the engine in a thread, 0.80x with it in a process
+    (benchmarks/results/serving_h200.json). On a CPU the engine's matmuls want the cores the process split
+    would take from it, and a small CPU measured the split as no faster unpinned (chapter 13): a thread."""
+    if getattr(args, "engine_process", None) is not None:
+        return bool(args.engine_process)
+    device = getattr(args, "device", None)
+    if device is None:
+        import torch
+
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
 
 
 def place_processes(engine_cpus: str | None) -> tuple[set[int] | None, set[int] | None]:
@@ -164,6 +182,7 @@ def run(args) -> int:
         raise ValueError(f"--stream-interval must be >= 1 engine step, got {args.stream_interval}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    args.engine_process = use_engine_process(args)
     engine_cpus = getattr(args, "engine_cpus", None)
     if engine_cpus is not None and not getattr(args, "engine_process", False):
         raise ValueError("--engine-cpus needs --engine-process (it places the engine's own process)")
