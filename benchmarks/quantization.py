@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         summary["engine"] = engine_rows
         summary["seconds"] = round(time.perf_counter() - started, 1)
         summary["complete"] = final
+        from miniinfer.kernels import int4_matmul
+
+        # Our CUDA GEMV's launch: its CTA shape code and whether consecutive calls overlap (programmatic
+        # dependent launch), as MINIINFER_INT4_CUDA_SHAPE / MINIINFER_INT4_PDL set them for this run.
+        summary["int4_cuda_shape"] = int4_matmul.CUDA_DEFAULT_SHAPE
+        summary["int4_cuda_pdl"] = int4_matmul.CUDA_PDL
         write_results("quantization", "int4/int8/FP8 matmuls and batch-1 decode (bf16 activations)", "cuda",
                       columns, gemv_rows, summary,
                       notes="group 128; weights rotated over copies larger than L2; CUDA-graph replays; each "
