@@ -419,11 +419,12 @@ if gpu_file.exists():
 # That is the case for the engine process, and the GPU run measured it: in a process of its own the
 # engine's step is back within a few percent of offline's, and the server keeps most of offline's
 # throughput. So `miniinfer serve` puts the engine in its own process by default whenever it runs on a
-# GPU (`--no-engine-process` keeps the thread). What is left of the gap there is no longer the step:
-# requests arrive over HTTP one by one, so the first steps run small batches, and a short run at
-# saturation (96 requests of 128 tokens are gone in half a second on this GPU) feels that ramp. The next
-# step beyond is an engine whose CPU work per step overlaps the GPU's (vLLM's and SGLang's asynchronous
-# scheduling).
+# GPU (`--no-engine-process` keeps the thread). It does not close the gap: in a longer run (384
+# requests, `serving_h200_saturation.json`, the process unpinned) the thread kept 0.30x and the process
+# 0.62x of offline, its step 4.4 ms against 3.6: with a full batch the server's per-step work (an
+# output per stream through the pipe, SSE for each) grows, and an unpinned engine competes with the
+# HTTP side for cores. The next steps are pinning by default, leaner per-step messages, and an engine
+# whose CPU work per step overlaps the GPU's (vLLM's and SGLang's asynchronous scheduling).
 #
 # ## 7. What the metrics tell an operator
 #
