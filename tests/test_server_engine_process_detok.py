@@ -104,6 +104,89 @@ def test_parent_detokenized_streams_match_the_engines_own(checkpoint_with_tokeni
     assert stops.get("r11", "none") is None and isinstance(stops.get("r4"), int), stops  # EOS; a stop token
 
 
+def _drive_deferred(remote, requests, merge_every: int) -> dict[str, list]:
+    """As :func:`_drive` without aborts, with ``deferred_outputs``: each request's PendingTokens are held and
+    merged ``merge_every`` at a time (a lagging reader's queue, :class:`OutputQueue`), then made into outputs;
+    returns what the reader saw: (text, token ids, new text, new token ids, finish reason) per event."""
+    from miniinfer.server.async_engine import DeferredOutput, merge_outputs
+
+    seen: dict[str, list] = {request_id: [] for request_id, _, _ in requests}
+    held: dict[str, tuple] = {}
+    for request_id, token_ids, params in requests:
+        remote.add_request(token_ids, params, request_id=request_id, stream=True)
+
+    def read(output):
+        c = output.outputs[0]
+        seen[output.request_id].append((c.text, list(c.token_ids), c.new_text, list(c.new_token_ids), c.finish_reason))
+
+    while remote.has_unfinished_requests():
+        for output in remote.step():
+            if not isinstance(output, DeferredOutput):
+                read(output)
+                continue
+            pending, count = held.pop(output.request_id, (None, 0))
+            merged = output if pending is None else merge_outputs(pending, output)
+            if output.finished or count + 1 >= merge_every:
+                read(merged.materialize())
+            else:
+                held[output.request_id] = (merged, count + 1)
+    return seen
+
+
+def test_deferred_outputs_read_merged_or_not_give_the_same_stream(checkpoint_with_tokenizer, remote):
+    """``deferred_outputs`` (what ``miniinfer serve`` uses): the text is made by the reader, once per event.
+    Read one by one, the events equal the undeferred ones; merged three at a time (a reader that lags), each
+    event's new text and tokens are the concatenation of the ones it replaces, and the final text is the same."""
+    requests = [(f"d{i}", token_ids, params) for i, (_, token_ids, params) in enumerate(_requests(remote.tokenizer))
+                if remote._plain(params)]
+    assert len(requests) >= 8
+    remote.deferred_outputs = False
+    expected = _drive_deferred(remote, [(f"{r}a", t, p) for r, t, p in requests], merge_every=1)
+    remote.deferred_outputs = True
+    try:
+        one_by_one = _drive_deferred(remote, [(f"{r}b", t, p) for r, t, p in requests], merge_every=1)
+        merged = _drive_deferred(remote, [(f"{r}c", t, p) for r, t, p in requests], merge_every=3)
+    finally:
+        remote.deferred_outputs = False
+    assert not remote._detokenized
+    for request_id, _, _ in requests:
+        want = expected[f"{request_id}a"]
+        assert one_by_one[f"{request_id}b"] == want, request_id
+        got = merged[f"{request_id}c"]
+        assert len(got) <= len(want)
+        assert got[-1][:2] == want[-1][:2] and got[-1][4] == want[-1][4]  # final text, tokens, finish reason
+        assert "".join(event[2] for event in got) == "".join(event[2] for event in want) == want[-1][0]
+        assert [t for event in got for t in event[3]] == want[-1][1]
+        for event in got:  # cumulative text and tokens: consistent with the deltas so far
+            assert event[0].endswith(event[2])
+    assert sum(len(v) for v in merged.values()) < sum(len(v) for v in expected.values()) / 2  # merging happened
+
+
+def test_auto_engine_cpus_takes_whole_physical_cores(tmp_path):
+    """``--engine-cpus auto``: the last physical core with all its hyperthreads (two cores without SMT),
+    and only when at least four CPUs remain for the server."""
+    from miniinfer.server.engine_process import auto_engine_cpus, physical_cores
+
+    def topology(siblings: dict[int, str]):
+        for cpu, text in siblings.items():
+            folder = tmp_path / f"cpu{cpu}" / "topology"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "core_cpus_list").write_text(text + "\n")
+
+    topology({cpu: f"{cpu % 8},{cpu % 8 + 8}" for cpu in range(16)})  # 8 cores x 2 hyperthreads
+    assert physical_cores(range(16), str(tmp_path))[0] == [0, 8]
+    assert auto_engine_cpus(range(16), str(tmp_path)) == {7, 15}
+    assert auto_engine_cpus({0, 8, 1, 9, 2, 10}, str(tmp_path)) == {2, 10}
+    assert auto_engine_cpus({0, 8, 1, 9}, str(tmp_path)) is None  # two CPUs left: not enough
+    no_smt = tmp_path / "flat"
+    for cpu in range(16):
+        folder = no_smt / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "core_cpus_list").write_text(f"{cpu}\n")
+    assert auto_engine_cpus(range(16), str(no_smt)) == {14, 15}
+    assert auto_engine_cpus(range(16), str(tmp_path / "missing")) == {14, 15}  # no sysfs: a CPU per core
+
+
 def test_cpu_lists():
     assert parse_cpu_list("0") == {0}
     allowed = os.sched_getaffinity(0)

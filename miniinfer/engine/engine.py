@@ -138,8 +138,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
         self._pending_outputs: list[RequestOutput] = []  # final outputs of aborted requests
-        self.counters = dict(prompt_tokens=0, num_steps=0, num_requests_finished=0, num_requests_failed=0,
-                             num_requests_aborted=0)
+        # The last step's committed tokens, one TokenUpdate per sequence that got one (the server's engine
+        # process reads it to send only the requests that moved, not to scan every request each step).
+        self.last_updates: list[TokenUpdate] = []
+        self.counters = dict(prompt_tokens=0, num_steps=0, num_decode_only_steps=0, num_requests_finished=0,
+                             num_requests_failed=0, num_requests_aborted=0)
 
     def _build_speculator(self):
         """Speculative decoding (chapter 10): the proposer named by ``speculative_model``, a decoder around it."""
@@ -310,6 +313,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of requests that streamed tokens in it or finished."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        self.last_updates = []
         if not self.scheduler.has_unfinished():
             return outputs
         plan = self.scheduler.schedule()
@@ -317,6 +321,8 @@ class LLMEngine:
             raise RuntimeError("the scheduler could not schedule anything although requests are waiting; "
                                f"free blocks {self.block_manager.num_free_blocks}/{self.num_kv_blocks}")
         self.counters["num_steps"] += 1
+        if plan.is_decode_only:  # the steps a captured CUDA graph can run; prefills and mixed steps run eagerly
+            self.counters["num_decode_only_steps"] += 1
         try:
             if self.speculator is not None:  # guesses for decoding sequences, verified by this step's forward
                 self.speculator.extend(plan, self.scheduler)
@@ -325,6 +331,7 @@ class LLMEngine:
             failed = self.scheduler.fail(plan, error)
             return outputs + self._finish_requests({seq.request_id for seq in failed})
         updates = self.scheduler.commit(plan, sampled)
+        self.last_updates = updates
         if self.speculator is not None:
             self.speculator.after_commit(plan, sampled)
         return outputs + self._process(updates)

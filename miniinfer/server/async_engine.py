@@ -50,7 +50,7 @@ from miniinfer.outputs import RequestOutput
 from miniinfer.sampling import SamplingParams
 
 __all__ = ["AsyncEngine", "QueueFull", "EngineStopped", "RequestTimeout", "RequestTiming", "deliver_threadsafe",
-           "admission_rule", "OutputQueue", "merge_outputs"]
+           "admission_rule", "OutputQueue", "merge_outputs", "DeferredOutput"]
 
 log = logging.getLogger("miniinfer.server.engine")
 
@@ -71,11 +71,31 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
         queue.put_nowait(item)
 
 
+class DeferredOutput:
+    """A streamed output that becomes a :class:`~miniinfer.outputs.RequestOutput` only when its consumer
+    reads it (:meth:`materialize`, called by :class:`RequestStream` in the event loop's thread). What the
+    engine thread's bookkeeping reads is there at once: ``request_id``, ``finished``, ``outputs`` (final
+    only: the finish reasons), ``num_cached_tokens``, ``num_new_tokens``, ``num_generated_tokens``.
+    ``merge(newer)``: one deferred output for two consecutive unread ones (the queue's backlog). The
+    engine-process mode's :class:`~miniinfer.server.engine_process.PendingTokens` is one: its text is
+    decoded by the reader, once per event, instead of once per token by the thread that reads the engine."""
+
+    __slots__ = ()
+
+    def merge(self, newer: DeferredOutput) -> DeferredOutput:
+        raise NotImplementedError
+
+    def materialize(self) -> RequestOutput:
+        raise NotImplementedError
+
+
 def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
     """One streamed output for two consecutive ones of a request: ``newer``, whose deltas (``new_text``,
     ``new_token_ids``) also carry those of ``older``. Everything else in a streamed output is cumulative
     (text, token ids, logprobs, finish reason), so ``newer`` already has it. New objects: the engine
-    thread may still read ``newer`` (its finish callback)."""
+    thread may still read ``newer`` (its finish callback). Deferred outputs merge their own way."""
+    if isinstance(older, DeferredOutput):
+        return older.merge(newer)
     deltas = {c.index: c for c in older.outputs if c.new_text or c.new_token_ids}
     if not deltas:
         return newer
@@ -87,6 +107,9 @@ def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
                                  new_token_ids=earlier.new_token_ids + completion.new_token_ids)
         outputs.append(completion)
     return replace(newer, outputs=outputs)
+
+
+_OUTPUTS = (RequestOutput, DeferredOutput)
 
 
 class OutputQueue(asyncio.Queue):
@@ -105,7 +128,7 @@ class OutputQueue(asyncio.Queue):
 
     def _put(self, item):
         queue = self._queue
-        if (queue and isinstance(item, RequestOutput) and isinstance(queue[-1], RequestOutput)
+        if (queue and isinstance(item, _OUTPUTS) and isinstance(queue[-1], _OUTPUTS)
                 and not queue[-1].finished):
             queue[-1] = merge_outputs(queue[-1], item)
             self.num_merged += 1
@@ -220,6 +243,8 @@ class RequestStream:
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
+                if isinstance(item, DeferredOutput):
+                    item = item.materialize()
                 if item.finished:
                     self.finished = True
                     self.final = item
@@ -302,6 +327,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._commands: list[tuple] = []       # ("add", tracked, prompt, params) | ("abort", id, reason)
         self._tracked: dict[str, _Tracked] = {}  # requests the engine thread serves (engine-thread only)
+        self._unscheduled: dict[str, _Tracked] = {}  # of those, the ones not yet known to be scheduled
         self._num_pending_adds = 0             # submitted, not yet handed to the engine (under _lock)
         self._num_engine_waiting = 0           # the scheduler's waiting queue, as the engine thread saw it
         self._abort_reasons: dict[str, str] = {}
@@ -414,6 +440,7 @@ class AsyncEngine:
                     self._flush_held(tracked)
                     self._send(tracked, EngineStopped("the server shut down before this request finished"))
                 self._tracked.clear()
+                self._unscheduled.clear()
                 return
             if not engine.has_unfinished_requests():
                 self._publish_stats(busy)
@@ -461,6 +488,7 @@ class AsyncEngine:
                 if request is not None and isinstance(prompt, str):
                     request.prompt = prompt
                 self._tracked[tracked.request_id] = tracked
+                self._unscheduled[tracked.request_id] = tracked
             else:
                 _, request_id, reason = command
                 if request_id in self._tracked:
@@ -475,9 +503,13 @@ class AsyncEngine:
             self._abort_reasons = {r: v for r, v in self._abort_reasons.items() if r in self._tracked}
 
     def _mark_scheduled(self, step_start: float) -> None:
-        """Requests whose first tokens were computed in the step that started at ``step_start``."""
+        """Requests whose first tokens were computed in the step that started at ``step_start``. Only those
+        not yet marked are looked at (with hundreds of requests waiting, scanning all of them every step
+        was a measurable share of the step); a request's first token also marks it (:meth:`_account`)."""
+        if not self._unscheduled or not getattr(self.engine, "reports_scheduling", True):
+            return
         requests = self.engine.requests
-        for request_id, tracked in self._tracked.items():
+        for request_id, tracked in list(self._unscheduled.items()):
             timing = tracked.timing
             if timing.scheduled is None:
                 request = requests.get(request_id)
@@ -485,6 +517,8 @@ class AsyncEngine:
                         request.seqs[0].status is not SequenceStatus.WAITING or request.seqs[0].num_computed_tokens):
                     timing.scheduled = max(step_start, timing.arrival)
                     timing.num_cached_tokens = request.seqs[0].num_cached_tokens
+            if timing.scheduled is not None or request_id not in self._tracked:
+                del self._unscheduled[request_id]
 
     def _deliver_all(self, outputs: list[RequestOutput], now: float | None = None,
                      step_start: float | None = None) -> None:
@@ -531,7 +565,8 @@ class AsyncEngine:
         if tracked.held is not None:
             output = merge_outputs(tracked.held, output)
             tracked.held = None
-        has_tokens = any(c.new_token_ids for c in output.outputs)
+        has_tokens = (output.num_new_tokens > 0 if isinstance(output, DeferredOutput)
+                      else any(c.new_token_ids for c in output.outputs))
         if output.finished or not tracked.sent_tokens or tracked.steps_held + 1 >= self.stream_interval:
             tracked.sent_tokens = tracked.sent_tokens or has_tokens
             tracked.steps_held = 0
@@ -549,7 +584,9 @@ class AsyncEngine:
     def _account(self, tracked: _Tracked, output: RequestOutput, now: float, step_start: float) -> None:
         timing = tracked.timing
         completions = output.outputs
-        if len(completions) == 1:  # the common case, once per token: no generator expressions
+        if isinstance(output, DeferredOutput):
+            new_tokens, generated = output.num_new_tokens, output.num_generated_tokens
+        elif len(completions) == 1:  # the common case, once per token: no generator expressions
             new_tokens = len(completions[0].new_token_ids)
             generated = len(completions[0].token_ids)
         else:

@@ -835,7 +835,8 @@ def check_arguments(args) -> None:
             raise ValueError("--engine-cpus places a server the benchmark starts: not with --url")
         from miniinfer.server.engine_process import parse_cpu_list
 
-        parse_cpu_list(args.engine_cpus)  # a bad list is an error here, not a server that will not start
+        if args.engine_cpus.strip().lower() != "auto":
+            parse_cpu_list(args.engine_cpus)  # a bad list is an error here, not a server that will not start
 
 
 def run(args) -> int:

@@ -65,8 +65,10 @@ from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 
 from miniinfer.outputs import CompletionOutput, RequestOutput
+from miniinfer.server.async_engine import DeferredOutput
 
-__all__ = ["RemoteEngine", "EngineProcessDied", "STATS_INTERVAL_S", "parse_cpu_list", "pin_process"]
+__all__ = ["RemoteEngine", "EngineProcessDied", "STATS_INTERVAL_S", "parse_cpu_list", "pin_process",
+           "physical_cores", "auto_engine_cpus"]
 
 log = logging.getLogger("miniinfer.server.engine_process")
 
@@ -134,6 +136,46 @@ def available_cpus() -> set[int] | None:
         return None
 
 
+def physical_cores(cpus, sysfs: str = "/sys/devices/system/cpu") -> list[list[int]]:
+    """``cpus`` grouped by the physical core they belong to (hyperthread siblings together), in CPU order.
+    Where Linux does not say (no sysfs topology), every CPU is its own core."""
+    cores: dict[str, list[int]] = {}
+    for cpu in sorted(cpus):
+        siblings = None
+        for name in ("core_cpus_list", "thread_siblings_list"):  # the new name, then the old one
+            try:
+                with open(f"{sysfs}/cpu{cpu}/topology/{name}") as file:
+                    siblings = file.read().strip()
+                break
+            except OSError:
+                continue
+        cores.setdefault(siblings or f"cpu{cpu}", []).append(cpu)
+    return list(cores.values())
+
+
+def auto_engine_cpus(cpus=None, sysfs: str = "/sys/devices/system/cpu", min_server_cpus: int = 4) -> set[int] | None:
+    """``--engine-cpus auto``: CPUs for the engine's process, chosen so that nothing else runs on its cores.
+
+    The engine's process is one busy interpreter thread (plus the GPU driver's threads); what slows it is
+    another busy thread on the *same physical core*: a hyperthread sibling shares its execution units and
+    caches, so pinning it to "CPU 0" while the event loop may run on CPU 0's sibling helps little. So the
+    engine gets whole physical cores, the last ones (CPU 0 usually takes the most interrupts): one core when
+    cores have two or more hyperthreads, two single-thread cores otherwise. None (no pinning) when fewer than
+    ``min_server_cpus`` CPUs would be left for the server process and the clients beside it."""
+    cpus = available_cpus() if cpus is None else set(cpus)
+    if not cpus:
+        return None
+    cores = physical_cores(cpus, sysfs)
+    chosen: set[int] = set()
+    for core in reversed(cores):
+        chosen.update(core)
+        if len(chosen) >= 2:
+            break
+    if len(cpus - chosen) < min_server_cpus:
+        return None
+    return chosen
+
+
 def pin_process(cpus: set[int], pid: int = 0) -> None:
     """Run every thread of a process (default: this one) on ``cpus`` only. Threads started later inherit
     the mask of the thread that starts them; those already running each have their own, so all are set."""
@@ -191,16 +233,21 @@ def _apply(engine, commands: list[tuple], failed: list[RequestOutput], tokens_on
 
 def _new_tokens(engine, tokens_only: dict[str, int]) -> list[tuple]:
     """The tokens each parent-detokenized request gained in the last step: ``(request id, new token ids,
-    num_cached_tokens)``. A finished request is not among them: its final output (the engine's own) says
-    the rest; ids the engine no longer knows are forgotten."""
+    num_cached_tokens)``. Only the requests of the step's committed updates (``engine.last_updates``) can
+    have gained any: with hundreds of requests waiting for a seat, scanning all of them every step cost
+    the engine's process more than the step's own bookkeeping. A finished request is not among them: its
+    final output (the engine's own) says the rest; :func:`_forget_finished` drops it from ``tokens_only``."""
     deltas = []
     requests = engine.requests
-    for request_id, sent in list(tokens_only.items()):
-        request = requests.get(request_id)
-        if request is None:  # finished (its final output is in this step's outputs) or aborted
-            del tokens_only[request_id]
+    seen = set()
+    for update in engine.last_updates:
+        request_id = update.seq.request_id
+        if request_id in seen:  # several tokens of one sequence (speculation): one delta
             continue
-        if not request.seqs:
+        seen.add(request_id)
+        sent = tokens_only.get(request_id)
+        request = requests.get(request_id)
+        if sent is None or request is None or not request.seqs:
             continue
         seq = request.seqs[0]
         num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
@@ -209,6 +256,13 @@ def _new_tokens(engine, tokens_only: dict[str, int]) -> list[tuple]:
                            seq.num_cached_tokens))
             tokens_only[request_id] = num_output
     return deltas
+
+
+def _forget_finished(outputs: list[RequestOutput], tokens_only: dict[str, int]) -> None:
+    """Requests whose final output is among ``outputs`` (finished, aborted, failed) stop being tracked."""
+    for output in outputs:
+        if output.finished:
+            tokens_only.pop(output.request_id, None)
 
 
 def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = None) -> None:
@@ -267,6 +321,7 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
             if now - stats_sent_at >= STATS_INTERVAL_S:
                 stats, stats_sent_at = _stats(engine), now
             deltas = _new_tokens(engine, tokens_only) if tokens_only else []
+            _forget_finished(outputs, tokens_only)
             conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats, deltas))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone: nothing left to serve
@@ -288,15 +343,88 @@ class _RemoteRequest:
 
 class _Detokenized:
     """A streamed request whose text the parent makes: the child sends its new token ids each step
-    (:func:`_new_tokens`), the parent detokenizes them, as the engine would have (``IncrementalDetokenizer``)."""
+    (:func:`_new_tokens`), the parent detokenizes them, as the engine would have (``IncrementalDetokenizer``).
 
-    __slots__ = ("prompt_token_ids", "detokenizer", "token_ids", "text")
+    Two owners: ``num_delivered`` belongs to the thread that runs :meth:`RemoteEngine.step` (it counts the
+    ids handed on); ``detokenizer``, ``token_ids`` and ``text`` to whoever makes the outputs' text
+    (:meth:`PendingTokens.materialize`: the event loop's thread, with ``deferred_outputs``)."""
 
-    def __init__(self, prompt_token_ids: list[int], detokenizer):
+    __slots__ = ("request", "prompt_token_ids", "detokenizer", "token_ids", "text", "num_delivered")
+
+    def __init__(self, request: _RemoteRequest, prompt_token_ids: list[int], detokenizer):
+        self.request = request  # its .prompt: the text AsyncEngine sets after add_request
         self.prompt_token_ids = prompt_token_ids
         self.detokenizer = detokenizer
         self.token_ids: list[int] = []
         self.text = ""
+        self.num_delivered = 0
+
+
+class PendingTokens(DeferredOutput):
+    """The new tokens of a request detokenized in the parent, not yet text: made into a
+    :class:`~miniinfer.outputs.RequestOutput` by :meth:`materialize`, when a consumer reads it.
+
+    Why deferred: at saturation the server's process makes ~100 streamed outputs per engine step, and
+    decoding each token (two tokenizer calls) and building its output objects as it arrives, in the
+    thread that reads the engine's pipe, competed with the event loop for the one interpreter lock. A
+    consumer that keeps up still reads one output per step; one that lags gets its pending tokens merged
+    (:meth:`merge`: a list concatenation) and decoded once, in one event (``IncrementalDetokenizer.add_many``).
+    ``final``: the child's final output of the request (its completion's ``new_token_ids`` already cut to
+    the tokens not yet delivered), else None."""
+
+    __slots__ = ("request_id", "state", "token_ids", "num_cached_tokens", "final", "num_generated_tokens")
+
+    def __init__(self, request_id: str, state: _Detokenized, token_ids: list[int], num_cached_tokens: int,
+                 num_generated_tokens: int, final: RequestOutput | None = None):
+        self.request_id = request_id
+        self.state = state
+        self.token_ids = token_ids
+        self.num_cached_tokens = num_cached_tokens
+        self.num_generated_tokens = num_generated_tokens
+        self.final = final
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """The final output's completions (finish reasons, for the engine thread's bookkeeping); [] before."""
+        return self.final.outputs if self.final is not None else []
+
+    @property
+    def num_new_tokens(self) -> int:
+        tail = len(self.final.outputs[0].new_token_ids) if self.final is not None else 0
+        return len(self.token_ids) + tail
+
+    def merge(self, newer: PendingTokens) -> PendingTokens:
+        newer.token_ids = self.token_ids + newer.token_ids
+        return newer
+
+    def materialize(self) -> RequestOutput:
+        state = self.state
+        text_before, num_before = len(state.text), len(state.token_ids)
+        new_text = state.detokenizer.add_many(self.token_ids)
+        state.text += new_text
+        state.token_ids += self.token_ids
+        final = self.final
+        if final is None:
+            completion = CompletionOutput(0, state.text, list(state.token_ids), None, new_text=new_text,
+                                          new_token_ids=self.token_ids)
+            return RequestOutput(self.request_id, state.request.prompt, state.prompt_token_ids, [completion],
+                                 num_cached_tokens=self.num_cached_tokens)
+        # The child decoded the whole text in one piece; the engine streaming it would have flushed the
+        # detokenizer only for a natural end (length, stop, EOS): an aborted or failed request keeps the
+        # text streamed so far (no U+FFFD for a character cut short), as it would have there.
+        completions = []
+        for completion in final.outputs:
+            new_token_ids = completion.token_ids[num_before:]
+            if completion.finish_reason in ("abort", "error"):
+                completion = replace(completion, text=state.text, new_text=new_text, new_token_ids=new_token_ids)
+            else:
+                completion = replace(completion, new_text=completion.text[text_before:], new_token_ids=new_token_ids)
+            completions.append(completion)
+        return replace(final, outputs=completions)
 
 
 class _RemoteScheduler:
@@ -322,9 +450,13 @@ class RemoteEngine:
     --engine-cpus`` does): on a small CPU the engine then has its cores to itself, and the event loop, the
     HTTP clients and the parent's unpickling of the outputs run beside it instead of preempting it."""
 
+    # Its requests have no sequences here: AsyncEngine dates a request's scheduling by its first token
+    # instead of looking at every waiting request after each step.
+    reports_scheduling = False
+
     def __init__(self, model_path, llm_options: dict | None = None, *, startup_timeout: float = 600.0,
                  on_death: Callable[[BaseException], None] | None = None, cpus: set[int] | None = None,
-                 detokenize_in_parent: bool = True):
+                 detokenize_in_parent: bool = True, deferred_outputs: bool = False):
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self.cpus = set(cpus) if cpus else None
@@ -358,6 +490,9 @@ class RemoteEngine:
         # Streamed requests' text is made here, from the token ids the child sends (see _plain):
         # detokenization and building a streamed output every step leave the engine's process.
         self.detokenize_in_parent = detokenize_in_parent
+        # Their outputs as PendingTokens, made into RequestOutputs by the consumer (AsyncEngine's streams, in
+        # the event loop's thread) rather than here: ``miniinfer serve`` sets it.
+        self.deferred_outputs = deferred_outputs
         self.pid = info["pid"]
         self._stats = info["stats"]
 
@@ -398,7 +533,7 @@ class RemoteEngine:
             from miniinfer.tokenizer import IncrementalDetokenizer
 
             self._detokenized[request_id] = _Detokenized(
-                token_ids, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
+                request, token_ids, IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens))
         self._outbox.append(("add", request_id, token_ids, params, stream, request, here))
         return request_id
 
@@ -444,40 +579,28 @@ class RemoteEngine:
         stats["engine_cpus"] = format_cpu_list(self.cpus) if self.cpus else None
         return stats
 
-    def _outputs(self, outputs: list[RequestOutput], deltas: list[tuple]) -> list[RequestOutput]:
-        """One step's outputs as the engine would have streamed them: the child's own (a final output of a
-        request detokenized here gets its last deltas), and one output per new-token delta."""
+    def _outputs(self, outputs: list[RequestOutput], deltas: list[tuple]) -> list:
+        """One step's outputs as the engine would have streamed them: the child's own, and one output per
+        new-token delta. Those of requests detokenized here are :class:`PendingTokens`; without
+        ``deferred_outputs`` they are made into outputs at once (then this thread owns their text too)."""
         detokenized = self._detokenized
         if detokenized:
             for position, output in enumerate(outputs):
                 state = detokenized.pop(output.request_id, None) if output.finished else None
-                if state is not None:  # streamed so far from here: the rest of its text and tokens
-                    outputs[position] = replace(output, outputs=[self._last(c, state) for c in output.outputs])
+                if state is not None:  # streamed so far from here: the rest comes with its text, later
+                    cut = [replace(c, new_token_ids=c.token_ids[state.num_delivered:]) for c in output.outputs]
+                    outputs[position] = PendingTokens(output.request_id, state, [], output.num_cached_tokens,
+                                                      len(output.outputs[0].token_ids),
+                                                      final=replace(output, outputs=cut))
         for request_id, new_token_ids, num_cached_tokens in deltas:
             state = detokenized.get(request_id)
-            request = self.requests.get(request_id)
-            if state is None or request is None:  # aborted meanwhile: its final output is on its way
+            if state is None or request_id not in self.requests:  # aborted meanwhile: its final output follows
                 continue
-            add = state.detokenizer.add
-            new_text = "".join([add(token) for token in new_token_ids])
-            state.text += new_text
-            state.token_ids += new_token_ids
-            completion = CompletionOutput(0, state.text, list(state.token_ids), None, new_text=new_text,
-                                          new_token_ids=new_token_ids)
-            outputs.append(RequestOutput(request_id, request.prompt, state.prompt_token_ids, [completion],
-                                         num_cached_tokens=num_cached_tokens))
+            state.num_delivered += len(new_token_ids)
+            outputs.append(PendingTokens(request_id, state, new_token_ids, num_cached_tokens, state.num_delivered))
+        if not self.deferred_outputs:
+            outputs = [o.materialize() if isinstance(o, PendingTokens) else o for o in outputs]
         return outputs
-
-    @staticmethod
-    def _last(completion: CompletionOutput, state: _Detokenized) -> CompletionOutput:
-        """The final completion of a request detokenized here, with the deltas since its last output. The
-        child decoded its text in one piece; the engine streaming it would have flushed the detokenizer
-        only for a natural end (length, stop, EOS): an aborted or failed request keeps the text streamed
-        so far (no U+FFFD for a character cut short), as it would have there."""
-        new_token_ids = completion.token_ids[len(state.token_ids):]
-        if completion.finish_reason in ("abort", "error"):
-            return replace(completion, text=state.text, new_text="", new_token_ids=new_token_ids)
-        return replace(completion, new_text=completion.text[len(state.text):], new_token_ids=new_token_ids)
 
     # -- plumbing ----------------------------------------------------------------------------------------
 

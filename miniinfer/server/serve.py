@@ -81,7 +81,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-cpus", default=None, metavar="CPUS",
                         help="with --engine-process: run the engine's process on these CPUs (e.g. 0, 0-3, 0,2) and "
                              "the server process (HTTP, event loop) on the others, so that neither preempts the "
-                             "other (default: no pinning)")
+                             "other; 'auto': the last physical core (all its hyperthreads; two cores without "
+                             "hyperthreads), when at least 4 CPUs are left (default: no pinning)")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks (also MINIINFER_DEBUG=1)")
 
@@ -109,9 +110,15 @@ def place_processes(engine_cpus: str | None) -> tuple[set[int] | None, set[int] 
     every CPU when the engine's take all of them."""
     if engine_cpus is None:
         return None, None
-    from miniinfer.server.engine_process import available_cpus, parse_cpu_list, pin_process
+    from miniinfer.server.engine_process import auto_engine_cpus, available_cpus, parse_cpu_list, pin_process
 
-    engine = parse_cpu_list(engine_cpus)
+    if engine_cpus.strip().lower() == "auto":
+        engine = auto_engine_cpus()
+        if engine is None:
+            log.warning("--engine-cpus auto: too few CPUs to give the engine cores of its own; not pinning")
+            return None, None
+    else:
+        engine = parse_cpu_list(engine_cpus)
     rest = (available_cpus() or set()) - engine
     if rest:
         pin_process(rest)
@@ -199,7 +206,7 @@ def run(args) -> int:
         # (tokenizer, defaults, limits), which the child sends once it has loaded.
         engine_cpus, server_cpus = place_processes(engine_cpus)
         remote = RemoteEngine(path, dict(device=args.device, dtype=args.dtype, seed=args.seed, **options),
-                              cpus=engine_cpus)
+                              cpus=engine_cpus, deferred_outputs=True)
         llm = SimpleNamespace(engine=remote, tokenizer=remote.tokenizer, generation_defaults=remote.generation_defaults)
     else:
         llm = LLM(path, device=args.device, dtype=args.dtype, seed=args.seed, **options)

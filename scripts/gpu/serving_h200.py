@@ -62,7 +62,7 @@ UNK = "[UNK]"
 PUNCTUATION = list(".,;:!?'\"-()[]&*/_`")
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SERVER_PACKAGES = ["fastapi", "uvicorn", "httpx"]
+SERVER_PACKAGES = ["fastapi", "uvicorn", "httpx", "uvloop"]  # uvloop: the event loop an installed server has
 
 START = time.perf_counter()
 SERVER_LOG_DIR = Path(tempfile.mkdtemp(prefix="miniinfer-serving-logs-"))  # TMPDIR of the servers bench starts
