@@ -560,12 +560,36 @@ class RemoteEngine:
         item = self._pending.popleft()
         if isinstance(item, BaseException):
             raise item
-        item = self._outputs(*item)
-        for output in item:
+        return self._step_outputs(item)
+
+    # -- without a thread: driven by an event loop (AsyncEngine's pump) ----------------------------------
+
+    def fileno(self) -> int:
+        """The pipe's file descriptor: readable when the child has sent something (or has died)."""
+        return self._conn.fileno()
+
+    def flush(self) -> None:
+        """Send the gathered commands now (``step`` does it before it waits)."""
+        self._flush()
+
+    def ready_steps(self) -> list:
+        """Every step the child has finished and this side not yet returned, without waiting: each the list
+        of its outputs (as ``step`` returns them), or the exception of a step that failed. Raises
+        :class:`EngineProcessDied` when the child is gone."""
+        self._receive(block=False)
+        ready = []
+        while self._pending:
+            item = self._pending.popleft()
+            ready.append(item if isinstance(item, BaseException) else self._step_outputs(item))
+        return ready
+
+    def _step_outputs(self, item: tuple) -> list:
+        outputs = self._outputs(*item)
+        for output in outputs:
             if output.finished:
                 self._live.discard(output.request_id)
                 self.requests.pop(output.request_id, None)
-        return item
+        return outputs
 
     def stats(self) -> dict:
         """The child's latest stats (it sends them with its steps and when it goes idle)."""

@@ -8,8 +8,8 @@
 random weights and a synthetic tokenizer there; if DIR does not exist, this script builds it the same way).
 py-spy (``pip install py-spy``, or its wheel in ``.whl/``) samples without stopping the processes
 (``--nonblocking``) for ``--profile-s`` seconds in the middle of the run. Writes into ``--out-dir``: the raw
-stacks (``parent.txt``, ``engine.txt``: py-spy's "raw" format, one stack and its count per line), a summary of
-each (``*_top.txt``: functions by their own and inclusive share of the busy samples) and ``profile.json``
+stacks (with ``--keep-raw``: ``parent.txt``, ``engine.txt``, ``offline.txt``: py-spy's "raw" format, one stack and its
+count per line), a summary of each (``*_top.txt``: functions by their own and inclusive share of the busy samples) and ``profile.json``
 (throughput, CPU seconds per token of the server process and of the engine process, the engine's CPUs).
 """
 
@@ -126,6 +126,8 @@ def profile_offline(args, spy: str | None) -> dict:
         raw = args.out_dir / "offline.txt"
         if raw.exists():
             (args.out_dir / "offline_top.txt").write_text(summarise(raw))
+            if not args.keep_raw:
+                raw.unlink()
     tokens = result["tokens"]
     return {"output_tok_s": round(tokens / result["wall_s"], 1), "steps": result["steps"],
             "step_ms": round(1e3 * result["wall_s"] / result["steps"], 2),
@@ -150,6 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "/tmp/out")) / "serving_profile")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl")
+    parser.add_argument("--nonblocking", action=argparse.BooleanOptionalAction, default=True,
+                        help="py-spy without pausing the processes (default; --no-nonblocking: exact stacks, "
+                             "slower processes)")
+    parser.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stacks next to the summaries")
     parser.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
                         help="also profile LLM.generate of the same requests in a process of its own")
     args = parser.parse_args(argv)
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
             for name, pid in (("parent", parent), ("engine", engine)):
                 if pid is None:
                     continue
-                command = [spy, "record", "-p", str(pid), "--threads", "--nonblocking", "-r", str(args.rate),
+                command = [spy, "record", "-p", str(pid), "--threads", *(["--nonblocking"] if args.nonblocking else []), "-r", str(args.rate),
                            "-d", str(args.profile_s), "-f", "raw", "-o", str(args.out_dir / f"{name}.txt")]
                 spies.append((name, subprocess.Popen(["bash", "-c", f"sleep {delay}; exec " + " ".join(command)],
                                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
@@ -209,6 +215,8 @@ def main(argv=None) -> int:
             raw = args.out_dir / f"{name}.txt"
             if raw.exists():
                 (args.out_dir / f"{name}_top.txt").write_text(summarise(raw))
+                if not args.keep_raw:
+                    raw.unlink()
             else:
                 print(f"py-spy ({name}) wrote nothing: {err.decode(errors='replace')[-500:]}")
         tokens = args.num_requests * args.max_tokens
