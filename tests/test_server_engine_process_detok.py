@@ -10,6 +10,7 @@ streaming (stop strings, n > 1, logprobs) in the same batch. Also: ``--engine-cp
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -160,6 +161,39 @@ def test_deferred_outputs_read_merged_or_not_give_the_same_stream(checkpoint_wit
         for event in got:  # cumulative text and tokens: consistent with the deltas so far
             assert event[0].endswith(event[2])
     assert sum(len(v) for v in merged.values()) < sum(len(v) for v in expected.values()) / 2  # merging happened
+
+
+def test_the_event_loop_pump_keeps_the_pipe_blocking_and_carries_large_steps(remote):
+    """With AsyncEngine started in a running loop, the event loop reads the engine's pipe (no bridge thread).
+    uvloop makes a watched descriptor non-blocking, which made a step's message that arrived in pieces read
+    as a dead engine on an H200: the pump sets it back. A step carrying ~0.5 MB (top-20 logprobs of a few
+    hundred tokens, more than a socket buffer) must arrive whole, under uvloop where it is installed."""
+    from miniinfer.server.async_engine import AsyncEngine
+
+    async def main():
+        engine = AsyncEngine(remote)
+        engine.start()
+        try:
+            assert engine._pump_loop is not None and engine._thread is None
+            assert os.get_blocking(remote.fileno())
+            params = SamplingParams(temperature=1.0, seed=3, max_tokens=200, ignore_eos=True, logprobs=20)
+            streams = [await engine.submit(remote.tokenizer.encode(prompt), params) for prompt in PROMPTS[:4]]
+            finals = []
+            for stream in streams:
+                outputs = [output async for output in stream]
+                finals.append(outputs[-1])
+            assert [len(f.outputs[0].token_ids) for f in finals] == [200] * 4
+            assert all(len(entry) >= 20 for f in finals for entry in f.outputs[0].logprobs)
+        finally:
+            await engine.shutdown()
+        assert not engine.is_running and not remote.has_unfinished_requests()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 def test_auto_engine_cpus_takes_whole_physical_cores(tmp_path):

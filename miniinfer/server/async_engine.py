@@ -39,6 +39,7 @@ import collections
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -458,7 +459,12 @@ class AsyncEngine:
         no cross-thread wake-up, and the outputs go straight into the requests' queues."""
         loop = self._pump_loop = asyncio.get_running_loop()
         self._pumping = True
-        loop.add_reader(self.engine.fileno(), self._on_engine_readable)
+        fd = self.engine.fileno()
+        loop.add_reader(fd, self._on_engine_readable)
+        # uvloop (libuv) makes a watched descriptor non-blocking; the pipe's recv and send expect a blocking
+        # one: a message that arrives in pieces would raise BlockingIOError halfway (seen on an H200 under
+        # load: "the engine process died" while it was alive). Readiness is still reported either way.
+        os.set_blocking(fd, True)
 
     def _kick(self) -> None:
         """Commands are waiting (an add, an abort): have the loop apply and send them, once per loop turn."""
