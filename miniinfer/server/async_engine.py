@@ -344,7 +344,7 @@ class AsyncEngine:
         self._pump_loop: asyncio.AbstractEventLoop | None = None  # the event loop that drives the engine
         self._pumping = False
         self._kick_pending = False
-        self._busy = 0.0
+        self._pump_seconds = 0.0  # the event loop's time in the pump's callback
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -509,14 +509,14 @@ class AsyncEngine:
                     self.num_steps += 1
                     self._deliver_all(outputs, now, now)
                 if not self._tracked or time.perf_counter() - self._stats_published_at >= STATS_INTERVAL_S:
-                    self._busy += time.perf_counter() - start
-                    start = time.perf_counter()
-                    self._publish_stats(self._busy)  # (may read the pipe: the loop goes round again)
+                    self._publish_stats()  # (may read the pipe: the loop goes round again)
+            if not self._tracked:  # e.g. the child's report that it went idle, with its KV blocks freed
+                self._publish_stats()
             if self._commands:
                 self._send_commands()
         except Exception as error:  # noqa: BLE001 - the child is gone (EngineProcessDied)
             self._engine_failed(error)
-        self._busy += time.perf_counter() - start
+        self._pump_seconds += time.perf_counter() - start
 
     def _engine_failed(self, error: BaseException) -> None:
         """The engine's process died: fail everything in flight, stop reading its pipe."""
@@ -529,7 +529,7 @@ class AsyncEngine:
             if command[0] == "add":
                 self._send(command[1], RuntimeError(f"engine step failed: {type(error).__name__}: {error}"))
         self._fail_all(error)
-        self._publish_stats(self._busy)
+        self._publish_stats()
 
     def _stop_reading(self) -> None:
         if self._pumping:
@@ -777,11 +777,16 @@ class AsyncEngine:
             self._send(tracked, RuntimeError(f"engine step failed: {type(error).__name__}: {error}"))
             del self._tracked[request_id]
 
-    def _publish_stats(self, busy: float) -> None:
+    def _publish_stats(self, busy: float | None = None) -> None:
+        """``busy``: the engine thread's seconds in steps; with the pump, the engine's process reports its
+        own (``engine_busy_seconds``) and the event loop's seconds in the pump are ``pump_seconds``."""
         try:
             stats = self.engine.stats()
         except Exception:  # noqa: BLE001
             return
+        if busy is None:
+            busy = stats.get("engine_busy_seconds", 0.0)
+            stats["pump_seconds"] = self._pump_seconds
         stats["_busy_seconds"] = busy
         stats["num_tracked"] = len(self._tracked)
         stats["num_merged_outputs"] = self.num_merged_outputs

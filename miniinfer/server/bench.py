@@ -585,11 +585,13 @@ def load_generator_cpus(server) -> set[int] | None:
     return rest or None
 
 
-def describe_engine(process: bool, engine_cpus: str | None) -> str:
+def describe_engine(process: bool, engine_cpus: str | None, resolved: str | None = None) -> str:
+    """``resolved``: the CPUs the server reports for its engine's process (what ``--engine-cpus auto`` chose)."""
     if not process:
         return "thread (miniinfer serve)"
     if engine_cpus:
-        return (f"process on CPU {engine_cpus} (miniinfer serve --engine-process --engine-cpus {engine_cpus}); "
+        where = resolved or engine_cpus
+        return (f"process on CPU {where} (miniinfer serve --engine-process --engine-cpus {engine_cpus}); "
                 "the server process and the load generator on the other CPUs")
     return "process (miniinfer serve --engine-process)"
 
@@ -621,6 +623,13 @@ def run_benchmark(args, echo=print) -> dict:
             # The same server with its engine in a process of its own, measured in the same pairs.
             thread_args = [a for a in server_args if a != "--no-engine-process"]
             process_server = ServerProcess(*thread_args, *process_args, startup_timeout=startup_timeout)
+    resolved_cpus = None
+    for started in (process_server, server if getattr(args, "engine_process", False) else None):
+        if started is not None and resolved_cpus is None:
+            try:
+                resolved_cpus = started.engine_stats().get("engine_cpus")
+            except Exception:  # noqa: BLE001 - no such page: the option as given
+                pass
     pid = None if server is None else server_pids(server)
     client_cpus = None if server is None else load_generator_cpus(server)
     rows: list[dict] = []
@@ -669,7 +678,8 @@ def run_benchmark(args, echo=print) -> dict:
     summary = {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
                "server": "started by the benchmark" if server is not None else url}
     if server is not None:
-        summary["engine"] = describe_engine(getattr(args, "engine_process", False), getattr(args, "engine_cpus", None))
+        summary["engine"] = describe_engine(getattr(args, "engine_process", False), getattr(args, "engine_cpus", None),
+                                            resolved_cpus)
     finite = [r for r in rows if r["offered_rps"] != "inf" and r["ttft_p50_s"] is not None]
     if finite:
         summary["unloaded_ttft_p50_s"] = finite[0]["ttft_p50_s"]
@@ -680,7 +690,8 @@ def run_benchmark(args, echo=print) -> dict:
     if overhead is not None:
         if "engine_process" in overhead:
             summary["overhead_at_saturation_engine_process"] = {
-                "engine": describe_engine(True, getattr(args, "engine_cpus", None)), **overhead.pop("engine_process")}
+                "engine": describe_engine(True, getattr(args, "engine_cpus", None), resolved_cpus),
+                **overhead.pop("engine_process")}
         summary["overhead_at_saturation"] = overhead
         # The keys an earlier version of this report had, for readers of old and new files alike.
         summary["offline_output_tok_s"] = overhead["offline_tok_s"]

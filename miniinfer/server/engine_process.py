@@ -201,9 +201,10 @@ def _error_output(request_id: str, text: str | None, token_ids: list[int], n: in
     return RequestOutput(request_id, text, list(token_ids), completions, finished=True)
 
 
-def _stats(engine) -> dict:
+def _stats(engine, busy_seconds: float = 0.0) -> dict:
     stats = engine.stats()
     stats["engine_pid"] = os.getpid()
+    stats["engine_busy_seconds"] = busy_seconds  # in engine.step(), this process's own clock
     return stats
 
 
@@ -291,6 +292,7 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
         num_kv_blocks=engine.num_kv_blocks, device=str(engine.device),
         generation_defaults=dict(llm.generation_defaults), stats=_stats(engine), pid=os.getpid())))
     stats_sent_at = 0.0
+    busy = 0.0  # seconds in engine.step()
     idle_reported = True
     tokens_only: dict[str, int] = {}  # requests the parent detokenizes -> output tokens sent so far
     try:
@@ -298,7 +300,7 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
             failed: list[RequestOutput] = []
             if not engine.has_unfinished_requests():
                 if not idle_reported:  # the last step freed its blocks: let the parent see it
-                    conn.send(("stats", _stats(engine)))
+                    conn.send(("stats", _stats(engine, busy)))
                     idle_reported = True
                 if not _apply(engine, conn.recv(), failed, tokens_only):  # idle: block until there is work
                     return
@@ -310,6 +312,7 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
                     conn.send(("outputs", failed, len(engine.scheduler.waiting), None, []))
                 continue
             idle_reported = False
+            started = time.perf_counter()
             try:
                 outputs = engine.step()
             except Exception as error:  # noqa: BLE001 - the parent fails the requests in flight
@@ -317,9 +320,10 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
                 conn.send(("step_failed", f"{type(error).__name__}: {error}"))
                 continue
             now = time.perf_counter()
+            busy += now - started
             stats = None
             if now - stats_sent_at >= STATS_INTERVAL_S:
-                stats, stats_sent_at = _stats(engine), now
+                stats, stats_sent_at = _stats(engine, busy), now
             deltas = _new_tokens(engine, tokens_only) if tokens_only else []
             _forget_finished(outputs, tokens_only)
             conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats, deltas))
