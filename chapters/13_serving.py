@@ -391,7 +391,7 @@ if recorded is not None and "overhead_at_saturation" in recorded.get("summary", 
 # load generator) on CPU 1 — and with the streamed text made in the server process from the token
 # ids the engine sends (detokenizing twice per token and building an output per token had cost the
 # engine ~4 % of its step), the engine's step is within a few percent of offline's and the server
-# kept 0.91–0.95x of offline's throughput in four sessions (last line: the first), against 0.81–0.84x
+# kept 0.91–0.96x of offline's throughput in five sessions (last line: the latest), against 0.81–0.92x
 # for the thread: that is the mode that meets the ≤ 10 % goal on this CPU. It needs a spare core, so
 # on a CPU the thread stays the default. `--stream-interval N` sends tokens every N steps, merged: fewer
 # events, burstier streams.
@@ -419,12 +419,46 @@ if gpu_file.exists():
 # That is the case for the engine process, and the GPU run measured it: in a process of its own the
 # engine's step is back within a few percent of offline's, and the server keeps most of offline's
 # throughput. So `miniinfer serve` puts the engine in its own process by default whenever it runs on a
-# GPU (`--no-engine-process` keeps the thread). It does not close the gap: in a longer run (384
-# requests, `serving_h200_saturation.json`, the process unpinned) the thread kept 0.30x and the process
-# 0.62x of offline, its step 4.4 ms against 3.6: with a full batch the server's per-step work (an
-# output per stream through the pipe, SSE for each) grows, and an unpinned engine competes with the
-# HTTP side for cores. The next steps are pinning by default, leaner per-step messages, and an engine
-# whose CPU work per step overlaps the GPU's (vLLM's and SGLang's asynchronous scheduling).
+# GPU (`--no-engine-process` keeps the thread). It did not close the gap in a longer run, and a
+# profiler (py-spy on both processes, `scripts/gpu/serving_profile.py`) said why: the **server's**
+# process was now the bottleneck, a full core busy at 45 µs per streamed token, its thread that read the
+# engine's pipe spending ~40 % of its time decoding text token by token, and taking turns with the event
+# loop for the one interpreter lock. Two changes, each measured on the H200:
+#
+# * **text made by the reader, per event.** The engine's process sends new token ids; the server wraps
+#   them in a `PendingTokens` that becomes a `RequestOutput` only when the request's handler reads it.
+#   A reader that lags finds several pending outputs merged into one (a list concatenation) and
+#   decodes them once (`IncrementalDetokenizer.add_many`): the cost follows the events, not the tokens.
+# * **no thread between the pipe and the loop.** The event loop watches the pipe (`add_reader`) and
+#   puts each step's outputs straight into the requests' queues: no lock to share, no cross-thread
+#   wake-up. (One trap on the way: uvloop makes a watched descriptor non-blocking, and a step's
+#   message that arrived in pieces then read as a dead engine. A test now sends ~200 KB steps.)
+#
+# With `--engine-cpus auto` (the engine on the last physical core) and 768 requests per run:
+
+# %%
+steps_file = MODEL.parents[3] / "benchmarks/results/serving_h200_session8_steps.json"
+if steps_file.exists():
+    for row in json.loads(steps_file.read_text())["rows"][:3]:
+        print("{:.2f}x (pairs {:.2f}-{:.2f})  {}".format(row["process_server_vs_offline"],
+                                                        *row["process_range"], row["change"]))
+saturation_file = MODEL.parents[3] / "benchmarks/results/serving_h200_saturation.json"
+if saturation_file.exists():
+    own = json.loads(saturation_file.read_text())["summary"]["overhead_at_saturation_engine_process"]
+    print(f"last run: engine busy {own['server_engine_busy_fraction']:.0%} of the wall time; "
+          f"steps {own['server_steps']} vs {own['offline_steps']} offline; "
+          f"{own['server_step_ms']:.2f} vs {own['offline_step_ms']:.2f} ms per step")
+
+# %% [markdown]
+# From 0.60x to 0.70x of offline: still short of the ≤ 10 % goal. The last line says where the rest
+# goes. The engine's process now idles a fifth of the wall time: a burst of 768 requests has to be
+# parsed, validated and tokenized by the one server process before the batch fills, and the last
+# tokens still have to be written to their sockets after the engine is done. It runs ~9 % more steps
+# than offline: requests that finish at different steps are replaced one by one, and every step that
+# mixes a new prompt into the decodes runs eagerly, without the CUDA graph. And each step costs ~13 %
+# more, the loop around it (pickling the step's message for the pipe). The next levers: admitting
+# waiting requests in groups (fewer eager steps), a compact binary message instead of pickled
+# objects, and more than one server process in front of one engine (vLLM's `--api-server-count`).
 #
 # ## 7. What the metrics tell an operator
 #
