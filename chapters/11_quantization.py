@@ -501,9 +501,9 @@ fig.tight_layout()
 # cuBLAS bf16 and torch's int4 kernel (`_weight_int4pack_mm`) on a GPU:
 
 # %%
-gpu_results = sorted(results_dir.glob("quantization_*.json"))
-if gpu_results:
-    gpu = json.loads(gpu_results[-1].read_text())
+gpu_file = results_dir / "quantization_h200.json"  # the ledger's run, by name (not whichever file sorts last)
+if gpu_file.exists():
+    gpu = json.loads(gpu_file.read_text())
     print(f"{gpu['card']}, {gpu['date'][:10]}")
     for row in gpu["rows"]:
         if row["K"] == 8192:
