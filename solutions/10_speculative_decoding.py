@@ -344,8 +344,9 @@ from miniinfer.speculative.tree import draft_tree, draft_tree_best_first, tree_l
 draft_model, _ = load_model(DRAFT, device="cpu")
 
 
-def tokens_per_forward(make_tree, num_tokens=32):
-    """Greedy decoding of every prompt with trees from make_tree(tokens): target tokens per forward."""
+def tokens_per_forward(make_tree, num_tokens=32, observe=None):
+    """Greedy decoding of every prompt with trees from make_tree(tokens): target tokens per forward.
+    observe(tree, path), if given, sees each verified tree and the path the target accepted."""
     emitted = forwards = 0
     for prompt in prompts:
         tokens = tokenizer.encode(prompt)
@@ -353,6 +354,8 @@ def tokens_per_forward(make_tree, num_tokens=32):
         while len(tokens) - start < num_tokens:
             tree = make_tree(tokens)
             path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
+            if observe is not None:
+                observe(tree, path)
             tokens += [tree.tokens[node] for node in path] + [token]
             emitted, forwards = emitted + len(path) + 1, forwards + 1
     return emitted / forwards
@@ -423,19 +426,10 @@ print({f"rank {r + 1}, p in [{b / 5:.1f}, {(b + 1) / 5:.1f})": f"{a}/{n}" for (r
 from miniinfer.speculative.tree import AcceptanceCalibration
 
 
-def tokens_per_forward_learning(calibration, guesses, num_tokens=32):
-    """As tokens_per_forward, with calibrated best-first trees that learn from each verification."""
-    emitted = forwards = 0
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt)
-        start = len(tokens)
-        while len(tokens) - start < num_tokens:
-            tree = draft_tree_best_first(draft_model, tokens, guesses, 2, calibration)
-            path, token = verify_tree_greedy(tree, tree_logits(model, tokens, tree))
-            calibration.observe_tree(tree, path)
-            tokens += [tree.tokens[node] for node in path] + [token]
-            emitted, forwards = emitted + len(path) + 1, forwards + 1
-    return emitted / forwards
+def tokens_per_forward_learning(calibration, guesses):
+    """tokens_per_forward with calibrated best-first trees that learn from each verification."""
+    return tokens_per_forward(lambda t: draft_tree_best_first(draft_model, t, guesses, 2, calibration),
+                              observe=calibration.observe_tree)
 
 
 calibration = AcceptanceCalibration()

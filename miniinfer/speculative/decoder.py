@@ -32,6 +32,7 @@ the same batch decodes or prefills as usual.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +64,15 @@ def can_speculate(seq: Sequence) -> bool:
             and seq.num_output_tokens >= p.min_tokens and (p.n == 1 or seq.forked))
 
 
+class _TreeShape(NamedTuple):
+    """One sequence's token tree in a verify step: each node's parent (node 0, the newest token, is the
+    root), and, for trees grown by calibrated acceptance rates, each node's (rank, draft probability) —
+    what the proposer learns from once the target has verified the tree."""
+
+    parents: list[int]
+    confidence: list[tuple[int, float]] | None
+
+
 class SpeculativeDecoder:
     """Owns a proposer, the choice of γ (fixed, or ``"auto"``: :class:`AdaptiveGamma`), the acceptance
     rule (``accept_fn``, default :func:`~miniinfer.speculative.acceptance.accept_draft`: the course's
@@ -76,8 +86,7 @@ class SpeculativeDecoder:
         self.clock = clock or time.perf_counter
         self._gate_step: tuple[int, bool, float] | None = None
         self._one_off = False
-        self._trees: dict[int, list[int]] = {}
-        self._tree_confidence: dict[int, list[tuple[int, float]]] = {}
+        self._trees: dict[int, _TreeShape] = {}
         self._plan = None
         self._runner = None
         if num_speculative_tokens == "auto":
@@ -117,8 +126,7 @@ class SpeculativeDecoder:
         plan.draft_tokens = plan.draft_probs = None
         self._gate_step = None
         self._one_off = False
-        self._trees: dict[int, list[int]] = {}   # id(seq) -> parents of its token tree (tree speculation)
-        self._tree_confidence: dict[int, list[tuple[int, float]]] = {}  # id(seq) -> its nodes' (rank, p)
+        self._trees: dict[int, _TreeShape] = {}   # id(seq) -> the shape of its token tree (tree speculation)
         if self.tree_width and max(plan.num_new_tokens) > MAX_VERIFY_QUERIES:
             return  # a long prefill chunk in this step: tree masks need the batched verify attention
         if len(plan.samples) != len(plan.seqs) and any(row.is_fork for row in plan.samples):
@@ -174,9 +182,9 @@ class SpeculativeDecoder:
             draft_tokens[b] = list(proposal.tokens[:k])
             draft_probs[b] = proposal.probs[:k] if proposal.probs is not None else None
             if proposal.parents is not None:
-                self._trees[id(seq)] = list(proposal.parents[:k + 1])  # a prefix of the nodes is a tree
-                if proposal.confidence is not None:
-                    self._tree_confidence[id(seq)] = list(proposal.confidence[:k + 1])
+                # a prefix of the nodes is a tree
+                confidence = list(proposal.confidence[:k + 1]) if proposal.confidence is not None else None
+                self._trees[id(seq)] = _TreeShape(list(proposal.parents[:k + 1]), confidence)
         plan.copies = plan.copies + manager.take_pending_copies()
         if any(draft_tokens):
             plan.draft_tokens, plan.draft_probs = draft_tokens, draft_probs
@@ -195,7 +203,7 @@ class SpeculativeDecoder:
         if self._trees:
             from miniinfer.speculative.tree import tree_attention_mask
 
-            metadata.tree_masks = [tree_attention_mask(self._trees[id(seq)]) if id(seq) in self._trees else None
+            metadata.tree_masks = [tree_attention_mask(self._trees[id(seq)].parents) if id(seq) in self._trees else None
                                    for seq in self._plan.seqs]
         return PagedKVContext(runner.k_caches, runner.v_caches, metadata, backend, decode_hook=runner._decode_hook)
 
@@ -209,8 +217,9 @@ class SpeculativeDecoder:
 
         positions = list(positions)
         for b, seq in enumerate(plan.seqs):
-            parents = self._trees.get(id(seq))
-            if parents is not None:
+            shape = self._trees.get(id(seq))
+            if shape is not None:
+                parents = shape.parents
                 start = cu_seqlens_q[b]
                 first = positions[start]
                 positions[start:cu_seqlens_q[b + 1]] = [first + d for d in TokenTree([0] * len(parents), parents).depths]
@@ -282,7 +291,8 @@ class SpeculativeDecoder:
         from miniinfer.speculative.tree import TokenTree, multi_candidate_accept
 
         seq = row.seq
-        tree = TokenTree([seq.token_ids[-1], *guesses], self._trees[id(seq)], self._tree_confidence.get(id(seq)))
+        shape = self._trees[id(seq)]
+        tree = TokenTree([seq.token_ids[-1], *guesses], shape.parents, shape.confidence)
         depths = tree.depths
         if not bool(torch.isfinite(logits).all()):
             return [], -1
