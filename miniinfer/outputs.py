@@ -49,3 +49,17 @@ class RequestOutput:
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
 
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens the latest step added, over all completions (streaming)."""
+        if len(self.outputs) == 1:  # the common case, once per streamed token: no generator
+            return len(self.outputs[0].new_token_ids)
+        return sum(len(c.new_token_ids) for c in self.outputs)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        """Tokens generated so far, over all completions."""
+        if len(self.outputs) == 1:
+            return len(self.outputs[0].token_ids)
+        return sum(len(c.token_ids) for c in self.outputs)
+

@@ -75,8 +75,9 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 class DeferredOutput:
     """A streamed output that becomes a :class:`~miniinfer.outputs.RequestOutput` only when its consumer
     reads it (:meth:`materialize`, called by :class:`RequestStream` in the event loop's thread). What the
-    engine thread's bookkeeping reads is there at once: ``request_id``, ``finished``, ``outputs`` (final
-    only: the finish reasons), ``num_cached_tokens``, ``num_new_tokens``, ``num_generated_tokens``.
+    engine's bookkeeping reads of a RequestOutput is there at once: ``request_id``, ``finished``,
+    ``outputs`` (final only: the finish reasons), ``num_cached_tokens``, ``num_new_tokens``,
+    ``num_generated_tokens``.
     ``merge(newer)``: one deferred output for two consecutive unread ones (the queue's backlog). The
     engine-process mode's :class:`~miniinfer.server.engine_process.PendingTokens` is one: its text is
     decoded by the reader, once per event, instead of once per token by the thread that reads the engine."""
@@ -495,11 +496,10 @@ class AsyncEngine:
         if not self._pumping:
             return
         start = time.perf_counter()
+        published = False
         try:
             while True:
                 ready = self.engine.ready_steps()
-                if not ready:
-                    break
                 for outputs in ready:
                     if isinstance(outputs, BaseException):
                         log.error("engine step failed: %s", outputs)
@@ -508,10 +508,15 @@ class AsyncEngine:
                     now = time.perf_counter()
                     self.num_steps += 1
                     self._deliver_all(outputs, now, now)
-                if not self._tracked or time.perf_counter() - self._stats_published_at >= STATS_INTERVAL_S:
-                    self._publish_stats()  # (may read the pipe: the loop goes round again)
-            if not self._tracked:  # e.g. the child's report that it went idle, with its KV blocks freed
-                self._publish_stats()
+                # Idle (e.g. the child's report that it went idle, its KV blocks freed), or due: publish,
+                # once. The engine's stats() reads the pipe too: one more pass delivers what it read.
+                if not published and (not self._tracked
+                                      or time.perf_counter() - self._stats_published_at >= STATS_INTERVAL_S):
+                    self._publish_stats()
+                    published = True
+                    continue
+                if not ready:
+                    break
             if self._commands:
                 self._send_commands()
         except Exception as error:  # noqa: BLE001 - the child is gone (EngineProcessDied)
@@ -555,6 +560,10 @@ class AsyncEngine:
             while self._tracked and self._pumping and time.perf_counter() < deadline:
                 await asyncio.sleep(0.01)
         self._stop_reading()
+        self._end_remaining_streams()
+
+    def _end_remaining_streams(self) -> None:
+        """Shutdown, after the last outputs: streams still open end with :class:`EngineStopped`."""
         for tracked in list(self._tracked.values()):
             self._flush_held(tracked)
             self._send(tracked, EngineStopped("the server shut down before this request finished"))
@@ -575,11 +584,7 @@ class AsyncEngine:
                     engine.abort_request(request_id)
                 self._abort_reasons.update({r: "abort" for r in self._tracked})
                 self._deliver_all(engine.step() if engine.has_unfinished_requests() else [])
-                for tracked in list(self._tracked.values()):
-                    self._flush_held(tracked)
-                    self._send(tracked, EngineStopped("the server shut down before this request finished"))
-                self._tracked.clear()
-                self._unscheduled.clear()
+                self._end_remaining_streams()
                 return
             if not engine.has_unfinished_requests():
                 self._publish_stats(busy)
@@ -645,7 +650,7 @@ class AsyncEngine:
         """Requests whose first tokens were computed in the step that started at ``step_start``. Only those
         not yet marked are looked at (with hundreds of requests waiting, scanning all of them every step
         was a measurable share of the step); a request's first token also marks it (:meth:`_account`)."""
-        if not self._unscheduled or not getattr(self.engine, "reports_scheduling", True):
+        if not self._unscheduled:
             return
         requests = self.engine.requests
         for request_id, tracked in list(self._unscheduled.items()):
@@ -707,8 +712,7 @@ class AsyncEngine:
         if tracked.held is not None:
             output = merge_outputs(tracked.held, output)
             tracked.held = None
-        has_tokens = (output.num_new_tokens > 0 if isinstance(output, DeferredOutput)
-                      else any(c.new_token_ids for c in output.outputs))
+        has_tokens = output.num_new_tokens > 0
         if output.finished or not tracked.sent_tokens or tracked.steps_held + 1 >= self.stream_interval:
             tracked.sent_tokens = tracked.sent_tokens or has_tokens
             tracked.steps_held = 0
@@ -725,15 +729,7 @@ class AsyncEngine:
 
     def _account(self, tracked: _Tracked, output: RequestOutput, now: float, step_start: float) -> None:
         timing = tracked.timing
-        completions = output.outputs
-        if isinstance(output, DeferredOutput):
-            new_tokens, generated = output.num_new_tokens, output.num_generated_tokens
-        elif len(completions) == 1:  # the common case, once per token: no generator expressions
-            new_tokens = len(completions[0].new_token_ids)
-            generated = len(completions[0].token_ids)
-        else:
-            new_tokens = sum(len(c.new_token_ids) for c in completions)
-            generated = sum(len(c.token_ids) for c in completions)
+        new_tokens, generated = output.num_new_tokens, output.num_generated_tokens
         if new_tokens:
             if timing.scheduled is None:  # its whole prefill ran in this step
                 timing.scheduled = max(step_start, timing.arrival)

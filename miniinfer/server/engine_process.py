@@ -454,10 +454,6 @@ class RemoteEngine:
     --engine-cpus`` does): on a small CPU the engine then has its cores to itself, and the event loop, the
     HTTP clients and the parent's unpickling of the outputs run beside it instead of preempting it."""
 
-    # Its requests have no sequences here: AsyncEngine dates a request's scheduling by its first token
-    # instead of looking at every waiting request after each step.
-    reports_scheduling = False
-
     def __init__(self, model_path, llm_options: dict | None = None, *, startup_timeout: float = 600.0,
                  on_death: Callable[[BaseException], None] | None = None, cpus: set[int] | None = None,
                  detokenize_in_parent: bool = True, deferred_outputs: bool = False):

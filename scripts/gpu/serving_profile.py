@@ -102,6 +102,8 @@ print(json.dumps(result), flush=True)
 
 def profile_offline(args, spy: str | None) -> dict:
     """The same requests through ``LLM.generate`` in a process of its own, profiled like the server's."""
+    from miniinfer.server.bench import process_cpu_seconds
+
     process = subprocess.Popen([sys.executable, "-c", OFFLINE_CHILD, str(args.folder), args.device,
                                 str(args.max_num_seqs), str(args.num_requests), str(args.max_tokens)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -114,11 +116,11 @@ def profile_offline(args, spy: str | None) -> dict:
         spying = subprocess.Popen(["bash", "-c", f"sleep 0.5; exec {spy} record -p {process.pid} --threads "
                                    f"--nonblocking -r {args.rate} -d {args.profile_s} -f raw -o {args.out_dir}/offline.txt"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cpu_before = process_cpu_seconds_of(process.pid)
+    cpu_before = process_cpu_seconds(process.pid)
     process.stdin.write("go\n")
     process.stdin.flush()
     result = json.loads(process.stdout.readline())
-    result["process_cpu_s"] = process_cpu_seconds_of(process.pid) - cpu_before
+    result["process_cpu_s"] = process_cpu_seconds(process.pid) - cpu_before
     process.stdin.close()
     process.wait(60)
     if spying is not None:
@@ -132,12 +134,6 @@ def profile_offline(args, spy: str | None) -> dict:
     return {"output_tok_s": round(tokens / result["wall_s"], 1), "steps": result["steps"],
             "step_ms": round(1e3 * result["wall_s"] / result["steps"], 2),
             "cpu_us_per_token": round(1e6 * result["process_cpu_s"] / tokens, 1)}
-
-
-def process_cpu_seconds_of(pid: int) -> float:
-    from miniinfer.server.bench import process_cpu_seconds
-
-    return process_cpu_seconds(pid)
 
 
 def main(argv=None) -> int:
