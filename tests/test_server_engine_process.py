@@ -99,6 +99,26 @@ def test_thirty_concurrent_streaming_clients_all_complete(server, offline):
     server.wait_idle()
 
 
+def test_a_burst_over_the_waiting_bound_is_refused_then_the_server_admits_again(server):
+    """More requests at once than 16 running + 64 waiting: the rest get 503. Once the burst has drained,
+    new requests must be admitted. (The parent's count of waiting requests was refreshed only when it sent
+    commands, and a full queue sends none: the server refused every request from then on.)"""
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 4, "ignore_eos": True}
+            responses = await asyncio.gather(*(http.post(server.url + "/v1/completions", json=body)
+                                               for _ in range(120)))
+            return [r.status_code for r in responses]
+
+    statuses = asyncio.run(burst())
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 16, statuses
+    server.wait_idle()
+    assert server.engine_stats()["num_waiting_total"] == 0
+    after = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                       timeout=30)
+    assert after.status_code == 200, after.text
+
+
 def test_a_dead_engine_process_fails_requests_cleanly(server):
     """Last: kills the child. The stream in flight ends with an error event, /health says 503, new
     requests get 503 — all within seconds, nothing hangs."""

@@ -517,6 +517,11 @@ class AsyncEngine:
                     continue
                 if not ready:
                     break
+            # The admission bound reads this count; commands refresh it too, but a burst that filled the
+            # waiting queue is followed by no command at all (every further request is refused): without
+            # this, the count the child reported last before draining its queue would refuse requests forever.
+            with self._lock:
+                self._num_engine_waiting = len(self.engine.scheduler.waiting)
             if self._commands:
                 self._send_commands()
         except Exception as error:  # noqa: BLE001 - the child is gone (EngineProcessDied)
