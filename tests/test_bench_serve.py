@@ -199,3 +199,25 @@ def test_stream_interval_sends_the_same_tokens_in_fewer_chunks(interval):
         assert len(with_tokens) == 4
     with pytest.raises(ValueError, match="stream_interval"):
         AsyncEngine(llm.engine, stream_interval=0)
+
+
+def test_long_prompts_reach_the_server_and_are_counted(server, tmp_path):
+    """--prompt-words: each request's line plus so many words of its own (seeded by its index: the offline
+    comparison sends the same prompts), and the summary reports the prompt tokens the server counted."""
+    assert bench.prompt_text(3) == bench.PROMPT_LINES[3]
+    long = bench.prompt_text(3, 50)
+    assert long.startswith(bench.PROMPT_LINES[3]) and len(long.split()) == len(bench.PROMPT_LINES[3].split()) + 50
+    assert long == bench.prompt_text(3, 50) and long != bench.prompt_text(13, 50)  # same line, other words
+    out = tmp_path / "long.json"
+    assert main(["bench", "serve", "--url", server.url, "--rates", "inf", "--num-requests", "4", "--max-tokens", "2",
+                 "--prompt-words", "50", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["prompt_words"] == 50 and summary["prompt_tokens_mean"] > 50
+    short = tmp_path / "short.json"
+    assert main(["bench", "serve", "--url", server.url, "--rates", "inf", "--num-requests", "4", "--max-tokens", "2",
+                 "--out", str(short)]) == 0
+    assert 0 < json.loads(short.read_text())["summary"]["prompt_tokens_mean"] < 20
+    with pytest.raises(ValueError, match="prompt-words"):
+        args = bench.argparse.Namespace(overhead_repeats=0, max_waiting=0, url=None, overhead_requests=1,
+                                        engine_cpus=None, prompt_words=-1)
+        bench.check_arguments(args)

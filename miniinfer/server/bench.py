@@ -7,7 +7,8 @@
 **The load.** For each offered load (requests per second; ``inf`` sends them all at once) the benchmark
 sends ``num_requests`` streaming completions whose arrival gaps are exponential — a Poisson process,
 the usual model of independent users — each generating exactly ``max_tokens`` tokens (``ignore_eos``)
-after a one-line prompt. Every request is its own streaming HTTP connection, as separate users would be,
+after a one-line prompt (``--prompt-words N``: that line and N more words drawn at random for each request,
+a long context without a shared prefix). Every request is its own streaming HTTP connection, as separate users would be,
 read by a minimal asyncio HTTP/1.1 client (:func:`one_request`) rather than an HTTP library: on a small
 machine the load generator competes with the server for the CPU, so its cost per streamed token is kept
 low (about 40 µs instead of httpx's 230 µs on the 2-core CPU of ``benchmarks/results/serving_cpu.json``).
@@ -73,6 +74,9 @@ PROMPT_LINES = [
     "PROSPERO.\nOur revels now are ended.", "BRUTUS.\nRomans, countrymen,", "VIOLA.\nIf music be",
 ]
 TEMPERATURE = 0.8
+# Words of the prompt lines above, for --prompt-words: long prompts made of words every tokenizer the
+# benchmark meets can encode (the bundled BPE, the GPU script's synthetic word-level one).
+PROMPT_WORDS = sorted({word.strip(",.!?").lower() for line in PROMPT_LINES for word in line.split()} - {""})
 
 # One row per offered load, in display order (chapter 13 plots offered_rps, output_tok_s, ttft_p50_s, ttft_p99_s).
 COLUMNS = ["offered_rps", "requests", "ok", "rejected_503", "errors", "achieved_rps", "output_tok_s",
@@ -177,9 +181,21 @@ def engine_process_pid(url: str) -> int | None:
         return None
 
 
-def request_body(model: str, index: int, max_tokens: int) -> dict:
+def prompt_text(index: int, prompt_words: int = 0) -> str:
+    """The ``index``-th request's prompt: one of :data:`PROMPT_LINES`; with ``prompt_words``, that line
+    followed by so many words drawn (seeded by ``index``) from :data:`PROMPT_WORDS` — a long context whose
+    words differ from request to request, so that the prefix cache does not turn the prompts' prefill into
+    hits (a long shared prefix is a different workload: benchmarks/prefix_cache.py)."""
+    line = PROMPT_LINES[index % len(PROMPT_LINES)]
+    if prompt_words <= 0:
+        return line
+    rng = random.Random(index)
+    return line + " " + " ".join(rng.choice(PROMPT_WORDS) for _ in range(prompt_words))
+
+
+def request_body(model: str, index: int, max_tokens: int, prompt_words: int = 0) -> dict:
     """The ``index``-th request of a run: the same for the server and the offline comparison."""
-    return {"model": model, "prompt": PROMPT_LINES[index % len(PROMPT_LINES)], "max_tokens": max_tokens,
+    return {"model": model, "prompt": prompt_text(index, prompt_words), "max_tokens": max_tokens,
             "temperature": TEMPERATURE, "seed": index, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
 
@@ -236,7 +252,7 @@ async def one_request(target: _Target | str, body: dict) -> dict:
     first = None
     last = start
     gaps: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = 0
     writer = None
     try:
         reader, writer = await asyncio.open_connection(target.host, target.port, ssl=target.ssl or None,
@@ -268,6 +284,7 @@ async def one_request(target: _Target | str, body: dict) -> dict:
                         return {"status": 500, "error": chunk["error"].get("message")}
                     if chunk.get("usage"):
                         tokens = chunk["usage"]["completion_tokens"]
+                        prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                     if not chunk.get("choices"):
                         continue
                     now = time.perf_counter()
@@ -282,7 +299,8 @@ async def one_request(target: _Target | str, body: dict) -> dict:
         if writer is not None:
             writer.close()
     end = time.perf_counter()
-    return {"status": 200, "ttft": (first or end) - start, "itl": gaps, "e2e": end - start, "tokens": tokens}
+    return {"status": 200, "ttft": (first or end) - start, "itl": gaps, "e2e": end - start, "tokens": tokens,
+            "prompt_tokens": prompt_tokens}
 
 
 def run_async(coroutine):
@@ -298,14 +316,16 @@ def run_async(coroutine):
     return uvloop.run(coroutine)
 
 
-async def _run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int) -> list[dict]:
+async def _run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int,
+                    prompt_words: int = 0) -> list[dict]:
     rng = random.Random(seed)
     target = _Target(url)
     # Every request is its own user, on its own connection, sent at its arrival time (no client-side pool
     # whose waiting would be counted as the server's TTFT).
     tasks = []
     for i in range(num_requests):
-        request = asyncio.wait_for(one_request(target, request_body(model, i, max_tokens)), timeout=600.0)
+        request = asyncio.wait_for(one_request(target, request_body(model, i, max_tokens, prompt_words)),
+                                   timeout=600.0)
         tasks.append(asyncio.ensure_future(request))
         if math.isfinite(rate) and i < num_requests - 1:
             await asyncio.sleep(rng.expovariate(rate))
@@ -323,14 +343,14 @@ async def _gather_timeouts(tasks) -> list[dict]:
 
 
 def run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: int, seed: int = 0,
-             server_pid: int | None = None) -> dict:
+             server_pid: int | None = None, prompt_words: int = 0) -> dict:
     """One offered load: send the requests, wait for all of them, summarise (one row of the report)."""
     engine_before = engine_counters(url)
     server_cpu = None if server_pid is None else process_cpu_seconds(server_pid)
     loop_cpu = None if server_pid is None else main_thread_cpu_seconds(server_pid)
     cpu = time.process_time()
     start = time.perf_counter()
-    results = run_async(_run_rate(url, model, rate, num_requests, max_tokens, seed))
+    results = run_async(_run_rate(url, model, rate, num_requests, max_tokens, seed, prompt_words))
     wall = time.perf_counter() - start
     client_cpu = time.process_time() - cpu
     if server_cpu is not None:
@@ -357,6 +377,7 @@ def run_rate(url: str, model: str, rate: float, num_requests: int, max_tokens: i
     # Kept for the overhead analysis, dropped from the report's rows: the exact token count, and the engine
     # thread's steps and seconds inside them (from /debug/engine: another server may run other requests).
     row["_tokens"] = tokens
+    row["_prompt_tokens"] = sum(r.get("prompt_tokens", 0) for r in ok)
     if loop_cpu is not None:
         row["_loop_cpu_s"] = loop_cpu  # the server's event-loop thread (HTTP); the rest of server_cpu_s: engine
     if engine_before is not None and engine_after is not None:
@@ -412,9 +433,9 @@ def served_params(llm, index: int, max_tokens: int):
     return SamplingParams(**values)
 
 
-def offline_run(llm, num_requests: int, max_tokens: int) -> dict:
+def offline_run(llm, num_requests: int, max_tokens: int, prompt_words: int = 0) -> dict:
     """The saturated run's requests through ``LLM.generate``, all at once: tokens, wall and CPU seconds."""
-    prompts = [PROMPT_LINES[i % len(PROMPT_LINES)] for i in range(num_requests)]
+    prompts = [prompt_text(i, prompt_words) for i in range(num_requests)]
     params = [served_params(llm, i, max_tokens) for i in range(num_requests)]
     steps = llm.engine.counters["num_steps"]
     cpu = time.process_time()
@@ -426,14 +447,14 @@ def offline_run(llm, num_requests: int, max_tokens: int) -> dict:
     return {"tokens": tokens, "wall_s": wall, "cpu_s": cpu, "steps": llm.engine.counters["num_steps"] - steps}
 
 
-def bridge_run(bridge, llm, num_requests: int, max_tokens: int) -> dict:
+def bridge_run(bridge, llm, num_requests: int, max_tokens: int, prompt_words: int = 0) -> dict:
     """The same requests through an :class:`~miniinfer.server.async_engine.AsyncEngine` in this process,
     whose consumers only count tokens: the server without HTTP (engine thread, streaming outputs, the
     hand-over to an event loop). Tokens, wall and CPU seconds (engine thread and event loop together)."""
 
     async def one(index: int) -> int:
         params = served_params(llm, index, max_tokens)
-        stream = await bridge.submit(PROMPT_LINES[index % len(PROMPT_LINES)], params)
+        stream = await bridge.submit(prompt_text(index, prompt_words), params)
         tokens = 0
         async for output in stream:
             tokens += sum(len(c.new_token_ids) for c in output.outputs)
@@ -464,7 +485,7 @@ def _pinned(cpus: set[int] | None):
 
 def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requests: int, max_tokens: int,
                      seed: int, repeats: int, bridge=None, client_cpus: set[int] | None = None,
-                     others: dict | None = None) -> dict:
+                     others: dict | None = None, prompt_words: int = 0) -> dict:
     """Alternate saturated server runs and offline runs (and, given an ``AsyncEngine`` ``bridge`` around
     another copy of the model, :func:`bridge_run`) ``repeats`` times; the medians and their ratios.
 
@@ -486,10 +507,10 @@ def measure_overhead(url: str, model: str, server_pid: int | None, llm, num_requ
             target = targets[name]
             with _pinned(target.get("client_cpus")):
                 served[name].append(run_rate(target["url"], target["model"], math.inf, num_requests, max_tokens,
-                                             seed, server_pid=target.get("pid")))
-        offline_runs.append(offline_run(llm, num_requests, max_tokens))
+                                             seed, server_pid=target.get("pid"), prompt_words=prompt_words))
+        offline_runs.append(offline_run(llm, num_requests, max_tokens, prompt_words))
         if bridge is not None:
-            bridged.append(bridge_run(bridge, llm, num_requests, max_tokens))
+            bridged.append(bridge_run(bridge, llm, num_requests, max_tokens, prompt_words))
     summary = _overhead_summary(list(zip(served[""], offline_runs)), repeats, num_requests, max_tokens)
     if bridged:
         summary["bridge_tok_s"] = round(statistics.median(b["tokens"] / b["wall_s"] for b in bridged), 1)
@@ -634,13 +655,14 @@ def run_benchmark(args, echo=print) -> dict:
     client_cpus = None if server is None else load_generator_cpus(server)
     rows: list[dict] = []
     overhead = None
+    prompt_words = getattr(args, "prompt_words", 0)
     try:
         model = served_model_name(url) if server is not None or not args.model else args.model
         with _pinned(client_cpus):
             run_rate(url, model, math.inf, 4, 4, args.seed)  # warm-up: first requests pay one-time costs
             for rate in rates:
                 rows.append(run_rate(url, model, rate, args.num_requests, args.max_tokens, args.seed,
-                                     server_pid=pid))
+                                     server_pid=pid, prompt_words=prompt_words))
                 if rows[-1].get("_first_error"):
                     echo(f"  (first error at rate {rate:g}: {rows[-1]['_first_error']})")
                 echo(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("_")}))
@@ -664,7 +686,7 @@ def run_benchmark(args, echo=print) -> dict:
             try:
                 overhead = measure_overhead(url, model, pid, llm, args.overhead_requests, args.max_tokens,
                                             args.seed, args.overhead_repeats, bridge=bridge,
-                                            client_cpus=client_cpus, others=others)
+                                            client_cpus=client_cpus, others=others, prompt_words=prompt_words)
             finally:
                 asyncio.run(bridge.shutdown())
             del llm, bridge
@@ -672,10 +694,15 @@ def run_benchmark(args, echo=print) -> dict:
         for started in (server, process_server):
             if started is not None:
                 started.stop()
+    prompt_tokens = sum(r.get("_prompt_tokens", 0) for r in rows)
+    answered = sum(r["ok"] for r in rows)
     for row in rows:
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
     summary = {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
+               "prompt_words": prompt_words,
+               # as the server counted them (each stream's usage chunk), over the answered requests of the sweep
+               "prompt_tokens_mean": round(prompt_tokens / answered, 1) if answered else None,
                "server": "started by the benchmark" if server is not None else url}
     if server is not None:
         summary["engine"] = describe_engine(getattr(args, "engine_process", False), getattr(args, "engine_cpus", None),
@@ -696,8 +723,11 @@ def run_benchmark(args, echo=print) -> dict:
         # The keys an earlier version of this report had, for readers of old and new files alike.
         summary["offline_output_tok_s"] = overhead["offline_tok_s"]
         summary["server_vs_offline_at_saturation"] = overhead["server_vs_offline_tok_s"]
+    prompt = ("a one-line prompt" if not prompt_words else
+              f"a prompt of one line and {prompt_words} words drawn at random per request (prompt_tokens_mean "
+              "tokens on average)")
     notes = ("Client-side timings over HTTP on the same machine as the server; each request generates "
-             f"{args.max_tokens} tokens (ignore_eos) after a one-line prompt, temperature {TEMPERATURE} (other "
+             f"{args.max_tokens} tokens (ignore_eos) after {prompt}, temperature {TEMPERATURE} (other "
              "sampling fields: the model's generation_config.json defaults, as the server applies them). "
              "client_cpu_s: CPU seconds of the load generator's process during the run; server_cpu_s: of the "
              "server process (only for a server the benchmark started). On a shared CPU the absolute numbers "
@@ -801,6 +831,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-requests", type=_positive_int, default=48, help="requests per rate (default 48)")
     parser.add_argument("--max-tokens", type=_positive_int, default=32,
                         help="tokens each request generates (default 32)")
+    parser.add_argument("--prompt-words", type=int, default=0,
+                        help="long prompts: each request's line followed by this many words drawn at random for it "
+                             "(no shared prefix beyond the line; default 0: the line alone)")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=32,
                         help="the local server's batch limit, and the offline run's (default 32)")
     parser.add_argument("--max-waiting", type=int, default=100000,
@@ -835,6 +868,8 @@ def check_arguments(args) -> None:
         raise ValueError(f"--overhead-repeats must be >= 0, got {args.overhead_repeats}")
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.prompt_words < 0:
+        raise ValueError(f"--prompt-words must be >= 0, got {args.prompt_words}")
     if args.url is not None and not args.url.startswith(("http://", "https://")):
         raise ValueError(f"--url must start with http:// or https://, got {args.url!r}")
     if args.overhead_requests is None:

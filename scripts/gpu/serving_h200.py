@@ -252,7 +252,8 @@ def bench_arguments(args, folder: Path) -> list[str]:
             "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)] + (
         ["--compare-engine-process"] if args.compare_engine_process else []) + (
         ["--engine-cpus", args.engine_cpus] if args.engine_cpus else []) + (
-        ["--overhead-requests", str(args.overhead_requests)] if args.overhead_requests else [])
+        ["--overhead-requests", str(args.overhead_requests)] if args.overhead_requests else []) + (
+        ["--prompt-words", str(args.prompt_words)] if args.prompt_words else [])
 
 
 def run_bench(args, folder: Path) -> dict:
@@ -310,6 +311,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-requests", type=int, help="requests per rate (default 128)")
     parser.add_argument("--max-tokens", type=int, help="tokens per request (default 128)")
     parser.add_argument("--max-num-seqs", type=int, help="the batch limit (default 128)")
+    parser.add_argument("--prompt-words", type=int, default=0,
+                        help="long prompts: bench serve's option (each request's line + this many random words)")
     parser.add_argument("--overhead-repeats", type=int,
                         help="interleaved server/offline pairs at saturation (default 3)")
     parser.add_argument("--max-model-len", type=int, default=4096,
