@@ -251,6 +251,7 @@ def bench_arguments(args, folder: Path) -> list[str]:
             "--max-num-seqs", str(args.max_num_seqs), "--overhead-repeats", str(args.overhead_repeats),
             "--server-startup-timeout", str(args.server_startup_timeout), "--out", str(args.out)] + (
         ["--compare-engine-process"] if args.compare_engine_process else []) + (
+        ["--engine-process"] if args.engine_process else []) + (
         ["--engine-cpus", args.engine_cpus] if args.engine_cpus else []) + (
         ["--overhead-requests", str(args.overhead_requests)] if args.overhead_requests else []) + (
         ["--prompt-words", str(args.prompt_words)] if args.prompt_words else [])
@@ -332,6 +333,9 @@ def parse_args(argv=None):
     parser.add_argument("--compare-engine-process", action="store_true",
                         help="also measure a server started with --engine-process, in the same pairs (bench serve's "
                              "option of that name)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="the benchmark's server runs its engine in a process of its own (bench serve's option; "
+                             "no thread-mode server at all)")
     parser.add_argument("--engine-cpus", metavar="CPUS",
                         help="with --compare-engine-process: the engine process's CPUs (e.g. 0-1); the load "
                              "generator and the server process take the others")
