@@ -503,7 +503,9 @@ class AsyncEngine:
                 for outputs in ready:
                     if isinstance(outputs, BaseException):
                         log.error("engine step failed: %s", outputs)
-                        self._fail_all(outputs)
+                        # The child names the requests of the failed step: requests sent to it since
+                        # then were not in that step and go on.
+                        self._fail_all(outputs, getattr(outputs, "request_ids", None))
                         continue
                     now = time.perf_counter()
                     self.num_steps += 1
@@ -524,6 +526,8 @@ class AsyncEngine:
                 self._num_engine_waiting = len(self.engine.scheduler.waiting)
             if self._commands:
                 self._send_commands()
+            else:
+                self.engine.flush()  # what the engine itself queued (e.g. _fail_all's aborts) goes now
         except Exception as error:  # noqa: BLE001 - the child is gone (EngineProcessDied)
             self._engine_failed(error)
         self._pump_seconds += time.perf_counter() - start
@@ -768,8 +772,11 @@ class AsyncEngine:
         except Exception:  # noqa: BLE001 - a broken deliver hook: say so, keep the engine alive
             log.exception("deliver failed for %s", tracked.request_id)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, error: Exception, request_ids=None) -> None:
+        """Fail the tracked requests (only those of ``request_ids`` when given) with ``error``."""
         for request_id, tracked in list(self._tracked.items()):
+            if request_ids is not None and request_id not in request_ids:
+                continue
             try:
                 self.engine.abort_request(request_id)
             except Exception:  # noqa: BLE001

@@ -39,10 +39,12 @@ The protocol, over one :func:`multiprocessing.Pipe`:
   parent_detokenizes)``, ``("abort", id)``, ``("shutdown",)``; commands gathered between two steps
   travel together.
 * child → parent: ``("ready", info)`` once; then per step ``("outputs", outputs, num_waiting, stats,
-  deltas)`` (``outputs``: the engine's; ``deltas``: ``(id, new token ids, num_cached_tokens)`` of the
-  requests the parent detokenizes; ``stats`` at most every :data:`STATS_INTERVAL_S`, else None);
-  ``("stats", stats)`` when it goes idle (so that /debug/engine sees the KV blocks freed);
-  ``("step_failed", message)``.
+  deltas, applied)`` (``outputs``: the engine's; ``deltas``: ``(id, new token ids, num_cached_tokens)`` of
+  the requests the parent detokenizes; ``stats`` at most every :data:`STATS_INTERVAL_S`, else None);
+  ``("stats", stats, applied)`` when it goes idle (so that /debug/engine sees the KV blocks freed);
+  ``("step_failed", message, request ids, applied)`` (the child has aborted those requests). ``applied``:
+  how many command messages the child had applied when it reported, so that the parent counts the adds
+  sent since as waiting too (the admission bound holds while the child is inside a step).
 
 The child steps as long as it has work, without waiting for the parent to read, and blocks on the pipe
 when idle. If it dies, the parent notices (end of pipe, or the process no longer alive) and raises
@@ -74,6 +76,14 @@ log = logging.getLogger("miniinfer.server.engine_process")
 
 # engine.stats() walks the prefix cache's tree: while busy, the child sends it at most this often.
 STATS_INTERVAL_S = 0.5
+
+
+class StepFailed(RuntimeError):
+    """A step failed in the engine's process; ``request_ids``: the requests it held then (it aborted them)."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids
 
 
 class EngineProcessDied(RuntimeError):
@@ -295,21 +305,26 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
     busy = 0.0  # seconds in engine.step()
     idle_reported = True
     tokens_only: dict[str, int] = {}  # requests the parent detokenizes -> output tokens sent so far
+    # Command messages applied so far, echoed with every report: the parent counts the adds it sent since
+    # as waiting too (its admission bound), until a report says the child has them.
+    applied = 0
     try:
         while True:
             failed: list[RequestOutput] = []
             if not engine.has_unfinished_requests():
                 if not idle_reported:  # the last step freed its blocks: let the parent see it
-                    conn.send(("stats", _stats(engine, busy)))
+                    conn.send(("stats", _stats(engine, busy), applied))
                     idle_reported = True
+                applied += 1
                 if not _apply(engine, conn.recv(), failed, tokens_only):  # idle: block until there is work
                     return
             while conn.poll():  # everything else that has arrived joins this step
+                applied += 1
                 if not _apply(engine, conn.recv(), failed, tokens_only):
                     return
             if not engine.has_unfinished_requests():
                 if failed:
-                    conn.send(("outputs", failed, len(engine.scheduler.waiting), None, []))
+                    conn.send(("outputs", failed, len(engine.scheduler.waiting), None, [], applied))
                 continue
             idle_reported = False
             started = time.perf_counter()
@@ -317,7 +332,14 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
                 outputs = engine.step()
             except Exception as error:  # noqa: BLE001 - the parent fails the requests in flight
                 log.exception("engine step failed")
-                conn.send(("step_failed", f"{type(error).__name__}: {error}"))
+                # As the thread mode does to its engine: the step's requests are aborted here and now (not
+                # when the parent's aborts arrive: the next turn would retry the same failing step), and
+                # the parent fails exactly these, not the ones it has sent since.
+                failed_ids = list(engine.requests)
+                for request_id in failed_ids:
+                    engine.abort_request(request_id)
+                tokens_only.clear()
+                conn.send(("step_failed", f"{type(error).__name__}: {error}", failed_ids, applied))
                 continue
             now = time.perf_counter()
             busy += now - started
@@ -326,7 +348,7 @@ def _engine_main(conn, model_path, llm_options: dict, cpus: set[int] | None = No
                 stats, stats_sent_at = _stats(engine, busy), now
             deltas = _new_tokens(engine, tokens_only) if tokens_only else []
             _forget_finished(outputs, tokens_only)
-            conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats, deltas))
+            conn.send(("outputs", failed + outputs, len(engine.scheduler.waiting), stats, deltas, applied))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the parent is gone: nothing left to serve
 
@@ -432,7 +454,8 @@ class PendingTokens(DeferredOutput):
 
 
 class _RemoteScheduler:
-    """``scheduler.waiting`` for AsyncEngine's admission count: the child's last report + unsent adds."""
+    """``scheduler.waiting`` for AsyncEngine's admission count: the child's last report, the adds sent since
+    that the child had not applied when it reported, and the adds not sent yet."""
 
     def __init__(self, remote: RemoteEngine):
         self._remote = remote
@@ -440,7 +463,8 @@ class _RemoteScheduler:
     @property
     def waiting(self) -> range:
         remote = self._remote
-        return range(remote._num_waiting + sum(1 for c in remote._outbox if c[0] == "add"))
+        in_transit = sum(adds for _, adds in remote._in_transit)
+        return range(remote._num_waiting + in_transit + sum(1 for c in remote._outbox if c[0] == "add"))
 
 
 class RemoteEngine:
@@ -468,6 +492,8 @@ class RemoteEngine:
         self.on_death = on_death
         self.dead: EngineProcessDied | None = None
         self._outbox: list[tuple] = []                    # commands not yet sent (one message per step)
+        self._num_sent = 0                                # command messages sent
+        self._in_transit: collections.deque[tuple[int, int]] = collections.deque()  # (message number, adds)
         self._pending: collections.deque = collections.deque()  # received, not yet returned by step()
         self._live: set[str] = set()                      # added, final output not yet returned
         self._detokenized: dict[str, _Detokenized] = {}   # streamed requests whose text is made here
@@ -637,6 +663,10 @@ class RemoteEngine:
                 command = (*command[:5], command[5].prompt, command[6])
             commands.append(command)
         self._outbox = []
+        self._num_sent += 1
+        adds = sum(1 for command in commands if command[0] == "add")
+        if adds:
+            self._in_transit.append((self._num_sent, adds))
         try:
             self._conn.send(commands)
         except (OSError, EOFError):
@@ -657,18 +687,28 @@ class RemoteEngine:
             except (OSError, EOFError):
                 self._died()
             if kind == "outputs":
-                outputs, self._num_waiting, stats, deltas = payload
+                outputs, self._num_waiting, stats, deltas, applied = payload
+                self._applied(applied)
                 self._pending.append((outputs, deltas))
                 if stats is not None:
                     self._stats = stats
                 if block:
                     return
             elif kind == "stats":
-                self._stats = payload[0]
+                self._stats, applied = payload
+                self._num_waiting = self._stats.get("num_waiting", 0)
+                self._applied(applied)
             elif kind == "step_failed":
-                self._pending.append(RuntimeError(payload[0]))
+                message, failed_ids, applied = payload
+                self._applied(applied)
+                self._pending.append(StepFailed(message, failed_ids))
                 if block:
                     return
+
+    def _applied(self, num_messages: int) -> None:
+        """The child has applied the first ``num_messages`` command messages: their adds are its to count."""
+        while self._in_transit and self._in_transit[0][0] <= num_messages:
+            self._in_transit.popleft()
 
     def _died(self):
         """The child is gone: forget its requests, tell the server once, raise for the caller."""
@@ -679,6 +719,7 @@ class RemoteEngine:
             log.error("engine process died", extra={"fields": {"pid": self.process.pid,
                                                                "exitcode": self.process.exitcode}})
             self._live.clear()
+            self._in_transit.clear()
             self._detokenized.clear()
             self.requests.clear()
             self._pending.clear()
