@@ -203,3 +203,36 @@ def test_radix_hooks_change_no_output_under_eviction(small_model, seed):
     assert_pool_consistent(engine)
     engine.radix_cache.clear()
     assert engine.block_manager.num_free_blocks == 20
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_full_cache_is_walked_once_per_eviction_batch_not_once_per_block(small_model, batched, monkeypatch):
+    """Once the pool is full of cached prefixes, every block a decoding sequence grows into needs an
+    eviction, and choosing victims walks the whole tree. The scheduler evicts a batch (1/64 of the pool)
+    per walk; evicting exactly the shortfall (the unbatched case, kept as the measurement's control) walks
+    the tree for every block. Outputs are the same either way, and equal those without a cache."""
+    from miniinfer.engine import scheduler as scheduler_module
+
+    if not batched:
+        monkeypatch.setattr(scheduler_module, "EVICTION_BATCH_FRACTION", 0.0)
+    rng = random.Random(0)
+    vocab = small_model.config.vocab_size
+    fillers = [[rng.randrange(vocab) for _ in range(60)] for _ in range(60)]   # 15 blocks of 4 each, cached
+    growers = [[rng.randrange(vocab) for _ in range(5)] for _ in range(2)]
+    fill, grow = (SamplingParams(temperature=0.0, max_tokens=1), SamplingParams(temperature=0.0, max_tokens=120,
+                                                                                ignore_eos=True))
+    calls: dict[str, int] = {}
+    hooks = EngineHooks(lru_eviction_order=counted(lru_eviction_order, calls, "walks"))
+    engine = LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=640, max_num_seqs=4), hooks=hooks)
+    run(engine, fillers, fill)  # 60 x 15 blocks > 640: the pool ends full of cached prefixes
+    calls.clear()
+    grown = run(engine, growers, grow)  # 2 x ~31 more blocks, each taken from the cache
+    walks = calls.get("walks", 0)
+    plain = run(LLMEngine(small_model, None, EngineConfig(block_size=4, num_kv_blocks=640,
+                                                          enable_prefix_caching=False)), growers, grow)
+    assert grown == plain
+    assert_pool_consistent(engine)
+    if batched:
+        assert walks <= 8, f"{walks} walks of the tree for ~60 blocks (batch of 10; measured: 7)"
+    else:
+        assert walks >= 50, f"control: one walk per block expected (measured: 60), got {walks}"

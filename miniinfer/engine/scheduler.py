@@ -166,6 +166,10 @@ def plan_step(running: list[int], waiting: list[int], max_num_batched_tokens: in
     return plan
 
 
+# Evictions free at least this share of the KV pool at a time (see Scheduler._evict).
+EVICTION_BATCH_FRACTION = 1 / 64
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, radix_cache: RadixCache | None,
                  hooks: EngineHooks | None = None, eos_token_ids: SequenceOf[int] = ()):
@@ -206,7 +210,7 @@ class Scheduler:
         manager = self.block_manager
         while not manager.can_allocate(seq, num_new_tokens):
             shortfall = manager.num_blocks_needed(seq, num_new_tokens) - manager.num_free_blocks
-            if self.radix_cache is not None and self.radix_cache.evict(shortfall) > 0:
+            if self.radix_cache is not None and self._evict(shortfall) > 0:
                 continue
             if self._release_held_prefixes():
                 continue  # the waiting candidates' cached prefixes were pinned: now they can be evicted
@@ -217,6 +221,20 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def _evict(self, shortfall: int) -> int:
+        """Evict cached blocks to cover ``shortfall`` — and, with a large pool, a batch of
+        :data:`EVICTION_BATCH_FRACTION` of it at once. Choosing victims walks the whole tree
+        (``lru_eviction_order``), and once the pool is full of cached prefixes (a server's steady state)
+        every block a decoding sequence grows into needs an eviction: one block per walk cost a step of
+        128 sequences several walks of tens of thousands of nodes (an H200 run with ~1,000-token prompts:
+        45 ms per step against 5 ms). A batch makes the walk rare; the blocks it frees early are the least
+        recently used ones, which LRU would evict next anyway. Small pools (under 64 blocks) evict exactly
+        the shortfall."""
+        if shortfall <= 0:
+            return 0
+        batch = int(self.block_manager.num_blocks * EVICTION_BATCH_FRACTION)
+        return self.radix_cache.evict(max(shortfall, batch))
 
     def preempt(self, seq: Sequence) -> None:
         """Free the sequence's KV and queue it for recomputation at the front of the waiting queue."""
@@ -346,8 +364,7 @@ class Scheduler:
                     # First come first served: the candidates behind this one will not be admitted in this
                     # step, so their pinned prefixes go back to the cache, where eviction can reach them.
                     self._release_held_prefixes(candidates[position + 1:])
-                    self.radix_cache.evict(self.block_manager.num_blocks_needed(seq, num_new)
-                                           - self.block_manager.num_free_blocks)
+                    self._evict(self.block_manager.num_blocks_needed(seq, num_new) - self.block_manager.num_free_blocks)
                 admitting = self.block_manager.can_allocate(seq, num_new)
             if not admitting or num_new == 0:
                 self._release_candidate(seq)
