@@ -281,6 +281,18 @@ draw_tree(cache, tokenizer, order=order,
           title="Eviction order: least recently used leaves first (grey: held by a running sequence)")
 
 # %% [markdown]
+# **What a walk costs.** This order looks at every node of the tree each time it is asked, so one call
+# costs O(n log n) for a tree of n blocks. That is fine for a call that frees many blocks, and ruinous
+# for one that frees a single block: once a server's pool is full of cached prompts (its steady
+# state), every block a decoding sequence grows into must be evicted first. On an H200, with a pool of
+# 32,768 blocks, an offline run of 512 prompts of ~1,000 tokens overflowed the pool and averaged 45 ms
+# per step, where a decode step takes 5 ms; a CPU profile of the same situation puts the time in these
+# walks, one per new block. The engine's scheduler therefore evicts in batches of 1/64
+# of the pool per walk (the least recently used blocks, which LRU would take next anyway): a test
+# counts 7 walks instead of 60 for the same 60 blocks, and `benchmarks/cache_eviction.py` measures it.
+# The small pool below (64 blocks) still evicts exactly what it needs.
+
+# %% [markdown]
 # ## 6. Plug it in
 #
 # `EngineHooks(match_blocks=…, lru_eviction_order=…)` puts your two functions inside the engine's
