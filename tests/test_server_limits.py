@@ -239,3 +239,34 @@ def test_opentelemetry_spans_for_queue_prefill_decode():
         assert spans[name].parent.span_id == root.context.span_id
     assert (spans["queue"].end_time - spans["queue"].start_time) == pytest.approx(0.5e9, rel=1e-6)
     assert not Tracer().enabled  # no exporter configured: a no-op
+
+
+@pytest.mark.parametrize("mode", ["thread", "engine process"])
+def test_shutdown_past_its_timeout_ends_every_stream_with_a_last_chunk_and_done(mode):
+    """SIGINT with streams that cannot finish within --shutdown-timeout (one running, one queued): each
+    client still gets a last chunk (finish reason ``abort``) and ``data: [DONE]``; before, uvicorn
+    cancelled the requests' tasks at the timeout and the clients saw a broken chunked body."""
+    extra = ["--engine-process"] if mode == "engine process" else ["--no-engine-process"]
+    server = ServerProcess("--max-num-seqs", "1", "--shutdown-timeout", "2", "--num-kv-blocks", "256", *extra)
+    try:
+        streamers = [Streamer(server.url, {**LONG, "max_tokens": 1000}) for _ in range(2)]  # one runs, one queues
+        for s in streamers:
+            s.start()
+        deadline = time.monotonic() + 20
+        while len(streamers[0].events) < 2 or server.engine_stats()["num_in_flight"] < 2:
+            assert time.monotonic() < deadline, (streamers[0].events, server.engine_stats())
+            time.sleep(0.01)
+        started = time.monotonic()
+        server.process.send_signal(2)
+        for s in streamers:
+            s.join(30)
+        assert server.process.wait(30) == 0
+        assert time.monotonic() - started < 10
+        for s in streamers:
+            assert s.status == 200 and s.events[-1] == "data: [DONE]", s.events[-3:]
+            last = json.loads(s.events[-2][6:])
+            assert last["choices"][0]["finish_reason"] == "abort", last
+        assert "timeout graceful shutdown exceeded" not in server.read_log()
+    finally:
+        if server.process.poll() is None:
+            server.stop()

@@ -159,7 +159,10 @@ def build_state(llm, *, model_name: str, bundled: bool, max_waiting: int = 256,
                        metrics=metrics, tracer=Tracer(), shutdown_drain_timeout=shutdown_timeout)
 
 
-def _server_class():
+def _server_class(engine=None):
+    """uvicorn's server, exiting 0 on SIGTERM/SIGINT; with ``engine`` (the app's AsyncEngine), a shutdown
+    that ends every stream properly (see ``shutdown``)."""
+    import asyncio
     import contextlib
 
     import uvicorn
@@ -172,6 +175,24 @@ def _server_class():
                 # SIGTERM/SIGINT asked for a graceful shutdown and got one: exit 0 instead of re-raising the
                 # signal (uvicorn's default, which would end the process with 143 or 130).
                 self._captured_signals.clear()
+
+        async def shutdown(self, sockets=None):
+            """uvicorn waits ``--shutdown-timeout`` seconds for the open requests, then cancels their tasks:
+            a stream cut that way ends without its last chunk or ``[DONE]`` (the client sees a broken
+            chunked body). So the engine's own shutdown starts with uvicorn's: requests finish for up to the
+            timeout less a margin, then the rest are aborted and their streams end properly (finish reason
+            ``abort``, then ``[DONE]``), within the margin. The app's lifespan shutdown then finds the
+            engine stopped already."""
+            timeout = self.config.timeout_graceful_shutdown
+            stopping = None
+            if engine is not None and timeout is not None and timeout > 0:
+                margin = min(1.0, timeout / 2)
+                stopping = asyncio.ensure_future(engine.shutdown(drain_timeout=timeout - margin))
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                if stopping is not None:
+                    await stopping
 
     return Server
 
@@ -239,7 +260,7 @@ def _serve(args, path, llm, remote) -> int:
     app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
-    server = _server_class()(config)
+    server = _server_class(state.engine)(config)
     log.info("serving", extra={"fields": {"model": name, "host": args.host, "port": args.port,
                                           "grpc_port": args.grpc_port, "device": str(llm.engine.device),
                                           "max_model_len": llm.engine.max_model_len,
