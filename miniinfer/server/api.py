@@ -386,9 +386,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/debug/engine")
     async def debug_engine():
         """The engine thread's latest stats (KV blocks, queue, counters): for tests and operators."""
-        stats = dict(state.engine.stats_snapshot)
-        stats["num_in_flight"] = state.engine.num_in_flight
-        stats["num_waiting_total"] = state.engine.num_waiting
+        engine = state.engine
+        stats = dict(engine.stats_snapshot)
+        stats["num_in_flight"] = engine.num_in_flight
+        stats["num_waiting_total"] = engine.num_waiting
+        # Counted on the event loop, possibly after the snapshot (which the engine-process mode refreshes
+        # only when the child writes): read them now.
+        stats["num_merged_outputs"] = engine.num_merged_outputs
+        if "pump_seconds" in stats:
+            stats["pump_seconds"] = engine.pump_seconds
         return stats
 
     def model_card():

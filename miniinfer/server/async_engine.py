@@ -293,7 +293,8 @@ class AsyncEngine:
 
     ``max_waiting``: requests that may wait for their first step (more: :class:`QueueFull`);
     ``request_timeout``: default seconds a request may take end to end (None: no limit);
-    ``on_step``: called in the engine thread after every step with ``(engine, step seconds)``;
+    ``on_step``: called in the engine thread after every step with ``(engine, step seconds)`` (thread mode
+    only: with the engine in its own process the steps happen there, and the pump sees only their outputs);
     ``on_finish``: called in the engine thread as ``(request id, final output, timing, reason)``
     (reason: the finish reason, or ``timeout`` for a request aborted by its deadline).
     ``stream_interval``: deliver a request's streamed outputs every this many steps, merged (default 1:
@@ -423,6 +424,11 @@ class AsyncEngine:
         self._kick()
         tracked.stream = RequestStream(self, tracked, self.request_timeout if timeout is None else timeout)
         return tracked.stream
+
+    @property
+    def pump_seconds(self) -> float:
+        """The event loop's seconds in the pump's callback (engine-process mode; 0 otherwise)."""
+        return self._pump_seconds
 
     def finish_rate(self) -> float:
         """Requests finished per second, over the last 64 (0 when too few have finished to say)."""
