@@ -25,6 +25,40 @@ from miniinfer import LLM, SamplingParams  # noqa: E402
 from miniinfer.server.bench import prompt_text  # noqa: E402
 
 
+def timed_steps(engine, count: int, sync) -> list[float]:
+    """Seconds of each of ``count`` engine steps (synchronised)."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        engine.step()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def profiled_steps(engine, count: int, sync, top: int) -> tuple[list, list]:
+    """torch.profiler over ``count`` steps: the ``top`` events by GPU time and by own CPU time, as
+    ``(name, ms, calls)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(count):
+            engine.step()
+        sync()
+    events = prof.key_averages()
+    gpu = sorted((e for e in events if e.device_time_total > 0), key=lambda e: -e.device_time_total)[:top]
+    cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return ([(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in gpu],
+            [(e.key[:90], round(e.self_cpu_time_total / 1e3, 3), e.count) for e in cpu])
+
+
+def abort_all(engine, ids) -> None:
+    for request_id in ids:
+        engine.abort_request(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folder", type=Path, required=True)
@@ -69,34 +103,19 @@ def main() -> None:
             engine.step()
         sync()
         before, r0 = engine.counters["num_decode_only_steps"], replays["n"]
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            engine.step()
-            sync()
-            times.append(time.perf_counter() - t)
+        times = timed_steps(engine, args.steps, sync)
         decode_only = engine.counters["num_decode_only_steps"] - before
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            engine.step()
-            sync()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
-        events.sort(key=lambda e: -e.device_time_total)
-        top = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:12]]
-        cpu_top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        top, cpu_top = profiled_steps(engine, 1, sync, 12)
         row = {"prompt_words": words, "prompt_tokens": len(engine.requests[ids[0]].seqs[0].prompt_token_ids),
                "prefill_steps": prefill_steps, "prefill_s": round(prefill_s, 3),
                "decode_step_ms_median": round(1e3 * sorted(times)[len(times) // 2], 3),
                "decode_step_ms_min": round(1e3 * min(times), 3), "decode_only_steps": decode_only,
                "graph_replays": replays["n"] - r0,
                "top_gpu_kernels_ms": top,
-               "top_cpu_self_ms": [(e.key[:90], round(e.self_cpu_time_total / 1e3, 3), e.count) for e in cpu_top]}
+               "top_cpu_self_ms": cpu_top}
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("top")}), flush=True)
         rows.append(row)
-        for i in ids:
-            engine.abort_request(i)
-        while engine.has_unfinished_requests():
-            engine.step()
+        abort_all(engine, ids)
     # Steady state of continuous batching: finishing times staggered (max_tokens 64 + i % batch), so about one
     # request finishes per step and its seat goes to a waiting prompt at once: the step mixes that prompt's
     # prefill into the decodes (an eager step, no CUDA graph).
@@ -107,32 +126,18 @@ def main() -> None:
         finished = engine.counters["num_requests_finished"]
         while engine.counters["num_requests_finished"] - finished < args.batch // 2:
             engine.step()
-        steps, mixed, times = engine.counters["num_steps"], engine.counters["num_decode_only_steps"], []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            engine.step()
-            sync()
-            times.append(time.perf_counter() - t)
+        steps, mixed = engine.counters["num_steps"], engine.counters["num_decode_only_steps"]
+        times = timed_steps(engine, args.steps, sync)
         num_steps = engine.counters["num_steps"] - steps
         decode_only = engine.counters["num_decode_only_steps"] - mixed
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                engine.step()
-            sync()
-        events = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
-        cpu_top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+        gpu_top, cpu_top = profiled_steps(engine, 5, sync, 15)
         row = {"prompt_words": words, "steps": num_steps, "decode_only_steps": decode_only,
                "step_ms_median": round(1e3 * sorted(times)[len(times) // 2], 3),
                "step_ms_mean": round(1e3 * sum(times) / len(times), 3),
-               "five_steps_gpu_kernels_ms": [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:15]],
-               "five_steps_cpu_self_ms": [(e.key[:90], round(e.self_cpu_time_total / 1e3, 3), e.count) for e in cpu_top]}
+               "five_steps_gpu_kernels_ms": gpu_top, "five_steps_cpu_self_ms": cpu_top}
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("five")}), flush=True)
         staggered.append(row)
-        for i in ids:
-            engine.abort_request(i)
-        while engine.has_unfinished_requests():
-            engine.step()
+        abort_all(engine, ids)
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     args.out.write_text(json.dumps({"card": card, "info": info, "rows": rows, "staggered": staggered}, indent=1))
 
