@@ -332,7 +332,7 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # requests the engine thread serves (engine-thread only)
         self._unscheduled: dict[str, _Tracked] = {}  # of those, the ones not yet known to be scheduled
         self._num_pending_adds = 0             # submitted, not yet handed to the engine (under _lock)
-        self._num_engine_waiting = 0           # the scheduler's waiting queue, as the engine thread saw it
+        self._num_engine_waiting = 0           # the scheduler's waiting queue, as the engine thread saw it last
         self._abort_reasons: dict[str, str] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -375,7 +375,15 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         with self._lock:
-            return self._num_pending_adds + self._num_engine_waiting
+            return self._num_pending_adds + self._engine_waiting()
+
+    def _engine_waiting(self) -> int:
+        """The engine's waiting queue. Driven by this event loop (the pump), the engine is read live (a child
+        process's count, as RemoteEngine keeps it from the child's reports and the adds on their way); an
+        engine thread's scheduler is its own, so the count is the one it saw at its last turn."""
+        if self._pumping:
+            return len(self.engine.scheduler.waiting)
+        return self._num_engine_waiting
 
     @property
     def num_in_flight(self) -> int:
@@ -414,7 +422,7 @@ class AsyncEngine:
         timing = RequestTiming(arrival=time.perf_counter(), num_prompt_tokens=len(token_ids))
         tracked = _Tracked(request_id, asyncio.get_running_loop(), timing)
         with self._lock:
-            waiting = self._num_pending_adds + self._num_engine_waiting
+            waiting = self._num_pending_adds + self._engine_waiting()
             retry_after = self._admission(waiting, self.max_waiting, self.finish_rate())
             if retry_after is not None:
                 raise QueueFull(waiting, retry_after=int(retry_after))
@@ -525,11 +533,6 @@ class AsyncEngine:
                     continue
                 if not ready:
                     break
-            # The admission bound reads this count; commands refresh it too, but a burst that filled the
-            # waiting queue is followed by no command at all (every further request is refused): without
-            # this, the count the child reported last before draining its queue would refuse requests forever.
-            with self._lock:
-                self._num_engine_waiting = len(self.engine.scheduler.waiting)
             if self._commands:
                 self._send_commands()
             else:
@@ -780,8 +783,9 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception, request_ids=None) -> None:
         """Fail the tracked requests (only those of ``request_ids`` when given) with ``error``."""
+        only = None if request_ids is None else set(request_ids)
         for request_id, tracked in list(self._tracked.items()):
-            if request_ids is not None and request_id not in request_ids:
+            if only is not None and request_id not in only:
                 continue
             try:
                 self.engine.abort_request(request_id)
