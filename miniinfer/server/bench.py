@@ -627,6 +627,8 @@ def run_benchmark(args, echo=print) -> dict:
         from miniinfer.server.testing import ServerProcess
 
         server_args = ["--max-waiting", str(args.max_waiting), "--log-level", "warning"]
+        if getattr(args, "stream_interval", 1) != 1:
+            server_args += ["--stream-interval", str(args.stream_interval)]
         if args.model:
             server_args += ["--model", args.model]
         if args.max_num_seqs is not None:
@@ -700,7 +702,7 @@ def run_benchmark(args, echo=print) -> dict:
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
     summary = {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
-               "prompt_words": prompt_words,
+               "prompt_words": prompt_words, "stream_interval": getattr(args, "stream_interval", 1),
                # as the server counted them (each stream's usage chunk), over the answered requests of the sweep
                "prompt_tokens_mean": round(prompt_tokens / answered, 1) if answered else None,
                "server": "started by the benchmark" if server is not None else url}
@@ -732,6 +734,10 @@ def run_benchmark(args, echo=print) -> dict:
              "client_cpu_s: CPU seconds of the load generator's process during the run; server_cpu_s: of the "
              "server process (only for a server the benchmark started). On a shared CPU the absolute numbers "
              "depend on the machine's load.")
+    if getattr(args, "stream_interval", 1) != 1:
+        notes += (f" The servers ran with --stream-interval {args.stream_interval}: each stream's tokens arrive "
+                  f"every {args.stream_interval} engine steps, merged into one event (fewer, burstier events; "
+                  "the same tokens).")
     if overhead is not None:
         notes += (" overhead_at_saturation: server_vs_offline_tok_s is wall-clock throughput of the server at "
                   "rate inf over LLM.generate of the same requests in one process (the server also shares the "
@@ -839,6 +845,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=100000,
                         help="the local server's bound on waiting requests (default 100000: no 503s)")
     parser.add_argument("--device", default=None, help="the local server's device (default cpu)")
+    parser.add_argument("--stream-interval", type=_positive_int, default=1, metavar="N",
+                        help="the local servers' --stream-interval: a stream's tokens every N engine steps, merged "
+                             "into one event (default 1: every step)")
     parser.add_argument("--engine-process", action="store_true",
                         help="start the local server with --engine-process (the engine in its own process); "
                              "its CPU seconds then include the engine's process")

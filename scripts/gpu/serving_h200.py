@@ -254,7 +254,8 @@ def bench_arguments(args, folder: Path) -> list[str]:
         ["--engine-process"] if args.engine_process else []) + (
         ["--engine-cpus", args.engine_cpus] if args.engine_cpus else []) + (
         ["--overhead-requests", str(args.overhead_requests)] if args.overhead_requests else []) + (
-        ["--prompt-words", str(args.prompt_words)] if args.prompt_words else [])
+        ["--prompt-words", str(args.prompt_words)] if args.prompt_words else []) + (
+        ["--stream-interval", str(args.stream_interval)] if args.stream_interval != 1 else [])
 
 
 def run_bench(args, folder: Path) -> dict:
@@ -314,6 +315,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-num-seqs", type=int, help="the batch limit (default 128)")
     parser.add_argument("--prompt-words", type=int, default=0,
                         help="long prompts: bench serve's option (each request's line + this many random words)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the servers' --stream-interval (default 1: an event every engine step)")
     parser.add_argument("--overhead-repeats", type=int,
                         help="interleaved server/offline pairs at saturation (default 3)")
     parser.add_argument("--max-model-len", type=int, default=4096,
