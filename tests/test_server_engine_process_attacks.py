@@ -137,3 +137,45 @@ def test_a_failed_step_in_the_engine_process_fails_its_requests_only(capfd):
         capfd.readouterr()  # the child's tracebacks (with the bug: one per failed step)
     assert (failures <= 3, reason) == (True, "length"), \
         f"one failed step: {failures} step failures logged within 1 s; the next request: {reason}"
+
+
+def test_a_burst_reaches_the_engine_without_waiting_for_the_loops_next_turn():
+    """A burst of requests: every request handler of one event-loop turn runs before the callback that
+    sends queued adds to the child, so with the adds batched per turn the engine waited, idle, until the
+    loop had parsed and validated the whole burst (on an H200, 768 requests at once: the engine idle for
+    a fifth of the run). An add that finds a free seat in the engine's batch now goes at once; past a full
+    batch, adds wait for the turn, batched, as before (they would only wait in the engine's queue)."""
+    from miniinfer.models.bundled import bundled_model_path
+    from miniinfer.sampling import SamplingParams
+    from miniinfer.server.async_engine import AsyncEngine
+    from miniinfer.server.engine_process import RemoteEngine
+
+    seats = 3
+    remote = RemoteEngine(bundled_model_path(), dict(device="cpu", seed=0, max_num_seqs=seats, num_kv_blocks=64),
+                          deferred_outputs=True)
+    params = SamplingParams(max_tokens=2, temperature=0)
+
+    async def main():
+        engine = AsyncEngine(remote, max_waiting=16)
+        engine.start()
+        assert engine._pump_loop is not None
+        try:
+            streams, sent = [], []
+            for i in range(seats + 3):  # no await that yields in between: one loop turn, as in a burst
+                streams.append(await engine.submit([5 + i] * 4, params))
+                sent.append(remote._num_sent)
+            finishes = []
+            for stream in streams:
+                outputs = [output async for output in stream]
+                finishes.append(outputs[-1].outputs[0].finish_reason)
+            return sent, finishes
+        finally:
+            await engine.shutdown()
+
+    try:
+        sent, finishes = asyncio.run(main())
+    finally:
+        remote.close(timeout=5)
+    # one message per add while seats are free, then nothing more until the loop turns
+    assert sent == [1, 2, 3, 3, 3, 3], f"command messages sent after each submit: {sent}"
+    assert finishes == ["length"] * (seats + 3)
