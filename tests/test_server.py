@@ -303,6 +303,7 @@ def test_openai_exception_types_and_unknown_fields(client):
 
 def test_abandoned_streams_free_their_kv_blocks(server):
     before = _metric(server, 'miniinfer_request_success_total{finished_reason="abort",model_name="shakespeare"}')
+    logged_499 = server.read_log().count('"status": 499')
     body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 500, "ignore_eos": True, "stream": True}
     for _ in range(3):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
@@ -314,6 +315,8 @@ def test_abandoned_streams_free_their_kv_blocks(server):
     assert _metric(server, 'miniinfer_request_success_total{finished_reason="abort",model_name="shakespeare"}') \
         >= before + 4
     assert _metric(server, 'miniinfer_kv_blocks_used{model_name="shakespeare"}') == 0
+    # each hang-up is logged as such (499, nginx's "client closed request"), not as a 200
+    assert server.read_log().count('"status": 499') >= logged_499 + 4
 
 
 def test_concurrent_clients_all_get_their_own_answer(server, offline):

@@ -6,8 +6,8 @@
 #   PART=steady the overhead at saturation over a run 4x longer than the ledger's (3072 requests = 24 batches of
 #               128): how much of the loss is the first and last steps, how much the steady state
 #   PART=interval the ledger's workload (768 one-line prompts, 128 tokens out) on the engine-process server with
-#               --stream-interval 1, 2 and 4 (INTERVALS), each against its own offline pairs: what fewer,
-#               merged SSE events buy when the server process is the bottleneck
+#               --stream-interval 1, 2 and 4 (RUNS="1:auto 4:none": interval and --engine-cpus), each against its
+#               own offline pairs: what fewer, merged SSE events buy, and what pinning the engine's process does
 # Each writes its JSON and log under $OUT.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MINIINFER_CACHE=/root/mi-cache
@@ -26,11 +26,13 @@ case "${PART:-long}" in
         --out "$OUT/serving_h200_steady_state.json" > "$OUT/serving_h200_steady_state.log" 2>&1
     tail -14 "$OUT/serving_h200_steady_state.log" ;;
   interval)
-    for n in ${INTERVALS:-1 2 4}; do
+    # RUNS: "interval:cpus" pairs (cpus: an --engine-cpus value, or none: the engine's process not pinned)
+    for run in ${RUNS:-1:auto 2:auto 4:auto}; do
+      n=${run%%:*}; cpus=${run#*:}; name=serving_h200_stream_interval_${n}_cpus_${cpus}
       timeout ${INTERVAL_TIMEOUT:-180} python3 scripts/gpu/serving_h200.py --folder "$FOLDER" --skip-warm-up \
-          --rates inf --num-requests 768 --overhead-repeats 3 --engine-process --engine-cpus auto \
-          --stream-interval $n --out "$OUT/serving_h200_stream_interval_$n.json" \
-          > "$OUT/serving_h200_stream_interval_$n.log" 2>&1
-      tail -9 "$OUT/serving_h200_stream_interval_$n.log"
+          --rates inf --num-requests 768 --overhead-repeats 3 --engine-process \
+          $([ "$cpus" = none ] || echo --engine-cpus "$cpus") \
+          --stream-interval $n --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+      tail -9 "$OUT/$name.log"
     done ;;
 esac
