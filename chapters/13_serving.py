@@ -460,6 +460,45 @@ if saturation_file.exists():
 # waiting requests in groups (fewer eager steps), a compact binary message instead of pickled
 # objects, and more than one server process in front of one engine (vLLM's `--api-server-count`).
 #
+# The next session tested those explanations one at a time, on the same workload:
+#
+# * **Fewer SSE events?** `--stream-interval 1, 2, 4` gave ~0.70x all three times. The engine was busy
+#   only 78 % of the wall time in every run. So the events were not what held it back.
+# * **The burst.** All of one loop turn's request handlers run before the callback that sends their adds
+#   to the engine. So the engine waited for the server to parse the whole burst, then filled its batch
+#   over several partly empty steps. Now an add that finds a free seat in the batch goes at once
+#   (`AsyncEngine._has_free_seat`): 772 steps for 768 × 128 tokens, against 768 offline.
+# * **Per-request work.** Starlette ran every streamed response in an anyio task group so that a
+#   disconnect could cancel it. One plain asyncio task that waits for the disconnect and aborts the
+#   request does the same job for less CPU (`_EventStreamResponse`).
+
+# %%
+for name, label in [("serving_h200_stream_interval_1.json", "before, interval 1"),
+                    ("serving_h200_stream_interval_4.json", "before, interval 4"),
+                    ("serving_h200_free_seat_adds_interval_1.json", "free-seat adds, interval 1"),
+                    ("serving_h200_free_seat_adds_interval_4.json", "free-seat adds, interval 4"),
+                    ("serving_h200_sse_task_cpus_auto.json", "+ asyncio disconnect watcher"),
+                    ("serving_h200_sse_task_cpus_none.json", "same, engine process not pinned")]:
+    path = MODEL.parents[3] / "benchmarks/results" / name
+    if path.exists():
+        own = json.loads(path.read_text())["summary"]["overhead_at_saturation"]
+        print(f"{label:32s} {own['server_vs_offline_tok_s']:.2f}x  steps {own['server_steps']} "
+              f"(offline {own['offline_steps']}), engine busy {own['server_engine_busy_fraction']:.0%}")
+
+# %% [markdown]
+# The extra steps are gone, and a larger stream interval now helps (0.80x at 4) because the server's
+# process is now part of the limit. Pinning still matters: unpinned, the same run falls to 0.63x. At
+# interval 1 the gap stays at ~0.70x: the steps are fewer but slower (4.1 ms against 3.5 ms before the
+# change). A profile at 2,048 requests (`serving_h200_profile_2048.json`) shows why:
+#
+# * both processes are ~86 % busy;
+# * the engine's process spends 31 µs of CPU per token, against 25 µs offline.
+#
+# Run on this CPU with all requests added at once, a `RemoteEngine` costs what the offline engine does.
+# So the difference on the GPU host comes from running beside a busy server process, not from the
+# pipe. Longer prompts leave the server more time per token, and there the engine-process server keeps
+# 1.03x of offline (`serving_h200_long_prompts.json`).
+#
 # ## 7. What the metrics tell an operator
 #
 # `GET /metrics` exports what the dashboard in `deploy/grafana/` plots:
