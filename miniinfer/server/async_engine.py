@@ -490,10 +490,11 @@ class AsyncEngine:
         Then its add goes to the engine's process at once. Batched per loop turn (:meth:`_kick`), a burst of
         requests reached the engine only after the event loop had parsed and validated all of them: all of
         a loop turn's request handlers run before the callback that sends their adds. On an H200, with 768
-        requests at once (``serving_h200_stream_interval_*.json``), the engine waited for that and then ran
-        ~10 % more steps than offline, partly empty, while its batch filled. One small message per add costs
-        the loop a pickle and a write; past a full batch the add would only wait in the engine's queue, so
-        those are batched as before."""
+        requests at once, the engine then filled its batch over partly empty steps: 845 steps where offline
+        ran 768 (``serving_h200_stream_interval_1.json``); with this, 772
+        (``serving_h200_free_seat_adds_interval_1.json``). One small message per add costs the loop a pickle
+        and a write; past a full batch the add would only wait in the engine's queue, so those are batched
+        as before."""
         seats = getattr(getattr(self.engine, "config", None), "max_num_seqs", 0)
         return self.num_in_flight <= seats
 
