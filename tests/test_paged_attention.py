@@ -327,3 +327,44 @@ def test_backend_timing_workloads_keep_the_cuda_kernels_contract(capacity, long_
         if q.shape[0] == 1 and max_seq_len <= 4096:
             out = paged_decode_attention(q, k_cache, v_cache, tables, lengths, 8 ** -0.5, backend="torch")
             assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("P", [1, 16])
+@pytest.mark.parametrize("H,H_kv", [(4, 2), (14, 2), (4, 1)])
+def test_sdpa_backend_mixed_step_matches_dense_oracle(P, H, H_kv, seed):
+    """A mixed step of continuous batching: decode rows (one new token) beside new prompts and a cached
+    prefix's suffix. The sdpa backend sends the decode rows through its batched decode path and only the
+    others through the reference's loop; every row must still equal the float64 oracle."""
+    from miniinfer.engine.attention_backends import SdpaBackend
+    from miniinfer.engine.attention_context import PagedAttentionMetadata
+
+    D = 16
+    prefix = [40, 0, 5, 31, 0, 17, 2, 100, 9]
+    new = [1, 7, 1, 1, 33, 0, 1, 20, 1]   # decodes, prompts, a sequence with nothing new this step
+    lengths = [p + n for p, n in zip(prefix, new)]
+    k_cache, v_cache, tables = make_paged(lengths, P, H_kv, D, seed=seed)
+    # The engine zero-fills the entries past a sequence's blocks (the sdpa decode path gathers them, masked)
+    tables = torch.where((tables < 0) | (tables >= k_cache.shape[0]), 0, tables)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), H, D, generator=torch.Generator().manual_seed(seed + 1))
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    metadata = PagedAttentionMetadata(
+        slot_mapping=torch.zeros(int(cu[-1]), dtype=torch.int32), block_tables=tables, seq_lens=seq_lens,
+        cu_seqlens_q=cu, decode_only=False, max_seq_len=max(lengths), max_q_len=max(new))
+    split = metadata.split_single_token_rows()
+    assert split is not None and split.decode_rows.tolist() == [0, 8, 9, 43, 64]
+    scale = 0.3
+    out = SdpaBackend().prefill(q, k_cache, v_cache, metadata, scale)
+    reference = paged_prefill_attention_torch(q, k_cache, v_cache, tables, cu, seq_lens, scale)
+    for b, n in enumerate(lengths):
+        if new[b] == 0:
+            continue
+        k, v = dense_kv(k_cache, tables, b, n), dense_kv(v_cache, tables, b, n)
+        ref = oracle_attention(q[cu[b]:cu[b + 1]], k, v, torch.arange(prefix[b], n), scale)
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference, atol=2e-6, rtol=2e-6)
+    # a step without decode rows, or with nothing but them, keeps one path
+    only_prompts = PagedAttentionMetadata(
+        slot_mapping=torch.zeros(7, dtype=torch.int32), block_tables=tables[1:2], seq_lens=seq_lens[1:2],
+        cu_seqlens_q=torch.tensor([0, 7], dtype=torch.int32), decode_only=False, max_seq_len=7, max_q_len=7)
+    assert only_prompts.split_single_token_rows() is None

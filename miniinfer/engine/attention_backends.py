@@ -136,7 +136,7 @@ class AttentionBackend:
 
 class SdpaBackend(AttentionBackend):
     """Decode: gather every sequence's keys through its block table (one index for all layers), then
-    torch's fused attention. Prefill: the reference."""
+    torch's fused attention. Prefill: the reference, but for the one-token sequences of a mixed step."""
 
     name = "sdpa"
 
@@ -149,6 +149,19 @@ class SdpaBackend(AttentionBackend):
             q[:, :, None, :], keys, values, attn_mask=None if mask is None else mask[:, None, None, :],
             scale=scale, enable_gqa=True)                                             # [B, H, 1, D]
         return out[:, :, 0, :]
+
+    def prefill(self, q, k_cache, v_cache, metadata, scale: float) -> torch.Tensor:
+        """A step with prompts. In continuous batching most of its sequences are decodes (one new token)
+        beside a few new prompts: those go through :meth:`decode` (one batched attention), and only
+        the prompts through the reference's loop over sequences, which otherwise ran over all of them
+        (on a CPU, a mixed step of 128 sequences then cost several decode steps)."""
+        split = metadata.split_single_token_rows()
+        if split is None:
+            return super().prefill(q, k_cache, v_cache, metadata, scale)
+        out = torch.empty_like(q)
+        out[split.decode_rows] = self.decode(q[split.decode_rows], k_cache, v_cache, split.decodes, scale)
+        out[split.prompt_rows] = super().prefill(q[split.prompt_rows], k_cache, v_cache, split.prompts, scale)
+        return out
 
 
 class TritonBackend(AttentionBackend):

@@ -41,6 +41,7 @@ class PagedAttentionMetadata:
     # Caches built by the first layer of the step and shared by the others.
     _gather: tuple | None = field(default=None, init=False, repr=False)   # decode_gather_index
     _slots_long: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _split: tuple | None = field(default=None, init=False, repr=False)    # split_single_token_rows
 
     @property
     def slots_long(self) -> torch.Tensor:
@@ -66,6 +67,40 @@ class PagedAttentionMetadata:
             self._gather = cached
         return cached[1], cached[2]
 
+    def split_single_token_rows(self) -> SingleTokenSplit | None:
+        """For a step that mixes decodes with prompts (continuous batching: a new prompt joins the running
+        decodes): the sequences with exactly one new token, and the others, each with metadata of its
+        own, so that a backend can run the decodes through its batched decode path. None when the step
+        has no such mix (no one-token sequence, or nothing else). Built once per step (one host read of
+        the query offsets) and shared by all layers."""
+        if self._split is None:
+            q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
+            single = [b for b, n in enumerate(q_lens) if n == 1]
+            longer = [b for b, n in enumerate(q_lens) if n > 1]
+            split = None
+            if single and longer:
+                split = SingleTokenSplit(self._subset(single, q_lens), self._subset(longer, q_lens),
+                                         self._rows(single, q_lens), self._rows(longer, q_lens))
+            self._split = (split,)
+        return self._split[0]
+
+    def _rows(self, sequences: list[int], q_lens: list[int]) -> torch.Tensor:
+        """The token rows (of q, k, v) of ``sequences``, in order."""
+        starts = self.cu_seqlens_q.tolist()
+        rows = [r for b in sequences for r in range(starts[b], starts[b] + q_lens[b])]
+        return torch.tensor(rows, dtype=torch.long, device=self.cu_seqlens_q.device)
+
+    def _subset(self, sequences: list[int], q_lens: list[int]) -> PagedAttentionMetadata:
+        index = torch.tensor(sequences, dtype=torch.long, device=self.block_tables.device)
+        counts = [q_lens[b] for b in sequences]
+        cu = torch.tensor([0] + counts, dtype=self.cu_seqlens_q.dtype, device=self.cu_seqlens_q.device).cumsum(0)
+        seq_lens = self.seq_lens[index]
+        rows = self._rows(sequences, q_lens)
+        return PagedAttentionMetadata(
+            slot_mapping=self.slot_mapping[rows], block_tables=self.block_tables[index], seq_lens=seq_lens,
+            cu_seqlens_q=cu.to(self.cu_seqlens_q.dtype), decode_only=max(counts) == 1,
+            max_seq_len=int(seq_lens.max()), max_q_len=max(counts), has_padding=self.has_padding)
+
 
 class PagedKVContext:
     """Implements ``attend`` against per-layer pools ``k_caches[l], v_caches[l]: [num_blocks, P, H_kv, D]``
@@ -90,3 +125,16 @@ class PagedKVContext:
                 return self.decode_hook(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
             return self.backend.decode(q, k_cache, v_cache, meta, scale)
         return self.backend.prefill(q, k_cache, v_cache, meta, scale)
+
+
+@dataclass
+class SingleTokenSplit:
+    """A mixed step's sequences in two groups (:meth:`PagedAttentionMetadata.split_single_token_rows`):
+    ``decodes`` (one new token each: decode-only metadata) and ``prompts`` (more than one), with the
+    token rows of each group in the step's packed q, k, v."""
+
+    decodes: PagedAttentionMetadata
+    prompts: PagedAttentionMetadata
+    decode_rows: torch.Tensor   # [B_decode] long
+    prompt_rows: torch.Tensor   # [T_prompt] long
+
