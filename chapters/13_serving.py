@@ -391,7 +391,7 @@ if recorded is not None and "overhead_at_saturation" in recorded.get("summary", 
 # load generator) on CPU 1 — and with the streamed text made in the server process from the token
 # ids the engine sends (detokenizing twice per token and building an output per token had cost the
 # engine ~4 % of its step), the engine's step is within a few percent of offline's and the server
-# kept 0.91–0.96x of offline's throughput in five sessions (last line: the latest), against 0.81–0.92x
+# kept 0.91–0.96x of offline's throughput in six sessions (last line: the latest), against 0.81–0.92x
 # for the thread: that is the mode that meets the ≤ 10 % goal on this CPU. It needs a spare core, so
 # on a CPU the thread stays the default. `--stream-interval N` sends tokens every N steps, merged: fewer
 # events, burstier streams.
