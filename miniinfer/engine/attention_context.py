@@ -71,35 +71,39 @@ class PagedAttentionMetadata:
         """For a step that mixes decodes with prompts (continuous batching: a new prompt joins the running
         decodes): the sequences with exactly one new token, and the others, each with metadata of its
         own, so that a backend can run the decodes through its batched decode path. None when the step
-        has no such mix (no one-token sequence, or nothing else). Built once per step (one host read of
-        the query offsets) and shared by all layers."""
+        has no such mix (no one-token sequence, or nothing else). Built once per step (host reads: the query
+        offsets, and each group's longest sequence) and shared by all layers."""
         if self._split is None:
-            q_lens = (self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).tolist()
+            starts = self.cu_seqlens_q.tolist()
+            q_lens = [b - a for a, b in zip(starts, starts[1:])]
             single = [b for b, n in enumerate(q_lens) if n == 1]
             longer = [b for b, n in enumerate(q_lens) if n > 1]
             split = None
             if single and longer:
-                split = SingleTokenSplit(self._subset(single, q_lens), self._subset(longer, q_lens),
-                                         self._rows(single, q_lens), self._rows(longer, q_lens))
+                single_rows, longer_rows = self._rows(single, starts, q_lens), self._rows(longer, starts, q_lens)
+                split = SingleTokenSplit(self._subset(single, q_lens, single_rows),
+                                         self._subset(longer, q_lens, longer_rows), single_rows, longer_rows)
             self._split = (split,)
         return self._split[0]
 
-    def _rows(self, sequences: list[int], q_lens: list[int]) -> torch.Tensor:
+    def _rows(self, sequences: list[int], starts: list[int], q_lens: list[int]) -> torch.Tensor:
         """The token rows (of q, k, v) of ``sequences``, in order."""
-        starts = self.cu_seqlens_q.tolist()
         rows = [r for b in sequences for r in range(starts[b], starts[b] + q_lens[b])]
         return torch.tensor(rows, dtype=torch.long, device=self.cu_seqlens_q.device)
 
-    def _subset(self, sequences: list[int], q_lens: list[int]) -> PagedAttentionMetadata:
+    def _subset(self, sequences: list[int], q_lens: list[int], rows: torch.Tensor) -> PagedAttentionMetadata:
+        """The metadata of ``sequences`` alone (``rows``: their token rows)."""
         index = torch.tensor(sequences, dtype=torch.long, device=self.block_tables.device)
         counts = [q_lens[b] for b in sequences]
-        cu = torch.tensor([0] + counts, dtype=self.cu_seqlens_q.dtype, device=self.cu_seqlens_q.device).cumsum(0)
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
         seq_lens = self.seq_lens[index]
-        rows = self._rows(sequences, q_lens)
         return PagedAttentionMetadata(
             slot_mapping=self.slot_mapping[rows], block_tables=self.block_tables[index], seq_lens=seq_lens,
-            cu_seqlens_q=cu.to(self.cu_seqlens_q.dtype), decode_only=max(counts) == 1,
-            max_seq_len=int(seq_lens.max()), max_q_len=max(counts), has_padding=self.has_padding)
+            cu_seqlens_q=torch.tensor(offsets, dtype=self.cu_seqlens_q.dtype, device=self.cu_seqlens_q.device),
+            decode_only=max(counts) == 1, max_seq_len=int(seq_lens.max()), max_q_len=max(counts),
+            has_padding=self.has_padding)
 
 
 class PagedKVContext:
